@@ -1,0 +1,178 @@
+"""The `peftctl` command line: a thin layer over the library.
+
+Each command's body imports its module only when it runs, so `peftctl --help`, `validate`, `init` and `schema`
+never import torch or transformers. Every body runs under `errors.run_guarded`, the one place where failures
+become messages and exit codes.
+"""
+
+import sys
+from typing import List, Optional
+
+import typer
+
+from peftctl import __version__
+from peftctl.cli.errors import run_guarded
+
+app = typer.Typer(
+    name="peftctl",
+    help="Parameter-efficient fine-tuning of language models from YAML recipes.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+SetOption = typer.Option(None, "--set", "-s", metavar="KEY=VALUE",
+                         help="Override a recipe key with the same dotted name, e.g. --set method.r=32 (repeatable).")
+
+
+def _exit(code: int) -> None:
+    raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"peftctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Parameter-efficient fine-tuning of language models from YAML recipes."""
+
+
+@app.command()
+def validate(
+    recipes: List[str] = typer.Argument(..., metavar="RECIPE...", help="Recipe files ('-' reads standard input)."),
+    sets: Optional[List[str]] = SetOption,
+    json_output: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+) -> None:
+    """Check recipes against the schema and its rules; exit 0 when all are valid, 2 otherwise."""
+    from peftctl.cli import validate as command
+
+    _exit(run_guarded(lambda: command.run(recipes, sets or [], json_output)))
+
+
+@app.command()
+def init(
+    method: str = typer.Option("lora", "--method", "-m", help="lora, qlora, prefix_tuning, prompt_tuning, "
+                               "p_tuning, ia3 or adapter."),
+    model: str = typer.Option("meta-llama/Meta-Llama-3-8B", "--model", help="Hub id or local folder."),
+) -> None:
+    """Print a commented starter recipe that validates."""
+    from peftctl.cli import init as command
+
+    _exit(run_guarded(lambda: command.run(method, model)))
+
+
+@app.command()
+def schema() -> None:
+    """Print the recipe's JSON Schema (for editors' YAML language servers)."""
+    from peftctl.cli import schema as command
+
+    _exit(run_guarded(command.run))
+
+
+@app.command()
+def train(
+    recipe: str = typer.Argument(..., help="Recipe file ('-' reads standard input)."),
+    sets: Optional[List[str]] = SetOption,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate, load the tokenizer and data, print the plan; "
+                                 "load no weights and train nothing."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="'auto' (the newest good checkpoint of "
+                                         "output.dir) or a checkpoint folder."),
+    force: bool = typer.Option(False, "--force", help="Replace a run already in output.dir."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary; errors only."),
+    log_format: str = typer.Option("text", "--log-format", help="text, or json: one JSON object per step on "
+                                   "stdout."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="Start this many processes on this machine "
+                                       "(one per GPU)."),
+) -> None:
+    """Train the recipe's adapter and write the run folder."""
+    from peftctl.cli import train as command
+
+    _exit(run_guarded(lambda: command.run(recipe, sets or [], dry_run=dry_run, resume=resume, force=force,
+                                          quiet=quiet, log_format=log_format, gpus=gpus)))
+
+
+@app.command()
+def merge(
+    adapter_dir: str = typer.Argument(..., help="An adapter folder (RUN/adapter) or a run folder."),
+    out: str = typer.Option(..., "--out", "-o", help="Folder to write the merged model to."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model (default: the one recorded with the "
+                                       "adapter)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16, float16 or float32 (default: the "
+                                        "base's)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare merged and adapter logits."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest shard of the output."),
+    from_quantized: str = typer.Option("dequantized", "--from-quantized", help="For adapters trained on a "
+                                       "quantised base: merge onto the dequantised weights (reproduces training) "
+                                       "or the original ones."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+) -> None:
+    """Fold an adapter into its base model and write an ordinary model folder."""
+    from peftctl.cli import merge as command
+
+    _exit(run_guarded(lambda: command.run(adapter_dir, out, base=base, dtype=dtype, verify=verify,
+                                          max_shard_size=max_shard_size, from_quantized=from_quantized,
+                                          force=force)))
+
+
+@app.command("count-params")
+def count_params(
+    recipe: Optional[str] = typer.Argument(None, help="Recipe file ('-' reads standard input)."),
+    sets: Optional[List[str]] = SetOption,
+    model: Optional[str] = typer.Option(None, "--model", help="Hub id or local folder (without a recipe)."),
+    method: str = typer.Option("lora", "--method", help="Method (without a recipe)."),
+    r: Optional[int] = typer.Option(None, "--r", help="LoRA rank."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha."),
+    targets: Optional[str] = typer.Option(None, "--targets", help="Comma-separated target modules, or all-linear."),
+    bits: Optional[int] = typer.Option(None, "--bits", help="Quantise the base to 4 or 8 bits."),
+    num_virtual_tokens: Optional[int] = typer.Option(None, "--num-virtual-tokens", help="For prompt methods."),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+    memory: bool = typer.Option(False, "--memory", help="Also estimate peak GPU memory for the recipe."),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Card size to plan for, e.g. 24GiB "
+                                             "(default: the local GPU)."),
+) -> None:
+    """Count what a recipe trains, from the model's config alone (no weights are loaded)."""
+    from peftctl.cli import count_params as command
+
+    _exit(run_guarded(lambda: command.run(recipe, sets or [], model=model, method=method, r=r, alpha=alpha,
+                                          targets=targets, bits=bits, num_virtual_tokens=num_virtual_tokens,
+                                          json_output=json_output, memory=memory, gpu_memory=gpu_memory)))
+
+
+@app.command("inspect-data")
+def inspect_data(
+    recipe: str = typer.Argument(..., help="Recipe file ('-' reads standard input)."),
+    sets: Optional[List[str]] = SetOption,
+    n: int = typer.Option(3, "-n", min=0, help="Examples to render."),
+) -> None:
+    """Show examples exactly as the model will see them: trained tokens highlighted, EOS shown, lengths."""
+    from peftctl.cli import inspect_data as command
+
+    _exit(run_guarded(lambda: command.run(recipe, sets or [], n)))
+
+
+@app.command()
+def generate(
+    source: str = typer.Argument(..., metavar="ADAPTER_OR_MODEL", help="An adapter folder, run folder or a merged "
+                                 "model folder."),
+    prompt: Optional[str] = typer.Argument(None, help="The prompt (default: one prompt per line of stdin)."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the chat template."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy."),
+) -> None:
+    """Generate from a prompt with an adapter on its base (or a merged model)."""
+    from peftctl.cli import generate as command
+
+    _exit(run_guarded(lambda: command.run(source, prompt, chat=chat, max_new_tokens=max_new_tokens,
+                                          temperature=temperature)))
+
+
+def main() -> None:
+    try:
+        app(prog_name="peftctl")
+    except SystemExit as e:
+        sys.exit(e.code)

@@ -1,0 +1,40 @@
+"""LoRA and its variants: QLoRA (LoRA on a 4-bit NF4 base), DoRA, rsLoRA and LoRA+ (an optimiser setting)."""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import Field
+
+from peftctl.methods.registry import MethodSpec
+from peftctl.recipe.base import Section
+
+Targets = Union[Literal["all-linear"], list[str]]
+
+
+class LoraSection(Section):
+    name: Literal["lora"] = Field(description="The PEFT method.")
+    r: int = Field(16, ge=1, le=4096, description="Rank of the low-rank update B @ A.")
+    alpha: float = Field(32, gt=0, description="Scaling numerator: the update is scaled by alpha / r "
+                         "(alpha / sqrt(r) with use_rslora).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch's input.")
+    targets: Targets = Field(["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1,
+                             description='Names of the linear layers to adapt (matched on the last name part), '
+                             'or "all-linear" for every linear layer but the output head.')
+    use_dora: bool = Field(False, description="DoRA: learn a magnitude vector beside the LoRA direction update.")
+    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(r), which keeps high ranks stable.")
+    loraplus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: every B matrix learns at this many "
+                                            "times the learning rate of the A matrices (e.g. 16).")
+
+
+class QloraSection(LoraSection):
+    name: Literal["qlora"] = Field(description="The PEFT method.")
+
+
+_LORA_COMMON = dict(
+    updates="low-rank matrices A and B beside each target linear layer",
+    peft_type="LORA",
+)
+
+LORA = MethodSpec(name="lora", section=LoraSection, **_LORA_COMMON)
+QLORA = MethodSpec(name="qlora", section=QloraSection, **_LORA_COMMON)

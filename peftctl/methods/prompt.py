@@ -1,0 +1,28 @@
+"""Prompt tuning: learned input embeddings prepended to every sequence."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from peftctl.methods.registry import MethodSpec
+from peftctl.recipe.base import Section
+
+
+class PromptSection(Section):
+    name: Literal["prompt_tuning"] = Field(description="The PEFT method.")
+    num_virtual_tokens: int = Field(20, ge=1, le=4096, description="Number of learned virtual tokens.")
+    prompt_init_text: str | None = Field(None, min_length=1, description="Initialise the virtual tokens from the "
+                                         "embeddings of this text (default: random initialisation).")
+
+
+SPEC = MethodSpec(
+    name="prompt_tuning",
+    section=PromptSection,
+    updates="virtual-token input embeddings",
+    peft_type="PROMPT_TUNING",
+    cannot_merge="prompt tuning learns extra input tokens, not a change of any weight",
+    instead_of_merge="serve it with the base model and peft (PeftModel.from_pretrained), or `peftctl generate`",
+    cannot_pack="the virtual tokens are prepended to a whole row, so examples packed into one row would share them",
+)

@@ -1,0 +1,115 @@
+"""The recipe, as typed models: every key of RECIPE.md with its default and a description.
+
+Descriptions here are the single source of the reference: `peftctl schema`, `peftctl init` and the README's recipe
+reference are generated from them. Rules that involve several keys live in `rules.py`, not here, so that each
+rule can name the exact key (and line) it is about.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Discriminator, Field
+
+from peftctl.methods.registry import METHODS
+from peftctl.recipe.base import Section
+
+Dtype = Literal["bfloat16", "float16", "float32", "auto"]
+
+
+class ModelSection(Section):
+    name: str = Field(min_length=1, description="Hub id (org/name) or a local model folder.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit); a hub id with "
+                                 "trust_remote_code needs one pinned.")
+    dtype: Dtype = Field("bfloat16", description="dtype of the weights that are not quantised.")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel; auto picks the fastest that isolates packed examples.")
+    trust_remote_code: bool = Field(False, description="Run the model repository's own Python code. Only for "
+                                    "repositories you trust, with a pinned revision.")
+    chat_template: str | None = Field(None, description="Chat template for chat data when the tokenizer has none "
+                                      "(or to replace it): a built-in name (chatml, llama3, gemma, mistral) or a "
+                                      "Jinja file. Saved with the adapter.")
+
+
+class QuantizationSection(Section):
+    bits: Literal[4, 8] = Field(4, description="Quantise the frozen base weights to 4 or 8 bits (bitsandbytes).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (4-bit only).")
+    double_quant: bool = Field(True, description="Quantise the quantisation constants too (4-bit only; "
+                               "saves about 0.4 bits per weight).")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="dtype the "
+                                                                      "quantised layers compute in.")
+    upcast_embeddings: bool = Field(False, description="Keep the embeddings and output head in float32, as "
+                                    "peft's prepare_model_for_kbit_training does (about +2 GiB on an 8B model).")
+
+
+MethodSection = Annotated[Union[tuple(spec.section for spec in METHODS.values())], Discriminator("name")]
+
+
+class DatasetSection(Section):
+    path: str = Field(min_length=1, description="Local file or folder (json, jsonl, csv, parquet) or hub "
+                      "dataset id.")
+    format: Literal["alpaca", "chat", "completion", "prompt_completion"] = Field(
+        "alpaca", description="Row format: alpaca {instruction, input, output}; chat {messages}; completion "
+        "{text}; prompt_completion {prompt, completion}.")
+    fields: dict[str, str] = Field({}, description="Rename columns to the format's names, e.g. "
+                                   "{instruction: question, output: answer}.")
+    split: str = Field("train", min_length=1, description="Split to train on.")
+    validation: float | str | None = Field(0.05, description="Validation data: a fraction of the training rows "
+                                           "(0 or null for none), or a path/hub id of its own.")
+    max_length: int = Field(2048, ge=8, le=1_048_576, description="Tokens per example (and per packed row). "
+                            "Longer examples are cut on the right and counted; one left with no trained token "
+                            "is skipped and counted.")
+    train_on_prompt: bool = Field(False, description="false: loss only on responses / assistant turns.")
+    packing: bool = Field(True, description="Put several examples in one row, each attending only to itself. "
+                          "Off by default for prefix/prompt/p_tuning, which cannot pack.")
+    on_bad_rows: Literal["error", "skip"] = Field("error", description="error: stop at the first bad row "
+                                                  "(file and row named); skip: skip and count them.")
+    system_prompt: str | None = Field(None, description="System message for chat rows that have none.")
+
+
+class TrainingSection(Section):
+    max_steps: int | None = Field(None, ge=1, description="When set, the run ends here and epochs is ignored.")
+    epochs: int = Field(1, ge=1, le=10_000, description="Passes over the training data.")
+    micro_batch_size: int = Field(4, ge=1, description="Rows per forward pass (with packing: rows of "
+                                  "max_length tokens).")
+    gradient_accumulation: int = Field(4, ge=1, description="Micro-batches per optimiser step.")
+    learning_rate: float = Field(2.0e-4, gt=0, le=1, description="Peak learning rate.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("cosine", description="Decay after warmup.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup steps (exclusive with warmup_ratio).")
+    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warmup as a fraction of all steps "
+                                       "(exclusive with warmup_steps).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm (null: no clipping).")
+    on_nonfinite: Literal["stop", "skip"] = Field("stop", description="What a NaN/inf loss or gradient does: stop "
+                                                  "(after keeping the last good state) or skip the batch.")
+    gradient_checkpointing: Literal["auto"] | bool = Field("auto", description="Recompute activations in the "
+                                                           "backward pass; auto: only when the memory plan needs it.")
+    seed: int = Field(42, description="Seed for initialisation, data order and dropout.")
+    eval_every: int = Field(100, ge=1, description="Evaluate every this many steps (and at the end).")
+    save_every: int = Field(100, ge=1, description="Write a resumable checkpoint every this many steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints to keep.")
+    log_every: int = Field(1, ge=1, description="Write a metrics line every this many steps.")
+
+
+class OutputSection(Section):
+    dir: str = Field(min_length=1, description="The run folder.")
+    merge: bool = Field(False, description="Also write a merged model to dir/merged at the end.")
+    tensorboard: bool = Field(False, description="Also write TensorBoard event files to dir/tensorboard.")
+
+
+class Recipe(Section):
+    model: ModelSection = Field(description="The base model.")
+    quantization: QuantizationSection | None = Field(None, description="Quantise the frozen base; omit for none.")
+    method: MethodSection = Field(description="The PEFT method and its settings.")
+    dataset: DatasetSection = Field(description="Training data.")
+    training: TrainingSection = Field(TrainingSection(), description="The training loop.")
+    output: OutputSection = Field(description="Where the run is written.")
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "model": ModelSection,
+    "quantization": QuantizationSection,
+    "dataset": DatasetSection,
+    "training": TrainingSection,
+    "output": OutputSection,
+}
