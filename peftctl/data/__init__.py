@@ -1,0 +1,1 @@
+"""Data: row formats, tokenisation with loss masks, packing and batches."""

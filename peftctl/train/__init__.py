@@ -1,0 +1,1 @@
+"""Training: the loop, optimiser and schedule, checkpoints and resume, signals, metrics, the run folder."""
