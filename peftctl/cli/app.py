@@ -171,7 +171,24 @@ def generate(
                                           temperature=temperature)))
 
 
+def _quiet_libraries() -> None:
+    """transformers, datasets and peft print progress bars and deprecation notices meant for their developers;
+    our users get our own progress and messages (PEFTCTL_DEBUG=1 shows theirs again)."""
+    import os
+    import warnings
+
+    if os.environ.get("PEFTCTL_DEBUG"):
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(transformers|peft|datasets|torch|bitsandbytes)")
+
+
 def main() -> None:
+    _quiet_libraries()
     try:
         app(prog_name="peftctl")
     except SystemExit as e:

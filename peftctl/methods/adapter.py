@@ -47,3 +47,61 @@ SPEC = MethodSpec(
                  "it cannot be folded into the linear weights of the base model",
     instead_of_merge="load it with its base through peftctl (`peftctl generate RUN/adapter`)",
 )
+
+
+CONFIG_FILE = "bottleneck_config.json"
+WEIGHTS_FILE = "bottleneck_adapter.safetensors"
+FORMAT_VERSION = 1
+
+
+def attach(model, section: AdapterSection, context=None):
+    from peftctl.methods import bottleneck
+
+    width = section.width(bottleneck.hidden_size(model.config))
+    bottleneck.attach(model, section.placement, width, section.activation, section.dropout)
+    model.peftctl_adapter_config = {
+        "method": "adapter", "format_version": FORMAT_VERSION, "placement": section.placement, "width": width,
+        "activation": section.activation, "dropout": section.dropout,
+        "base_model_name_or_path": getattr(model.config, "_name_or_path", None),
+    }
+    return model
+
+
+def save(model, out_dir) -> None:
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.bottleneck_adapters.state_dict().items()}
+    save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt", "peftctl_method": "adapter"})
+    (out_dir / CONFIG_FILE).write_text(json.dumps(model.peftctl_adapter_config, indent=2) + "\n")
+
+
+def load(base_model, adapter_dir, *, trainable: bool = False):
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from peftctl.errors import InvalidInput
+
+    adapter_dir = Path(adapter_dir)
+    config = json.loads((adapter_dir / CONFIG_FILE).read_text())
+    section = AdapterSection(name="adapter", placement=config["placement"], bottleneck=config["width"],
+                             activation=config["activation"], dropout=config["dropout"])
+    model = attach(base_model, section)
+    try:
+        state = load_file(str(adapter_dir / WEIGHTS_FILE), device="cpu")
+    except Exception as e:  # noqa: BLE001 - truncated or corrupt file
+        raise InvalidInput(f"{adapter_dir / WEIGHTS_FILE}: damaged adapter weights ({e})") from e
+    result = model.bottleneck_adapters.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise InvalidInput(f"{adapter_dir}: the adapter does not fit this base model (missing: "
+                           f"{result.missing_keys[:3]}, unexpected: {result.unexpected_keys[:3]})",
+                           hint="check that --base is the model the adapter was trained on")
+    for p in model.bottleneck_adapters.parameters():
+        p.requires_grad_(trainable)
+    return model

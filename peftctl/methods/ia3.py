@@ -31,3 +31,10 @@ SPEC = MethodSpec(
     updates="scaling vectors on the target layers' activations",
     peft_type="IA3",
 )
+
+
+def peft_config(section: Ia3Section, model_config=None, context=None):
+    from peft import IA3Config
+
+    return IA3Config(task_type="CAUSAL_LM", target_modules=list(section.targets),
+                     feedforward_modules=list(section.feedforward_targets))

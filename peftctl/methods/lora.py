@@ -38,3 +38,34 @@ _LORA_COMMON = dict(
 
 LORA = MethodSpec(name="lora", section=LoraSection, **_LORA_COMMON)
 QLORA = MethodSpec(name="qlora", section=QloraSection, **_LORA_COMMON)
+
+
+def peft_config(section: LoraSection, model_config=None, context=None):
+    from peft import LoraConfig
+
+    targets = section.targets if isinstance(section.targets, str) else list(section.targets)
+    return LoraConfig(task_type="CAUSAL_LM", r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout,
+                      target_modules=targets, use_dora=section.use_dora, use_rslora=section.use_rslora)
+
+
+
+def parameter_groups(model, learning_rate: float, weight_decay: float, ratio: float | None) -> list[dict]:
+    """Optimiser groups. LoRA+ gives every B matrix `ratio` x the learning rate; A matrices, 1-D parameters (DoRA
+    magnitudes) and LoRA embedding factors keep the base rate -- unlike peft's helper, which moves 1-D parameters
+    to B's rate, drops the weight decay and puts embeddings at 1e-6. No weight decay on 1-D parameters."""
+    base, boosted, no_decay = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ratio and ".lora_B." in name:
+            boosted.append(p)
+        elif p.ndim < 2:
+            no_decay.append(p)
+        else:
+            base.append(p)
+    groups = [{"params": base, "lr": learning_rate, "weight_decay": weight_decay, "name": "base"},
+              {"params": no_decay, "lr": learning_rate, "weight_decay": 0.0, "name": "no_decay"}]
+    if ratio:
+        groups.append({"params": boosted, "lr": learning_rate * ratio, "weight_decay": weight_decay,
+                       "name": "lora_B"})
+    return [g for g in groups if g["params"]]

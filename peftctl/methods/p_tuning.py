@@ -28,3 +28,14 @@ SPEC = MethodSpec(
     instead_of_merge="serve it with the base model and peft (PeftModel.from_pretrained), or `peftctl generate`",
     cannot_pack="the virtual tokens are prepended to a whole row, so examples packed into one row would share them",
 )
+
+
+def peft_config(section: PTuningSection, model_config=None, context=None):
+    from peft import PromptEncoderConfig
+
+    kwargs = {}
+    if section.encoder_hidden_size:
+        kwargs["encoder_hidden_size"] = section.encoder_hidden_size
+    return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=section.num_virtual_tokens,
+                               encoder_reparameterization_type=section.encoder_type.upper(),
+                               encoder_dropout=section.encoder_dropout, **kwargs)

@@ -30,3 +30,13 @@ SPEC = MethodSpec(
     cannot_checkpoint="peft's prefix tuning passes its prefix as a key/value cache, which gradient "
                       "checkpointing in transformers refuses",
 )
+
+
+def peft_config(section: PrefixSection, model_config=None, context=None):
+    from peft import PrefixTuningConfig
+
+    kwargs = {}
+    if section.projection_hidden_size:
+        kwargs["encoder_hidden_size"] = section.projection_hidden_size
+    return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=section.num_virtual_tokens,
+                              prefix_projection=section.projection, **kwargs)

@@ -26,3 +26,14 @@ SPEC = MethodSpec(
     instead_of_merge="serve it with the base model and peft (PeftModel.from_pretrained), or `peftctl generate`",
     cannot_pack="the virtual tokens are prepended to a whole row, so examples packed into one row would share them",
 )
+
+
+def peft_config(section: PromptSection, model_config=None, context=None):
+    from peft import PromptTuningConfig
+
+    if section.prompt_init_text:
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=section.num_virtual_tokens,
+                                  prompt_tuning_init="TEXT", prompt_tuning_init_text=section.prompt_init_text,
+                                  tokenizer_name_or_path=context.tokenizer_path)
+    return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=section.num_virtual_tokens,
+                              prompt_tuning_init="RANDOM")

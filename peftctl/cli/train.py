@@ -1,0 +1,49 @@
+"""`peftctl train RECIPE`: validate, then run the training loop (or print the plan with --dry-run)."""
+
+from __future__ import annotations
+
+import json
+
+from peftctl.errors import InvalidInput
+
+
+def run(recipe_path: str, sets: list[str], *, dry_run: bool, resume: str | None, force: bool, quiet: bool,
+        log_format: str, gpus: int | None) -> int:
+    from rich.console import Console
+
+    from peftctl.cli.errors import warn
+    from peftctl.recipe.loader import load_recipe
+
+    if log_format not in ("text", "json"):
+        raise InvalidInput(f"--log-format {log_format}: expected text or json")
+    if gpus is not None and gpus > 1:
+        raise InvalidInput("--gpus: several processes are not supported yet", hint="run on one GPU")
+    loaded = load_recipe(recipe_path, sets)
+    if not quiet:
+        for w in loaded.warnings:
+            warn(w)
+    from peftctl.train.loop import TrainOptions, train
+
+    console = Console(stderr=True, highlight=False)
+    options = TrainOptions(resume=resume, force=force, quiet=quiet, log_format=log_format, dry_run=dry_run)
+    result = train(loaded, options, console=console)
+    if dry_run:
+        _print_plan(result, console, log_format == "json")
+    return 0
+
+
+def _print_plan(plan: dict, console, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(plan, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title="plan (dry run: no weights loaded, nothing trained)", show_header=False,
+                  title_justify="left")
+    for key, value in plan.items():
+        if key == "params":
+            value = value.get("line") or value.get("error")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            value = f"{value:,d}"
+        table.add_row(key.replace("_", " "), str(value))
+    console.print(table)

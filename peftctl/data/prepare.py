@@ -1,0 +1,269 @@
+"""From the recipe's dataset section to tokenised examples, rows and batches.
+
+One pass over the data renders and tokenises every row (in parallel, cached by `datasets` under a key made of the
+data, the tokenizer and every setting that changes the result, so a second run starts from the cache). Bad rows
+are recorded in that pass, never raised from a worker: the run then stops before training with the file and row of
+the first one, or skips and counts them.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+from peftctl.data.formats import FormatOptions, RowError, render
+from peftctl.data.packing import Batch, collate, pack_examples
+from peftctl.data.sources import RAW, Source, load_sources
+from peftctl.data.tokenize import special_ids, tokenize_rendered
+from peftctl.errors import DataError
+
+CACHE_VERSION = "1"  # bump when tokenisation changes its output for the same inputs
+MAX_REPORTED_ROWS = 20
+
+
+@dataclass
+class DataStats:
+    rows_read: int = 0
+    examples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    truncated: int = 0
+    skipped_no_trained_token: int = 0
+    bad_rows: int = 0
+    blank_lines: int = 0
+    bad_examples: list[str] = field(default_factory=list)  # "file line 7: missing field 'output'"
+    from_cache: bool = False
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Split:
+    examples: object  # datasets.Dataset with input_ids, labels, length, n_trained
+    rows: list[list[int]]  # example indices per row
+    stats: DataStats
+
+    @property
+    def tokens(self) -> int:
+        return self.stats.tokens
+
+
+@dataclass
+class PreparedData:
+    train: Split
+    validation: Split | None
+    fingerprint: str
+    pad_id: int
+    packed: bool
+    max_length: int
+
+    def steps_per_epoch(self, rows_per_step: int) -> int:
+        return -(-len(self.train.rows) // rows_per_step)
+
+    def epoch_order(self, epoch: int, seed: int):
+        import numpy as np
+
+        return np.random.default_rng([seed, epoch]).permutation(len(self.train.rows))
+
+    def micro_batches(self, split: Split, row_ids, micro_batch_size: int) -> list[Batch]:
+        """Collate the given rows into micro-batches of `micro_batch_size` rows."""
+        out = []
+        for start in range(0, len(row_ids), micro_batch_size):
+            chunk = [split.rows[int(r)] for r in row_ids[start:start + micro_batch_size]]
+            flat = [i for row in chunk for i in row]
+            columns = split.examples[flat] if flat else {"input_ids": [], "labels": []}
+            examples = iter({"input_ids": a, "labels": b} for a, b in zip(columns["input_ids"], columns["labels"]))
+            out.append(collate([[next(examples) for _ in row] for row in chunk], self.pad_id, self.packed))
+        return out
+
+
+def prepare(dataset_section, tokenizer, *, seed: int, pad_id: int, packed: bool | None = None,
+            num_proc: int | None = None) -> PreparedData:
+    """Tokenise the training data (and validation data), split off a validation fraction, and build rows."""
+    options = FormatOptions(dataset_section.format, dict(dataset_section.fields), dataset_section.train_on_prompt,
+                            dataset_section.system_prompt)
+    packed = dataset_section.packing if packed is None else packed
+    max_length = dataset_section.max_length
+    sources = load_sources(dataset_section.path, dataset_section.split)
+    examples, stats, fingerprint = _tokenize_all(sources, options, tokenizer, max_length, dataset_section.on_bad_rows,
+                                                 num_proc)
+    validation = None
+    spec = dataset_section.validation
+    if isinstance(spec, str):
+        val_sources = load_sources(spec, "validation" if not os.path.isabs(spec) else "train")
+        val_examples, val_stats, val_fp = _tokenize_all(val_sources, options, tokenizer, max_length,
+                                                        dataset_section.on_bad_rows, num_proc)
+        validation = Split(val_examples, _rows(val_examples, packed, max_length), val_stats)
+        fingerprint = _hash(fingerprint, val_fp)
+    elif spec and len(examples) >= 2:
+        import numpy as np
+
+        order = np.random.default_rng([seed, 1_000_003]).permutation(len(examples))
+        n_val = min(len(examples) - 1, max(1, round(spec * len(examples))))
+        val_idx, train_idx = sorted(order[:n_val].tolist()), sorted(order[n_val:].tolist())
+        val_examples, examples = examples.select(val_idx), examples.select(train_idx)
+        validation = Split(val_examples, _rows(val_examples, packed, max_length), _count(val_examples))
+        stats = _recount(stats, examples)
+    if len(examples) == 0:
+        raise DataError(f"{dataset_section.path}: no usable training examples ({stats.rows_read} rows read, "
+                        f"{stats.bad_rows} bad, {stats.skipped_no_trained_token} with no trained token)",
+                        hint="check dataset.format and dataset.fields against the file's columns "
+                             "(`peftctl inspect-data RECIPE`)")
+    train = Split(examples, _rows(examples, packed, max_length), stats)
+    return PreparedData(train, validation, fingerprint, pad_id, packed, max_length)
+
+
+def _rows(examples, packed: bool, max_length: int) -> list[list[int]]:
+    if not packed:
+        return [[i] for i in range(len(examples))]
+    return pack_examples(list(examples["length"]), max_length)
+
+
+def _tokenize_all(sources: list[Source], options, tokenizer, max_length, on_bad_rows, num_proc):
+    import datasets
+
+    parts, stats, fingerprints = [], DataStats(from_cache=True), []
+    key = _hash(CACHE_VERSION, json.dumps(options.__dict__, sort_keys=True), str(max_length),
+                tokenizer_fingerprint(tokenizer))
+    for source in sources:
+        part, part_stats = _tokenize_source(source, options, tokenizer, max_length, _hash(key, source.fingerprint),
+                                            num_proc)
+        stats = _merge(stats, part_stats)
+        parts.append(part)
+        fingerprints.append(source.fingerprint)
+    if stats.bad_rows and on_bad_rows == "error":
+        more = stats.bad_rows - 1
+        raise DataError(stats.bad_examples[0] + (f" (and {more} more bad row{'s' if more > 1 else ''})" if more else ""),
+                        hint="fix the row, map columns with dataset.fields, or set dataset.on_bad_rows: skip to "
+                             "skip and count bad rows")
+    examples = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    return examples, stats, _hash(*fingerprints)
+
+
+def _tokenize_source(source: Source, options, tokenizer, max_length: int, key: str, num_proc):
+    eos_id = tokenizer.eos_token_id
+    specials = special_ids(tokenizer)
+    raw = RAW in source.rows.column_names
+
+    def one(row: dict) -> dict:
+        try:
+            if raw:
+                text = row[RAW]
+                if not text.strip():
+                    return _empty("")
+                try:
+                    row = json.loads(text)
+                except ValueError as e:
+                    raise RowError(f"not valid JSON ({e})") from None
+                if not isinstance(row, dict):
+                    raise RowError(f"expected a JSON object with the format's fields, got {type(row).__name__}")
+            try:
+                rendered = render(row, options, tokenizer)
+            except RowError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a chat template that raises on this conversation
+                raise RowError(f"the chat template refused this row: {str(e).splitlines()[0] if str(e) else e!r}")
+            return {**tokenize_rendered(rendered, tokenizer, max_length, eos_id, specials), "error": ""}
+        except RowError as e:
+            return _empty(str(e) or "bad row")
+
+    cache_dir = _cache_dir(source.rows)
+    cached = bool(cache_dir and glob.glob(os.path.join(cache_dir, f"cache-{key}*.arrow")))
+    procs = num_proc if num_proc is not None else _default_procs(len(source.rows))
+    features = _features()
+    mapped = source.rows.map(one, remove_columns=source.rows.column_names, new_fingerprint=key,
+                             num_proc=procs, features=features, desc=f"tokenising {os.path.basename(source.name)}")
+    errors, lengths = mapped["error"], mapped["length"]
+    stats = DataStats(rows_read=len(mapped), from_cache=cached)
+    keep = []
+    for i, (error, length) in enumerate(zip(errors, lengths)):
+        if error:
+            stats.bad_rows += 1
+            if len(stats.bad_examples) < MAX_REPORTED_ROWS:
+                stats.bad_examples.append(f"{source.where(i)}: {error}")
+        elif length == 0:
+            stats.blank_lines += 1
+        else:
+            keep.append(i)
+    n_trained, truncated = mapped["n_trained"], mapped["truncated"]
+    usable = []
+    for i in keep:
+        if n_trained[i] == 0:
+            stats.skipped_no_trained_token += 1
+        else:
+            usable.append(i)
+        stats.truncated += int(truncated[i])
+    examples = mapped.select(usable).select_columns(["input_ids", "labels", "length", "n_trained"])
+    stats = _recount(stats, examples)
+    return examples, stats
+
+
+def _features():
+    import datasets
+
+    return datasets.Features({
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "labels": datasets.Sequence(datasets.Value("int32")),
+        "length": datasets.Value("int32"),
+        "n_trained": datasets.Value("int32"),
+        "truncated": datasets.Value("bool"),
+        "error": datasets.Value("string"),
+    })
+
+
+def _empty(error: str) -> dict:
+    return {"input_ids": [], "labels": [], "length": 0, "n_trained": 0, "truncated": False, "error": error}
+
+
+def _count(examples) -> DataStats:
+    return _recount(DataStats(rows_read=len(examples)), examples)
+
+
+def _recount(stats: DataStats, examples) -> DataStats:
+    stats.examples = len(examples)
+    stats.tokens = int(sum(examples["length"])) if len(examples) else 0
+    stats.trained_tokens = int(sum(examples["n_trained"])) if len(examples) else 0
+    return stats
+
+
+def _merge(a: DataStats, b: DataStats) -> DataStats:
+    out = DataStats()
+    for name, value in a.__dict__.items():
+        other = getattr(b, name)
+        if isinstance(value, list):
+            setattr(out, name, (value + other)[:MAX_REPORTED_ROWS])
+        elif isinstance(value, bool):  # from_cache: every source came from the cache
+            setattr(out, name, value and other)
+        else:
+            setattr(out, name, value + other)
+    return out
+
+
+def _cache_dir(rows) -> str | None:
+    files = getattr(rows, "cache_files", None)
+    return os.path.dirname(files[0]["filename"]) if files else None
+
+
+def _default_procs(n_rows: int) -> int | None:
+    if n_rows < 20_000:
+        return None  # starting workers costs more than it saves
+    return max(1, min(8, (os.cpu_count() or 1)))
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return _hash(type(tokenizer).__name__, body, str(tokenizer.chat_template), str(tokenizer.eos_token),
+                 str(tokenizer.bos_token))
+
+
+def _hash(*parts: str) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode("utf-8", "surrogatepass"))
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]

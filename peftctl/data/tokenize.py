@@ -1,0 +1,65 @@
+"""Tokenise a rendered row once, with labels that are -100 everywhere but the trained spans.
+
+Labels are built from the character spans and the tokens' offsets, never from "input_ids == pad": pad may equal
+EOS (Llama 3 has no pad token), and masking by value would hide every real EOS, so the model would never learn
+to stop.
+"""
+
+from __future__ import annotations
+
+IGNORE = -100
+
+
+class Tokenized(dict):
+    """input_ids, labels, length, n_trained, truncated."""
+
+
+def special_ids(tokenizer) -> set[int]:
+    ids = set(tokenizer.all_special_ids)
+    for token_id, token in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(token, "special", False):
+            ids.add(token_id)
+    return ids
+
+
+def tokenize_rendered(rendered, tokenizer, max_length: int, eos_id: int, specials: set[int]) -> Tokenized:
+    enc = tokenizer(rendered.text, add_special_tokens=not rendered.templated, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    labels = [token if _trained(offset, rendered.spans) else IGNORE for token, offset in zip(ids, offsets)]
+
+    if not rendered.templated:
+        # Our own EOS ends every plain-text example; drop one the tokenizer may have appended (zero-width).
+        if ids and ids[-1] == eos_id and offsets[-1][0] == offsets[-1][1]:
+            ids.pop(), labels.pop()
+        ids.append(eos_id)
+        labels.append(eos_id)
+    elif labels and _last_trained_is_plain(labels, specials, tokenizer):
+        # A template that closes the assistant turn with no special token would never teach the model to stop.
+        ids.append(eos_id)
+        labels.append(eos_id)
+
+    truncated = len(ids) > max_length
+    ids, labels = ids[:max_length], labels[:max_length]
+    if labels:
+        labels[0] = IGNORE  # nothing predicts the first token; also keeps packed documents from predicting across
+    n_trained = sum(1 for label in labels if label != IGNORE)
+    return Tokenized(input_ids=ids, labels=labels, length=len(ids), n_trained=n_trained, truncated=truncated)
+
+
+def _trained(offset, spans) -> bool:
+    start, end = offset
+    if start == end:  # added by the post-processor (BOS), not part of the text
+        return False
+    return any(a <= start < b for a, b in spans)
+
+
+def _last_trained_is_plain(labels: list[int], specials: set[int], tokenizer) -> bool:
+    """Whether the last trained token that is not whitespace (ChatML trains "<|im_end|>\n") is ordinary text."""
+    for label in reversed(labels):
+        if label == IGNORE:
+            continue
+        if label in specials:
+            return False
+        if tokenizer.decode([label]).strip():
+            return True
+    return False

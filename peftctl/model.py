@@ -1,0 +1,204 @@
+"""The base model and its tokenizer: loading (local folder or hub), quantisation, and tokenizer hygiene.
+
+Setup order matters here: quantisation happens while loading; the k-bit preparation (freezing, optional upcasts,
+gradient checkpointing) must run before the adapter is attached, because peft's own preparation freezes every
+parameter, adapters included.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from peftctl.errors import InvalidInput, ModelNotFound
+
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>", "<unk>")
+
+
+def pick_device():
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": "auto"}[name]
+
+
+def _from_pretrained(loader, name: str, what: str, **kwargs):
+    """Call a transformers loader and turn "not there" into one message that says what was tried."""
+    local = os.path.isabs(name)
+    if local:
+        if not Path(name).is_dir():
+            raise ModelNotFound(f"{what} {name}: no such folder")
+        if what == "model" and not (Path(name) / "config.json").exists():
+            raise ModelNotFound(f"{name}: not a model folder (no config.json)",
+                                hint="point model.name at the folder that holds config.json and the weights")
+    try:
+        return loader(name, **kwargs)
+    except Exception as e:  # noqa: BLE001 - classified below; the rest goes up unchanged
+        names = {c.__name__ for c in type(e).__mro__}
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "GatedRepoError" in names:
+            raise ModelNotFound(f"{name} is gated: {text}", hint="accept its licence on the hub, then "
+                                "`hf auth login`") from e
+        if names & {"RepositoryNotFoundError", "RevisionNotFoundError", "LocalEntryNotFoundError",
+                    "EntryNotFoundError", "OfflineModeIsEnabled"} or (isinstance(e, OSError) and not local):
+            tried = f"the local folder {name}" if local else (
+                f"a folder named {name!r} (none), the hub cache (HF_HOME), and the hub"
+                + (" (offline: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""))
+            raise ModelNotFound(f"{what} {name} not found; tried {tried}: {text}",
+                                hint="check model.name (a hub id, or a folder relative to the recipe); for a "
+                                "private or gated model run `hf auth login`; offline, fetch it first") from e
+        raise
+
+
+def load_tokenizer(model_section, *, base_dir: Path | None = None):
+    from transformers import AutoTokenizer
+
+    from peftctl.data.templates import resolve_template
+
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, model_section.name, "tokenizer of",
+                                 revision=model_section.revision, trust_remote_code=model_section.trust_remote_code)
+    if model_section.chat_template:
+        try:
+            tokenizer.chat_template = resolve_template(model_section.chat_template, base_dir)
+        except FileNotFoundError as e:
+            raise InvalidInput(f"model.chat_template: {e}") from None
+    if tokenizer.eos_token_id is None:
+        raise InvalidInput(f"the tokenizer of {model_section.name} has no EOS token",
+                           hint="a causal LM tokenizer needs one to end examples; choose another tokenizer")
+    choose_pad(tokenizer)
+    return tokenizer
+
+
+def choose_pad(tokenizer) -> int:
+    """A pad token that is not EOS, taken from the existing vocabulary (never resize the embeddings: the adapter
+    would no longer load onto the stock base). Where there is none, pad with EOS: labels come from lengths and
+    spans, so every real EOS is still trained."""
+    eos = tokenizer.eos_token_id
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
+        return tokenizer.pad_token_id
+    vocab = tokenizer.get_vocab()
+    for token in PAD_CANDIDATES:
+        if token in vocab and vocab[token] != eos and vocab[token] != tokenizer.bos_token_id:
+            tokenizer.pad_token = token
+            return vocab[token]
+    tokenizer.pad_token = tokenizer.eos_token
+    return eos
+
+
+def load_config(model_section):
+    from transformers import AutoConfig
+
+    return _from_pretrained(AutoConfig.from_pretrained, model_section.name, "model",
+                            revision=model_section.revision, trust_remote_code=model_section.trust_remote_code)
+
+
+def quantization_config(quant):
+    """bitsandbytes settings for the recipe's quantization section (None: no quantisation)."""
+    if quant is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
+                              bnb_4bit_use_double_quant=quant.double_quant,
+                              bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype))
+
+
+def load_model(recipe, device, *, gradient_checkpointing: bool = False):
+    """The frozen base model on `device`, quantised as the recipe says, ready for an adapter."""
+    from transformers import AutoModelForCausalLM
+
+    section = recipe.model
+    kwargs = dict(revision=section.revision, trust_remote_code=section.trust_remote_code,
+                  dtype=torch_dtype(section.dtype), device_map={"": str(device)})
+    if section.attn_implementation != "auto":
+        kwargs["attn_implementation"] = section.attn_implementation
+    qconfig = quantization_config(recipe.quantization)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, section.name, "model", **kwargs)
+    prepare_frozen_base(model, recipe.quantization, device, gradient_checkpointing=gradient_checkpointing)
+    return model
+
+
+def prepare_frozen_base(model, quant, device, *, gradient_checkpointing: bool) -> None:
+    """Our k-bit preparation: peft's upcasts embeddings, lm_head and norms to float32 (~2 GiB on 8B); we upcast
+    only when asked."""
+    import torch
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.config.use_cache = False
+    if quant is not None and quant.upcast_embeddings:
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if module is not None:
+                module.to(torch.float32)
+    if quant is not None and device.type == "cpu":
+        disable_cpu_repacking(model)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
+
+
+def disable_cpu_repacking(model) -> None:
+    """bitsandbytes on a CPU with AVX512-BF16 repacks 4-bit weights at the first eval-mode forward, after which
+    dequantisation (merges, DoRA) reads garbage. Keep the plain layout."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def linear_layer_names(model) -> list[str]:
+    """The distinct last-name parts of the model's linear layers (what `targets` can name)."""
+    names = set()
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if name and (cls in ("Linear", "Conv1D") or cls.startswith("Linear")) and "lora" not in name:
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def check_packing_isolation(model, device, vocab_size: int) -> tuple[bool, float, float]:
+    """Whether this model's attention keeps packed examples apart when given restarting position_ids.
+
+    Two short documents are packed in one row; the second one's logits must match those it gets alone. The
+    difference is judged against the contamination we get when isolation is forced off (a full attention mask),
+    so the test is scale-free and works for random weights as well as trained ones.
+    Returns (isolated, difference, contamination).
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(3, max(4, vocab_size - 1), (1, 12), generator=gen)
+    b = torch.randint(3, max(4, vocab_size - 1), (1, 9), generator=gen)
+    packed = torch.cat([a, b], dim=1).to(device)
+    positions = torch.cat([torch.arange(a.shape[1]), torch.arange(b.shape[1])]).unsqueeze(0).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            alone = model(input_ids=b.to(device), use_cache=False).logits.float()
+            isolated = model(input_ids=packed, position_ids=positions, use_cache=False).logits[:, a.shape[1]:].float()
+            mixed = model(input_ids=packed, position_ids=positions, use_cache=False,
+                          attention_mask=torch.ones_like(packed)).logits[:, a.shape[1]:].float()
+    finally:
+        model.train(was_training)
+    difference = (isolated - alone).abs().max().item()
+    contamination = (mixed - alone).abs().max().item()
+    return difference <= 0.05 * contamination + 1e-6 * (1 + alone.abs().max().item()), difference, contamination

@@ -1,0 +1,230 @@
+"""Resumable checkpoints: everything needed to continue a run exactly, with a manifest of hashes written last.
+
+A checkpoint folder is built under a temporary name and renamed into `checkpoints/step_000120`; its manifest
+(each file's SHA-256) is the last file written, so a folder without a manifest, or with a file that does not match
+its hash, is not a checkpoint. Old checkpoints are pruned only after the new one is in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from peftctl.errors import InvalidInput, PeftctlError
+from peftctl.train.run_folder import staged_dir
+
+MANIFEST = "manifest.json"
+PREFIX = "step_"
+
+# Keys that change what is trained: a resume that changes one of them would not continue the same run.
+TRAINED_KEYS = {
+    "model": None, "quantization": None, "method": None, "dataset": None,
+    "training": ("seed", "micro_batch_size", "gradient_accumulation", "learning_rate", "lr_scheduler",
+                 "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm"),
+}
+
+
+class DamagedCheckpoint(PeftctlError):
+    pass
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimiser steps done
+    epoch: int = 0
+    step_in_epoch: int = 0
+    tokens_seen: int = 0
+    trained_tokens_seen: int = 0
+    nonfinite_skipped: int = 0
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+
+
+def name_for(step: int) -> str:
+    return f"{PREFIX}{step:06d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def trainable_state(model) -> dict:
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def estimate_bytes(model) -> int:
+    """Adapter weights plus two Adam moments, all float32, plus a little for the rest."""
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return params * 4 * 3 + (1 << 20)
+
+
+def save(root: Path, model, optimizer, scheduler, state: TrainerState, recipe_yaml: str, data_fingerprint: str,
+         keep: int, *, world_size: int = 1) -> Path:
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    need = estimate_bytes(model)
+    free = shutil.disk_usage(root).free
+    if free < need * 1.2:
+        raise PeftctlError(f"not enough disk space for a checkpoint in {root}: {free / 2**20:.0f} MiB free, about "
+                           f"{need / 2**20:.0f} MiB needed", hint="free space or move output.dir; the previous "
+                           "checkpoint is intact and `--resume auto` continues from it")
+    final = root / name_for(state.step)
+    with staged_dir(final) as tmp:
+        save_file(trainable_state(model), str(tmp / "adapter_state.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict(), default=_no_callables))
+        np_state = np.random.get_state()
+        rng = {
+            "python": _jsonable(random.getstate()),
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "torch": torch.get_rng_state().tolist(),
+            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        }
+        (tmp / "rng.json").write_text(json.dumps(rng))
+        (tmp / "trainer_state.json").write_text(json.dumps({**state.__dict__, "data_fingerprint": data_fingerprint,
+                                                            "world_size": world_size}, indent=2))
+        (tmp / "recipe.yaml").write_text(recipe_yaml)
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"step": state.step, "files": files}, indent=2))
+    prune(root, keep)
+    return final
+
+
+def prune(root: Path, keep: int) -> None:
+    valid = [p for p in list_checkpoints(root) if (p / MANIFEST).exists()]
+    for old in valid[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for leftover in root.glob(f".{PREFIX}*"):  # temporary folders of an interrupted save
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint folders, oldest first (those without a manifest included; `verify` rejects them)."""
+    if not root.exists():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def verify(path: Path) -> dict:
+    """The manifest of a checkpoint whose every file matches its hash; DamagedCheckpoint otherwise."""
+    manifest_file = path / MANIFEST
+    if not manifest_file.exists():
+        raise DamagedCheckpoint(f"{path} has no manifest (an interrupted save): not a checkpoint")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError) as e:
+        raise DamagedCheckpoint(f"{path}: damaged manifest ({e})") from None
+    for name, digest in files.items():
+        file = path / name
+        if not file.exists():
+            raise DamagedCheckpoint(f"{path}: {name} is missing")
+        if _sha256(file) != digest:
+            raise DamagedCheckpoint(f"{path}: {name} does not match its hash (truncated or altered)")
+    return manifest
+
+
+def find_resumable(root: Path, requested: str) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from and notes on damaged ones skipped; for "auto", the newest good one."""
+    notes: list[str] = []
+    if requested != "auto":
+        path = Path(requested)
+        if not path.is_dir():
+            raise InvalidInput(f"--resume {requested}: no such checkpoint folder")
+        try:
+            verify(path)
+        except DamagedCheckpoint as e:
+            raise InvalidInput(f"--resume: {e.message}", hint="use --resume auto to take the newest good "
+                               "checkpoint") from None
+        return path, notes
+    for path in reversed(list_checkpoints(root)):
+        try:
+            verify(path)
+            return path, notes
+        except DamagedCheckpoint as e:
+            notes.append(f"skipping {path.name}: {e.message}")
+    return None, notes
+
+
+def load(path: Path, model, optimizer, scheduler) -> tuple[TrainerState, dict]:
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "adapter_state.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [name for name, p in params.items() if p.requires_grad and name not in weights]
+    if missing or any(name not in params for name in weights):
+        raise InvalidInput(f"{path}: the checkpoint's adapter does not match this model (e.g. {(missing or list(weights))[0]})")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+    rng = json.loads((path / "rng.json").read_text())
+    random.setstate(_tuples(rng["python"]))
+    kind, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in rng["cuda"]])
+    raw = json.loads((path / "trainer_state.json").read_text())
+    state = TrainerState(**{k: v for k, v in raw.items() if k in TrainerState.__dataclass_fields__})
+    return state, raw
+
+
+def recipe_differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(changes to what is trained, other changes) between two resolved recipes, as 'key: old -> new' lines."""
+    trained, cadence = [], []
+    for key in sorted(set(_flatten(old)) | set(_flatten(new))):
+        a, b = _flatten(old).get(key), _flatten(new).get(key)
+        if a == b:
+            continue
+        section, _, field = key.partition(".")
+        line = f"{key}: {a!r} -> {b!r}"
+        scope = TRAINED_KEYS.get(section, ())
+        if section in TRAINED_KEYS and (scope is None or field.split(".")[0] in scope):
+            trained.append(line)
+        else:
+            cadence.append(line)
+    return trained, cadence
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        if not d and prefix:
+            out[prefix[:-1]] = {}
+    else:
+        out[prefix[:-1]] = d
+    return out
+
+
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _tuples(value):
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def _no_callables(value):
+    return None

@@ -1,0 +1,415 @@
+"""`peftctl train`: from a validated recipe to a finished run folder.
+
+Read `train` from top to bottom: setup (in an order that matters, explained where it does), the loop, the end.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+
+import yaml
+
+from peftctl.errors import DataError, InvalidInput, PeftctlError, TrainingStopped
+from peftctl.methods.registry import METHODS
+from peftctl.train import checkpoint as ckpt
+from peftctl.train.run_folder import RunFolder, atomic_write_text, staged_dir
+
+MAX_NONFINITE_IN_A_ROW = 5
+ADAPTER_INFO = "peftctl_adapter.json"  # beside peft's files: what peft's format cannot say (base quantisation...)
+
+
+@dataclass
+class TrainOptions:
+    resume: str | None = None
+    force: bool = False
+    quiet: bool = False
+    log_format: str = "text"
+    dry_run: bool = False
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    steps: int
+    train_loss: float | None
+    eval_loss: float | None
+    tokens_per_s: float
+    counts: dict = field(default_factory=dict)
+
+
+def train(loaded, options: TrainOptions, console=None):
+    import torch
+
+    from peftctl.data.prepare import prepare
+    from peftctl.methods import runtime
+    from peftctl.methods.peft_common import AttachContext
+    from peftctl.model import check_packing_isolation, load_model, load_tokenizer, pick_device
+    from peftctl.params import count_parameters
+    from peftctl.train.loss import loss_sum
+    from peftctl.train.metrics import Metrics, plot_loss
+    from peftctl.train.optim import build_optimizer, build_scheduler
+    from peftctl.train.signals import graceful_stop
+
+    recipe, t_start = loaded.recipe, time.time()
+    spec = METHODS[recipe.method.name]
+    training = recipe.training
+    say = _sayer(console, options.quiet)
+    run = RunFolder(recipe.output.dir)
+    recipe_yaml = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+    # The run folder is claimed before anything slow, so a wrong output.dir fails in a second, not after loading.
+    if not options.dry_run:
+        run.claim(resume=options.resume is not None, force=options.force)
+    resume_from = _resume_point(run, options.resume, say)
+
+    # The tokenizer comes first: the data needs it, and a dry run stops after the data without loading weights.
+    tokenizer = load_tokenizer(recipe.model, base_dir=loaded.base_dir)
+    data = prepare(recipe.dataset, tokenizer, seed=training.seed, pad_id=tokenizer.pad_token_id)
+
+    # The number of steps comes from the data; the schedule needs it, so the optimiser is built after the data.
+    rows_per_step = training.micro_batch_size * training.gradient_accumulation
+    steps_per_epoch = data.steps_per_epoch(rows_per_step)
+    total_steps = training.max_steps or steps_per_epoch * training.epochs
+    if options.dry_run:
+        return _plan(recipe, data, steps_per_epoch, total_steps, say)
+
+    device = pick_device()
+    checkpointing = _gradient_checkpointing(recipe, device, data)
+    _seed_everything(training.seed)  # before the adapter exists: its initial weights come from this seed
+    model = load_model(recipe, device, gradient_checkpointing=checkpointing)
+    if data.packed:
+        isolated, difference, contamination = check_packing_isolation(model, device, len(tokenizer))
+        if not isolated:
+            raise InvalidInput(f"{model.config.model_type}: this model's attention does not keep packed examples "
+                               f"apart (difference {difference:.3g} against {contamination:.3g} unpacked)",
+                               hint="set dataset.packing: false, or model.attn_implementation to sdpa or eager")
+    model = runtime.attach(model, recipe.method, AttachContext(tokenizer_path=recipe.model.name,
+                                                               where=loaded.where("method.targets")))
+    model.train()
+    counts = count_parameters(model)
+    say(counts.line())
+
+    optimizer = build_optimizer(model, recipe, device)
+    scheduler = build_scheduler(optimizer, training, total_steps)
+    state = ckpt.TrainerState()
+    if resume_from is not None:
+        state = _resume(resume_from, model, optimizer, scheduler, recipe, data.fingerprint, say)
+
+    autocast_dtype = _autocast_dtype(recipe, device)
+    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    manifest = _manifest(recipe, spec, data, counts, device, total_steps, checkpointing)
+    run.write_manifest({**manifest, "status": "running"})
+    atomic_write_text(run.recipe, recipe_yaml)
+    metrics = Metrics(run.metrics, total_steps=total_steps, log_format=options.log_format, quiet=options.quiet,
+                      tensorboard_dir=run.tensorboard if recipe.output.tensorboard else None,
+                      resume_step=state.step)
+
+    def save_checkpoint():
+        return ckpt.save(run.checkpoints, model, optimizer, scheduler, state, recipe_yaml, data.fingerprint,
+                         training.keep_checkpoints)
+
+    def finish(status: str, exit_code: int, **extra) -> None:
+        metrics.close()
+        plot_loss(metrics.records, run.loss_plot)
+        run.write_manifest({**manifest, **extra, "status": status, "exit_code": exit_code,
+                            "steps_done": state.step, "tokens_seen": state.tokens_seen,
+                            "timings": {"total_s": round(time.time() - t_start, 2), "train_s": round(train_s, 2)},
+                            "nonfinite_skipped": state.nonfinite_skipped})
+
+    train_s, last_loss, last_eval, nonfinite_in_a_row = 0.0, None, None, 0
+    order_epoch, order = None, None
+    try:
+        with graceful_stop() as stop:
+            while state.step < total_steps:
+                if state.step_in_epoch >= steps_per_epoch:
+                    state.epoch, state.step_in_epoch = state.epoch + 1, 0
+                if order_epoch != state.epoch:
+                    order_epoch, order = state.epoch, data.epoch_order(state.epoch, training.seed)
+                t_step = time.perf_counter()
+                begin = state.step_in_epoch * rows_per_step
+                micro_batches = data.micro_batches(data.train, order[begin:begin + rows_per_step],
+                                                   training.micro_batch_size)
+                # The step's loss is normalised by all its trained tokens, counted on the host (no device sync).
+                n_trained = max(1, sum(mb.n_trained for mb in micro_batches))
+                step_loss = torch.zeros((), device=device)
+                for mb in micro_batches:
+                    mb = mb.to(device)
+                    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                        token_loss = loss_sum(model, mb, prompt_learning=spec.prompt_learning)
+                    scaled = token_loss / n_trained
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                    step_loss += token_loss.detach()
+                if scaler:
+                    scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, training.max_grad_norm or math.inf)
+                loss = step_loss / n_trained
+                # One host sync per step: is everything finite? Never step on (or save) non-finite values.
+                if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+                    optimizer.zero_grad(set_to_none=True)
+                    nonfinite_in_a_row += 1
+                    what = f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient norm'} at step {state.step + 1}"
+                    if training.on_nonfinite == "stop" or nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                        if state.step > 0:
+                            save_checkpoint()
+                        raise PeftctlError(f"{what}; stopped with the last good state saved (step {state.step})",
+                                           hint="lower training.learning_rate, keep training.max_grad_norm set, "
+                                                "use bfloat16 instead of float16, or set training.on_nonfinite: skip")
+                    state.nonfinite_skipped += 1
+                    state.step_in_epoch += 1  # the batch is dropped, the data moves on
+                    say(f"warning: {what}; batch skipped ({nonfinite_in_a_row} in a row)")
+                    continue
+                nonfinite_in_a_row = 0
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.step_in_epoch += 1
+                step_tokens = sum(mb.n_tokens for mb in micro_batches)
+                state.tokens_seen += step_tokens
+                state.trained_tokens_seen += n_trained
+                seconds = time.perf_counter() - t_step
+                train_s += seconds
+
+                if state.step % training.log_every == 0 or state.step == total_steps:
+                    last_loss = loss.item()
+                    metrics.log({"step": state.step, "epoch": state.epoch, "loss": last_loss,
+                                 "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
+                                 "tokens": step_tokens, "tokens_per_s": step_tokens / max(seconds, 1e-9),
+                                 "elapsed_s": round(time.time() - t_start, 2)})
+                if data.validation is not None and (state.step % training.eval_every == 0
+                                                    or state.step == total_steps):
+                    last_eval = evaluate(model, data, training.micro_batch_size, device, autocast_dtype,
+                                         spec.prompt_learning)
+                    metrics.log({"step": state.step, "eval_loss": last_eval, "eval_ppl": _ppl(last_eval)})
+                if stop.requested:
+                    path = save_checkpoint()
+                    raise TrainingStopped(f"stopped by {stop.name} at step {state.step}; checkpoint {path}",
+                                          stop.exit_code, hint=f"continue with: peftctl train {loaded.source} "
+                                                               "--resume auto")
+                if state.step % training.save_every == 0 and state.step < total_steps:
+                    save_checkpoint()
+    except TrainingStopped as e:
+        finish("stopped", e.exit_code)
+        raise
+    except KeyboardInterrupt:
+        finish("aborted", 130)
+        raise
+    except BaseException as e:
+        exit_code = getattr(e, "exit_code", 3 if "OutOfMemoryError" in type(e).__name__ else 1)
+        finish("failed", exit_code, error=f"{type(e).__name__}: {e}"[:500])
+        raise
+
+    # The end: the adapter (with its tokenizer and chat template), then the merged model when asked.
+    save_adapter(model, spec, recipe, tokenizer, run, loraplus=getattr(recipe.method, "loraplus_lr_ratio", None))
+    tokens_per_s = state.tokens_seen / train_s if train_s else 0.0
+    finish("completed", 0, final={"train_loss": last_loss, "eval_loss": last_eval}, tokens_per_s=round(tokens_per_s))
+    if recipe.output.merge:
+        _merge(run, recipe, say)
+    result = RunResult(str(run.path), state.step, last_loss, last_eval, tokens_per_s,
+                       {"trainable": counts.trainable, "total": counts.total})
+    _summary(result, data, console, options)
+    return result
+
+
+def evaluate(model, data, micro_batch_size: int, device, autocast_dtype, prompt_learning: bool) -> float:
+    """Mean loss per trained token over the whole validation split."""
+    import torch
+
+    from peftctl.train.loss import loss_sum
+
+    model.eval()
+    total, tokens = torch.zeros((), device=device), 0
+    try:
+        with torch.no_grad():
+            row_ids = list(range(len(data.validation.rows)))
+            for mb in data.micro_batches(data.validation, row_ids, micro_batch_size):
+                tokens += mb.n_trained
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    total += loss_sum(model, mb.to(device), prompt_learning=prompt_learning)
+    finally:
+        model.train()
+    return (total / max(1, tokens)).item()
+
+
+def save_adapter(model, spec, recipe, tokenizer, run: RunFolder, *, loraplus=None) -> None:
+    import json
+
+    from peftctl.methods import runtime
+
+    quant = recipe.quantization
+    info = {"method": spec.name, "base_model": recipe.model.name, "revision": recipe.model.revision,
+            "dtype": recipe.model.dtype, "quantization": quant.model_dump() if quant else None,
+            "loraplus_lr_ratio": loraplus, "can_merge": spec.can_merge}
+    with staged_dir(run.adapter) as tmp:
+        runtime.save(model, spec, tmp)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / ADAPTER_INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _merge(run: RunFolder, recipe, say) -> None:
+    try:
+        from peftctl.merge import merge_adapter
+    except ImportError:
+        say("warning: output.merge is set but this build has no merge support yet; adapter written only")
+        return
+    merge_adapter(run.adapter, run.merged, force=True)
+
+
+def _resume_point(run: RunFolder, requested: str | None, say):
+    if requested is None:
+        return None
+    path, notes = ckpt.find_resumable(run.checkpoints, requested)
+    for note in notes:
+        say(f"warning: {note}")
+    if path is None:
+        if requested == "auto" and not ckpt.list_checkpoints(run.checkpoints):
+            say("no checkpoint to resume from: starting from step 0")
+            return None
+        raise InvalidInput(f"{run.checkpoints}: no intact checkpoint to resume from",
+                           hint="start again with --force")
+    say(f"resuming from {path}")
+    return path
+
+
+def _resume(path, model, optimizer, scheduler, recipe, data_fingerprint: str, say):
+    old_recipe = yaml.safe_load((path / "recipe.yaml").read_text())
+    trained, cadence = ckpt.recipe_differences(old_recipe, recipe.model_dump(mode="json"))
+    if trained:
+        raise InvalidInput(f"the recipe changed what is trained since {path.name}:\n  " + "\n  ".join(trained),
+                           hint="resume with the recipe of that run (it is in the checkpoint as recipe.yaml), or "
+                                "start a new run in another output.dir")
+    for line in cadence:
+        say(f"warning: changed since the checkpoint: {line}")
+    state, raw = ckpt.load(path, model, optimizer, scheduler)
+    if raw.get("data_fingerprint") != data_fingerprint:
+        raise DataError(f"the training data changed since {path.name} (fingerprint {raw.get('data_fingerprint')} "
+                        f"-> {data_fingerprint})", hint="resume only with the same data, or start a new run")
+    return state
+
+
+def _gradient_checkpointing(recipe, device, data) -> bool:
+    setting = recipe.training.gradient_checkpointing
+    if setting != "auto":
+        return bool(setting)
+    if device.type != "cuda":
+        return False
+    from peftctl.plan import needs_checkpointing
+
+    return needs_checkpointing(recipe, device)
+
+
+def _autocast_dtype(recipe, device):
+    import torch
+
+    if device.type != "cuda":
+        return None  # CPU autocast is slow and would blur exact comparisons; weights compute in their own dtype
+    names = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+    if recipe.quantization is not None:
+        return names.get(recipe.quantization.compute_dtype)
+    return names.get(recipe.model.dtype)
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+def _manifest(recipe, spec, data, counts, device, total_steps: int, checkpointing: bool) -> dict:
+    import peftctl
+
+    return {
+        "peftctl_version": peftctl.__version__,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": _versions(),
+        "device": _device_name(device),
+        "world_size": 1,
+        "model": {"name": recipe.model.name, "revision": recipe.model.revision, "dtype": recipe.model.dtype,
+                  "quantization": recipe.quantization.model_dump() if recipe.quantization else None},
+        "method": {**recipe.method.model_dump(), "can_merge": spec.can_merge},
+        "loraplus_lr_ratio": getattr(recipe.method, "loraplus_lr_ratio", None),
+        "params": {"trainable": counts.trainable, "total": counts.total, "percent": round(counts.percent, 6)},
+        "data": {"fingerprint": data.fingerprint, "packed": data.packed, "rows": len(data.train.rows),
+                 "train": data.train.stats.as_dict(),
+                 "validation": data.validation.stats.as_dict() if data.validation else None},
+        "steps_total": total_steps,
+        "gradient_checkpointing": checkpointing,
+    }
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "datasets", "liger-kernel"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def _sayer(console, quiet: bool):
+    def say(message: str) -> None:
+        if quiet or console is None:
+            return
+        console.print(message, highlight=False, markup=False)
+    return say
+
+
+def _plan(recipe, data, steps_per_epoch: int, total_steps: int, say) -> dict:
+    from peftctl.params import count_for_recipe
+
+    train = data.train.stats
+    plan = {
+        "examples": train.examples, "tokens": train.tokens, "trained_tokens": train.trained_tokens,
+        "truncated": train.truncated, "skipped_no_trained_token": train.skipped_no_trained_token,
+        "bad_rows": train.bad_rows, "rows": len(data.train.rows), "packed": data.packed,
+        "validation_examples": data.validation.stats.examples if data.validation else 0,
+        "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+    }
+    try:
+        plan["params"] = count_for_recipe(recipe).as_dict()
+    except PeftctlError as e:
+        plan["params"] = {"error": e.message}
+    return plan
+
+
+def _summary(result: RunResult, data, console, options: TrainOptions) -> None:
+    if options.quiet or console is None or options.log_format == "json":
+        return
+    from rich.table import Table
+
+    table = Table(title="run finished", show_header=False, title_justify="left")
+    table.add_row("run folder", result.run_dir)
+    table.add_row("steps", str(result.steps))
+    table.add_row("final train loss", f"{result.train_loss:.4f}" if result.train_loss is not None else "-")
+    table.add_row("final eval loss", f"{result.eval_loss:.4f}" if result.eval_loss is not None else "-")
+    table.add_row("tokens/s", f"{result.tokens_per_s:,.0f}")
+    table.add_row("examples", f"{data.train.stats.examples:,d} ({data.train.stats.truncated} truncated, "
+                  f"{data.train.stats.bad_rows} bad rows skipped)")
+    console.print(table)

@@ -1,0 +1,116 @@
+"""What a run reports: metrics.jsonl (one object per logged step and per evaluation), the console (a rich progress
+bar, or one JSON object per step on stdout with --log-format json), TensorBoard when asked, and loss.png."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from peftctl.train.run_folder import atomic_write_text
+
+
+class Metrics:
+    def __init__(self, path: Path, *, total_steps: int, log_format: str = "text", quiet: bool = False,
+                 tensorboard_dir: Path | None = None, resume_step: int = 0):
+        self.path = Path(path)
+        self.total_steps = total_steps
+        self.log_format = log_format
+        self.quiet = quiet
+        self.records: list[dict] = []
+        if resume_step and self.path.exists():
+            # Lines past the checkpoint belong to the interrupted attempt; the resumed run writes them again.
+            kept = [r for r in _read(self.path) if r.get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            self.records = kept
+        elif self.path.exists():
+            self.path.unlink()
+        self._file = self.path.open("a", encoding="utf-8")
+        self._writer = None
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(tensorboard_dir), purge_step=resume_step + 1 if resume_step else None)
+        self._progress = None
+        self._task = None
+        self._last_text = ""
+        if log_format == "text" and not quiet:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self._progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                      console=Console(stderr=True), transient=False)
+            self._progress.start()
+            self._task = self._progress.add_task("train", total=total_steps, completed=resume_step, info="")
+
+    def log(self, record: dict) -> None:
+        record = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
+        self.records.append(record)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._writer.add_scalar(key.replace("eval_", "eval/"), value, record["step"])
+        if self.log_format == "json":
+            sys.stdout.write(json.dumps(record) + "\n")
+            sys.stdout.flush()
+        if self._progress is not None:
+            if "loss" in record:
+                self._last_text = (f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                                   f"{record.get('tokens_per_s', 0):,.0f} tok/s")
+            if "eval_loss" in record:
+                self._progress.console.print(f"step {record['step']}: eval loss {record['eval_loss']:.4f}  "
+                                             f"perplexity {record['eval_ppl']:.2f}")
+            self._progress.update(self._task, completed=record["step"], info=self._last_text)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        if self._writer is not None:
+            self._writer.close()
+        self._file.close()
+
+
+def _read(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut by a crash
+    return out
+
+
+def plot_loss(records: list[dict], out: Path) -> bool:
+    """loss.png: training loss per step and evaluation loss; False when matplotlib is missing or nothing to plot."""
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if not train and not evals:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="validation", linewidth=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.{time.monotonic_ns()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out)
+    return True

@@ -1,0 +1,48 @@
+"""The optimiser (AdamW, fused on the GPU) and the learning-rate schedule (warmup, then constant/linear/cosine)."""
+
+from __future__ import annotations
+
+import math
+
+
+def build_optimizer(model, recipe, device):
+    import torch
+
+    from peftctl.methods.lora import parameter_groups
+
+    training = recipe.training
+    ratio = getattr(recipe.method, "loraplus_lr_ratio", None)
+    groups = parameter_groups(model, training.learning_rate, training.weight_decay, ratio)
+    if not groups:
+        raise RuntimeError("the adapter has no trainable parameter")
+    fused = device.type == "cuda" and all(p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                                          for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=training.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                             fused=True if fused else None)
+
+
+def warmup_steps(training, total_steps: int) -> int:
+    if training.warmup_ratio is not None:
+        return int(round(training.warmup_ratio * total_steps))
+    return min(training.warmup_steps, max(0, total_steps - 1))
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    """Multiplier of the peak rate at optimiser step `step` (0-based): ramps to 1 over `warmup` steps (the first
+    step already learns), then decays to 0 at `total` for linear and cosine."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_scheduler(optimizer, training, total_steps: int):
+    import torch
+
+    warmup = warmup_steps(training, total_steps)
+    kind = training.lr_scheduler
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup, kind))

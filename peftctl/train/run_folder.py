@@ -1,0 +1,130 @@
+"""The run folder of RECIPE.md, and writing into it without ever leaving a half-written file behind.
+
+Every file is written to a temporary name beside its destination, flushed to disk, then renamed over it; folders
+(adapter/, merged/, checkpoints) are built under a temporary name and renamed into place. A reader therefore sees
+the old version or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from peftctl.errors import InvalidInput
+
+RUN_FILES = ("adapter", "merged", "checkpoints", "recipe.yaml", "run.json", "metrics.jsonl", "loss.png",
+             "tensorboard")
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def sync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(Path(root))
+
+
+@contextmanager
+def staged_dir(final: Path):
+    """Yield a temporary folder beside `final`; on success it replaces `final` in one rename."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=str(final.parent)))
+    try:
+        yield tmp
+        sync_tree(tmp)
+        old = None
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class RunFolder:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    adapter = property(lambda self: self.path / "adapter")
+    merged = property(lambda self: self.path / "merged")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    recipe = property(lambda self: self.path / "recipe.yaml")
+    manifest = property(lambda self: self.path / "run.json")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    loss_plot = property(lambda self: self.path / "loss.png")
+    tensorboard = property(lambda self: self.path / "tensorboard")
+
+    def holds_a_run(self) -> bool:
+        return self.manifest.exists() or self.checkpoints.exists() or self.adapter.exists()
+
+    def claim(self, *, resume: bool, force: bool) -> None:
+        """Make the folder ready for this run: refuse to overwrite another run unless --force or --resume."""
+        if self.path.exists() and not self.path.is_dir():
+            raise InvalidInput(f"output.dir {self.path} is a file, not a folder")
+        if self.holds_a_run() and not resume:
+            if not force:
+                raise InvalidInput(f"output.dir {self.path} already holds a run",
+                                   hint="continue it with --resume auto, replace it with --force, or change "
+                                        "output.dir (--set output.dir=...)")
+            for name in RUN_FILES:
+                target = self.path / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def read_manifest(self) -> dict:
+        try:
+            return json.loads(self.manifest.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def write_manifest(self, data: dict) -> None:
+        atomic_write_text(self.manifest, json.dumps(data, indent=2, default=str) + "\n")

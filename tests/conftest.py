@@ -1,0 +1,80 @@
+"""Shared test fixtures: tiny models made locally (random weights, a locally trained tokenizer, saved as ordinary
+model folders), recipes written for them, and the CLI run in-process or as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+DEMO_DATA = REPO / "recipes" / "data" / "demo.jsonl"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("PEFTCTL_DEBUG", None)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model(arch="llama", **sizes) -> folder of a tiny model, made once per test session."""
+    from make_tiny_model import make_tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    made: dict[tuple, Path] = {}
+
+    def get(arch: str = "llama", **kwargs) -> Path:
+        key = (arch, tuple(sorted(kwargs.items())))
+        if key not in made:
+            name = f"{arch}-{len(made)}"
+            made[key] = make_tiny_model(arch, root / name, corpus=DEMO_DATA, **kwargs)
+        return made[key]
+
+    return get
+
+
+def recipe_dict(model: Path | str, data: Path | str = DEMO_DATA, out: Path | str = "run", **sections) -> dict:
+    """A small recipe for a tiny model; `sections` override whole keys, e.g. method={"name": "ia3"}."""
+    recipe = {
+        "model": {"name": str(model), "dtype": "float32"},
+        "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", "v_proj"]},
+        "dataset": {"path": str(data), "format": "alpaca", "validation": 0.0, "max_length": 128},
+        "training": {"max_steps": 4, "micro_batch_size": 2, "gradient_accumulation": 1, "learning_rate": 1e-3,
+                     "warmup_steps": 0, "eval_every": 100, "save_every": 100, "seed": 0},
+        "output": {"dir": str(out)},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and key in recipe and not value.pop("_replace", False):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    return recipe
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    """write_recipe(model, name="recipe.yaml", **sections) -> path of a recipe file in tmp_path."""
+    def write(model, name: str = "recipe.yaml", **sections) -> Path:
+        sections.setdefault("out", tmp_path / "run")
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(recipe_dict(model, **sections), sort_keys=False))
+        return path
+
+    return write
+
+
+def run_cli(*args: str, input: str | None = None, env: dict | None = None, timeout: int = 600):
+    """Run `python -m peftctl ARGS` in a subprocess: the real exit code, stdout and stderr."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "peftctl", *args], input=input, capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=str(REPO))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
