@@ -9,5 +9,5 @@ def run() -> None:
     from peftctl.recipe.schema import Recipe
 
     schema = Recipe.model_json_schema()
-    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "peftctl recipe", **schema}
+    schema = {**schema, "$schema": "https://json-schema.org/draft/2020-12/schema", "title": "peftctl recipe"}
     print(json.dumps(schema, indent=2))

@@ -19,8 +19,8 @@ def starter_recipe(method: str, model: str) -> str:
         "model": {"name": model},
         "quantization": None,
         "method": {"name": method},
-        "dataset": {"path": STARTER_DATASET},
-        "training": {},
+        "dataset": {"path": STARTER_DATASET, "packing": spec.can_pack},
+        "training": {"gradient_checkpointing": "auto" if spec.can_checkpoint else False},
         "output": {"dir": f"runs/{method}"},
     }
     lines = ["# Starter recipe written by `peftctl init`. Run: peftctl train recipe.yaml",

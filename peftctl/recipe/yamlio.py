@@ -81,8 +81,16 @@ def load_yaml(text: str, source: str) -> tuple[object, Marks]:
     return value, marks
 
 
+PLAIN_TAGS = {yaml.MappingNode: "tag:yaml.org,2002:map", yaml.SequenceNode: "tag:yaml.org,2002:seq"}
+
+
 def _build(node, path: Path_, marks: Marks, loader: yaml.SafeLoader, source: str):
     marks.values[path] = _location(source, node.start_mark)
+    expected_tag = PLAIN_TAGS.get(type(node))
+    if expected_tag and node.tag != expected_tag:
+        # Scalars with foreign tags are refused by SafeLoader itself; mappings and sequences we walk ourselves.
+        raise _single(marks.values[path], ".".join(map(str, path)),
+                      f"YAML tag not allowed: {node.tag} (recipes are plain data)")
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)  # resolves `<<` merge keys before we look for duplicates
         result: dict = {}

@@ -116,12 +116,16 @@ def train(loaded, options: TrainOptions, console=None):
     def finish(status: str, exit_code: int, **extra) -> None:
         metrics.close()
         plot_loss(metrics.records, run.loss_plot)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         run.write_manifest({**manifest, **extra, "status": status, "exit_code": exit_code,
                             "steps_done": state.step, "tokens_seen": state.tokens_seen,
-                            "timings": {"total_s": round(time.time() - t_start, 2), "train_s": round(train_s, 2)},
-                            "nonfinite_skipped": state.nonfinite_skipped})
+                            "timings": {"total_s": round(time.time() - t_start, 2), "train_s": round(train_s, 2),
+                                        "setup_s": round(t_loop - t_start, 2),
+                                        "first_step_s": round(first_step_s, 2) if first_step_s else None},
+                            "peak_memory_bytes": peak, "nonfinite_skipped": state.nonfinite_skipped})
 
-    train_s, last_loss, last_eval, nonfinite_in_a_row = 0.0, None, None, 0
+    train_s, last_loss, last_eval, nonfinite_in_a_row, first_step_s = 0.0, None, None, 0, None
+    t_loop = time.time()
     order_epoch, order = None, None
     try:
         with graceful_stop() as stop:
@@ -178,6 +182,7 @@ def train(loaded, options: TrainOptions, console=None):
                 state.trained_tokens_seen += n_trained
                 seconds = time.perf_counter() - t_step
                 train_s += seconds
+                first_step_s = first_step_s or (time.time() - t_loop)
 
                 if state.step % training.log_every == 0 or state.step == total_steps:
                     last_loss = loss.item()

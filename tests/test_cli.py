@@ -1,0 +1,148 @@
+"""The command line as users meet it: exit codes, messages without tracebacks, fast commands without torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+from peftctl.cli.errors import run_guarded
+from peftctl.errors import EXIT_FAILURE, InvalidInput
+
+LORA_RECIPE = str(REPO / "recipes" / "llama3-8b-lora.yaml")
+
+
+def no_traceback(result):
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("model: {name: x}\nmethod: {name: lora}\ndataset: {path: d}\noutput: {dir: o}\ntraining: {lerning_rate: 1}\n",
+     "5:12: training.lerning_rate: unknown key; did you mean training.learning_rate?"),
+    ("a: 1\na: 2\n", "2:1: a: duplicate key"),
+    ("a: !!python/object/apply:os.system ['true']\n", "tag not allowed"),
+    ("", "the recipe is empty"),
+    ("- 1\n", "not a list"),
+])
+def test_validate_bad_recipes_exit_2_with_position(tmp_path, text, fragment):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    result = run_cli("validate", str(path))
+    assert result.returncode == 2, result.stderr
+    assert fragment in result.stderr
+    no_traceback(result)
+
+
+def test_validate_missing_file_and_bad_set():
+    result = run_cli("validate", "no/such/recipe.yaml")
+    assert result.returncode == 2 and "no such recipe file" in result.stderr
+    no_traceback(result)
+    result = run_cli("validate", LORA_RECIPE, "--set", "method.r=zero")
+    assert result.returncode == 2 and "--set method.r=zero: method.r: expected an integer" in result.stderr
+    no_traceback(result)
+
+
+def test_validate_invalid_utf8(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(b"model: {name: \xfe}\n")
+    result = run_cli("validate", str(path))
+    assert result.returncode == 2 and "not valid UTF-8" in result.stderr and ":1:15:" in result.stderr
+
+
+def test_validate_json_and_several_recipes(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(Path(LORA_RECIPE).read_text().replace("r: 16", "r: 0"))
+    result = run_cli("validate", "--json", LORA_RECIPE, str(bad))
+    assert result.returncode == 2
+    report = json.loads(result.stdout)
+    assert [r["valid"] for r in report] == [True, False]
+    assert report[1]["errors"][0]["key"] == "method.r" and report[1]["errors"][0]["line"] == 7
+    ok = run_cli("validate", "--json", LORA_RECIPE)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["valid"] is True
+
+
+def test_validate_reads_stdin():
+    result = run_cli("validate", "-", input=Path(LORA_RECIPE).read_text())
+    assert result.returncode == 0, result.stderr
+    result = run_cli("validate", "-", input="model: {name: x}\n")
+    assert result.returncode == 2 and "<stdin>" in result.stderr
+
+
+def test_init_prints_a_recipe_that_validates(tmp_path):
+    result = run_cli("init", "--method", "ia3", "--model", "Qwen/Qwen2.5-7B")
+    assert result.returncode == 0
+    path = tmp_path / "r.yaml"
+    path.write_text(result.stdout)
+    assert run_cli("validate", str(path)).returncode == 0
+    bad = run_cli("init", "--method", "nope")
+    assert bad.returncode == 2 and "unknown method" in bad.stderr
+
+
+def test_schema_is_json():
+    result = run_cli("schema")
+    assert result.returncode == 0
+    schema = json.loads(result.stdout)
+    assert schema["title"] == "peftctl recipe" and "method" in schema["properties"]
+
+
+def test_version_and_module_entry_point():
+    from peftctl import __version__
+
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"peftctl {__version__}"
+
+
+def test_unknown_option_is_exit_2():
+    result = run_cli("validate", LORA_RECIPE, "--colour")
+    assert result.returncode == 2
+
+
+@pytest.mark.parametrize("args", [["--help"], ["validate", LORA_RECIPE], ["init"], ["schema"],
+                                  ["train", "--help"]])
+def test_fast_commands_import_neither_torch_nor_transformers(args):
+    code = ("import sys\n"
+            "from peftctl.cli.app import main\n"
+            f"sys.argv = ['peftctl', *{args!r}]\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'transformers', 'peft', 'datasets') if m in sys.modules]\n"
+            "sys.stderr.write('HEAVY=' + ','.join(heavy))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO))
+    assert "HEAVY=" in result.stderr and result.stderr.rsplit("HEAVY=", 1)[1].strip() == ""
+
+
+def test_unclassified_errors_exit_1_with_debug_hint(capsys, monkeypatch):
+    def boom():
+        raise RuntimeError("something odd")
+
+    monkeypatch.delenv("PEFTCTL_DEBUG", raising=False)
+    assert run_guarded(boom) == EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert "unexpected error: RuntimeError: something odd" in err and "PEFTCTL_DEBUG=1" in err
+    assert "Traceback" not in err
+    monkeypatch.setenv("PEFTCTL_DEBUG", "1")
+    assert run_guarded(boom) == EXIT_FAILURE
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_known_errors_keep_their_exit_code(capsys):
+    def invalid():
+        raise InvalidInput("bad thing", hint="do this")
+
+    assert run_guarded(invalid) == 2
+    err = capsys.readouterr().err
+    assert "error: bad thing" in err and "hint: do this" in err
+
+
+def test_out_of_memory_is_exit_3(capsys):
+    class OutOfMemoryError(RuntimeError):
+        pass
+
+    def oom():
+        raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    assert run_guarded(oom) == 3
+    assert "micro_batch_size" in capsys.readouterr().err
