@@ -18,7 +18,7 @@ from peftctl.data.formats import FormatOptions, RowError, render
 from peftctl.data.packing import Batch, collate, pack_examples
 from peftctl.data.sources import RAW, Source, load_sources
 from peftctl.data.tokenize import special_ids, tokenize_rendered
-from peftctl.errors import DataError
+from peftctl.errors import DataError, InvalidInput
 
 CACHE_VERSION = "1"  # bump when tokenisation changes its output for the same inputs
 MAX_REPORTED_ROWS = 20
@@ -88,6 +88,12 @@ def prepare(dataset_section, tokenizer, *, seed: int, pad_id: int, packed: bool 
                             dataset_section.system_prompt)
     packed = dataset_section.packing if packed is None else packed
     max_length = dataset_section.max_length
+    if options.format == "chat" and not getattr(tokenizer, "chat_template", None):
+        from peftctl.data.templates import BUILTIN_TEMPLATES
+
+        raise InvalidInput("dataset.format is chat but the tokenizer has no chat template",
+                           hint=f"name one with model.chat_template: {', '.join(BUILTIN_TEMPLATES)}, or a Jinja "
+                                "file")
     sources = load_sources(dataset_section.path, dataset_section.split)
     examples, stats, fingerprint = _tokenize_all(sources, options, tokenizer, max_length, dataset_section.on_bad_rows,
                                                  num_proc)

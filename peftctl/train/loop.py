@@ -396,6 +396,7 @@ def _plan(recipe, data, steps_per_epoch: int, total_steps: int, say) -> dict:
         "bad_rows": train.bad_rows, "rows": len(data.train.rows), "packed": data.packed,
         "validation_examples": data.validation.stats.examples if data.validation else 0,
         "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+        "tokenization_cached": train.from_cache,
     }
     try:
         plan["params"] = count_for_recipe(recipe).as_dict()
