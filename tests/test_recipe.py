@@ -307,3 +307,21 @@ def test_recipes_folder_is_stable_under_cwd_change(tmp_path, monkeypatch):
     assert os.getcwd() == str(tmp_path)
     recipe = load_recipe(str(REPO / "recipes" / "llama3-8b-lora.yaml")).recipe
     assert recipe.output.dir == str(REPO / "runs" / "llama3-8b-lora")
+
+
+def test_readme_recipe_reference_is_generated_from_the_schema():
+    import subprocess
+    import sys
+
+    readme = (REPO / "README.md").read_text()
+    generated = subprocess.run([sys.executable, str(REPO / "scripts" / "recipe_reference.py")], capture_output=True,
+                               text=True, check=True).stdout
+    section = readme.split("<!-- recipe-reference -->\n", 1)[1].split("<!-- /recipe-reference -->", 1)[0]
+    assert section == generated, "README's recipe reference is stale: rerun scripts/recipe_reference.py"
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "readme_command test-command" in ci
+    readme = (REPO / "README.md").read_text()
+    assert "<!-- test-command -->\n```bash\n" in readme and "<!-- main-command -->\n```bash\n" in readme

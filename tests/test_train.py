@@ -1,0 +1,188 @@
+"""`peftctl train` end to end on tiny models: LoRA and QLoRA learn, only the adapter changes, the adapter reloads
+through stock peft, the run folder holds what RECIPE.md promises, and packing changes nothing but speed."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, read_jsonl, run_cli
+from peftctl.recipe.loader import load_recipe
+from peftctl.train.loop import TrainOptions, train
+
+LEARN = dict(method={"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear",
+                     "_replace": True},
+             training={"max_steps": 14, "micro_batch_size": 4, "learning_rate": 5e-3, "warmup_steps": 2})
+
+
+def run_train(recipe_path, *sets, **options):
+    loaded = load_recipe(str(recipe_path), list(sets))
+    return train(loaded, TrainOptions(quiet=True, **options)), loaded.recipe
+
+
+def losses(run_dir) -> list[float]:
+    return [r["loss"] for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "loss" in r]
+
+
+def falls(values: list[float]) -> bool:
+    head, tail = values[:3], values[-3:]
+    return sum(tail) / len(tail) < sum(head) / len(head) - 1.0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_lora_learns(tiny_model, write_recipe, arch):
+    result, recipe = run_train(write_recipe(tiny_model(arch), **LEARN))
+    values = losses(recipe.output.dir)
+    assert len(values) == 14 and all(math.isfinite(v) for v in values)
+    assert falls(values), values
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_qlora_learns_on_a_4bit_base(tiny_model, write_recipe, arch):
+    learn = {**LEARN, "method": {**LEARN["method"], "name": "qlora"}}
+    result, recipe = run_train(write_recipe(tiny_model(arch), **learn),
+                               "quantization.compute_dtype=float32")
+    assert recipe.quantization.bits == 4
+    manifest = json.loads((Path(recipe.output.dir) / "run.json").read_text())
+    assert manifest["model"]["quantization"]["quant_type"] == "nf4" and manifest["status"] == "completed"
+    assert falls(losses(recipe.output.dir)), losses(recipe.output.dir)
+
+
+def test_only_the_adapter_changes_and_it_reloads_in_stock_peft(tiny_model, write_recipe):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from peftctl.train import loop
+
+    model_dir = tiny_model("llama")
+    x = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    seen = {}
+    original = loop.save_adapter
+
+    def spy(model, *args, **kwargs):  # the trained model, just before its adapter is written
+        model.eval()
+        with torch.no_grad():
+            seen["logits"] = model(input_ids=x).logits
+        seen["params"] = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+        return original(model, *args, **kwargs)
+
+    loop.save_adapter = spy
+    try:
+        result, recipe = run_train(write_recipe(model_dir, **LEARN))
+    finally:
+        loop.save_adapter = original
+
+    fresh = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+    trained = {n for n, (_, grad) in seen["params"].items() if grad}
+    assert trained and all(".lora_A." in n or ".lora_B." in n for n in trained)
+    for name, (value, grad) in seen["params"].items():
+        if grad:
+            continue
+        base_name = name.replace("base_model.model.", "", 1).replace(".base_layer.", ".")
+        assert torch.equal(value, fresh[base_name]), name  # frozen weights did not move
+    assert any(v.abs().sum() > 0 for n, (v, _) in seen["params"].items() if ".lora_B." in n)
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(Path(recipe.output.dir) / "adapter")).eval()
+    with torch.no_grad():
+        reloaded = model(input_ids=x).logits
+        with model.disable_adapter():
+            plain = model(input_ids=x).logits
+    assert torch.allclose(reloaded, seen["logits"], atol=1e-5), (reloaded - seen["logits"]).abs().max()
+    assert not torch.allclose(reloaded, plain, atol=1e-3)
+
+
+def test_run_folder_contract(tiny_model, write_recipe):
+    path = write_recipe(tiny_model("llama"), dataset={"validation": 0.2}, training={"eval_every": 2})
+    result, recipe = run_train(path)
+    run = Path(recipe.output.dir)
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json",
+                 "adapter/chat_template.jinja", "recipe.yaml", "run.json", "metrics.jsonl", "loss.png"):
+        assert (run / name).exists(), name
+    resolved = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert Path(resolved["model"]["name"]).is_absolute() and Path(resolved["dataset"]["path"]).is_absolute()
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["status"] == "completed" and manifest["exit_code"] == 0 and manifest["steps_done"] == 4
+    assert {"torch", "transformers", "peft"} <= set(manifest["versions"])
+    assert manifest["data"]["fingerprint"] and manifest["data"]["train"]["examples"] > 0
+    assert manifest["params"]["trainable"] == result.counts["trainable"]
+    records = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all(r["eval_ppl"] == pytest.approx(math.exp(r["eval_loss"]),
+                                                                                      rel=1e-4) for r in evals)
+
+
+def test_packing_changes_nothing_but_the_rows(tiny_model, write_recipe):
+    """The loss of a packed step equals the token-weighted loss of the same examples unpacked."""
+    from peftctl.data.prepare import prepare
+    from peftctl.model import load_model, load_tokenizer, pick_device
+    from peftctl.train.loss import loss_sum
+
+    for arch in ("llama", "qwen2", "mistral", "gemma", "gpt2"):
+        loaded = load_recipe(str(write_recipe(tiny_model(arch), name=f"{arch}.yaml")))
+        recipe = loaded.recipe
+        tok = load_tokenizer(recipe.model)
+        packed = prepare(recipe.dataset, tok, seed=0, pad_id=tok.pad_token_id, packed=True)
+        unpacked = prepare(recipe.dataset, tok, seed=0, pad_id=tok.pad_token_id, packed=False)
+        model = load_model(recipe, pick_device()).eval()
+        rows = packed.train.rows[:3]
+        examples = sorted(i for row in rows for i in row)
+        with torch.no_grad():
+            batch = packed.micro_batches(packed.train, list(range(3)), 3)[0]
+            packed_loss = loss_sum(model, batch) / batch.n_trained
+            singles = unpacked.micro_batches(unpacked.train, examples, 4)
+            total = sum(loss_sum(model, b) for b in singles)
+            unpacked_loss = total / sum(b.n_trained for b in singles)
+        assert batch.n_trained == sum(b.n_trained for b in singles)
+        assert packed_loss.item() == pytest.approx(unpacked_loss.item(), rel=1e-5), arch
+
+
+def test_json_log_format_prints_one_object_per_step(tiny_model, write_recipe):
+    result = run_cli("train", str(write_recipe(tiny_model("llama"))), "--log-format", "json")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert "trainable params:" in result.stderr
+
+
+def test_an_existing_run_is_not_overwritten(tiny_model, write_recipe):
+    path = write_recipe(tiny_model("llama"))
+    assert run_cli("train", str(path), "--quiet").returncode == 0
+    again = run_cli("train", str(path), "--quiet")
+    assert again.returncode == 2 and "already holds a run" in again.stderr and "--force" in again.stderr
+    assert run_cli("train", str(path), "--quiet", "--force").returncode == 0
+
+
+def test_missing_models_exit_2_and_say_what_was_tried(tmp_path, write_recipe):
+    result = run_cli("train", str(write_recipe("./no-such-model")))
+    assert result.returncode == 2 and "no such folder" in result.stderr
+    result = run_cli("train", str(write_recipe("nobody/no-such-model-xyz")), env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2, result.stderr
+    assert "nobody/no-such-model-xyz" in result.stderr and "tried" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_rows_stop_before_training_with_row_number(tmp_path, tiny_model, write_recipe):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
+    result = run_cli("train", str(write_recipe(tiny_model("llama"), data=data)))
+    assert result.returncode == 2 and f"{data} line 2: missing field 'output'" in result.stderr
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_demo_recipe_loss_falls(tiny_model, tmp_path):
+    """The README's main job, on the model the demo uses (made the same way, with the same seed)."""
+    from make_tiny_model import make_tiny_model
+
+    model = make_tiny_model("llama", tmp_path / "tiny-llama", corpus=REPO / "recipes" / "data" / "demo.jsonl")
+    loaded = load_recipe(str(REPO / "recipes" / "demo.yaml"), [f"model.name={model}", f"output.dir={tmp_path}/run",
+                                                                "training.max_steps=30"])
+    result = train(loaded, TrainOptions(quiet=True))
+    values = losses(tmp_path / "run")
+    assert falls(values) and result.eval_loss < values[0] - 1.5, (values, result.eval_loss)
