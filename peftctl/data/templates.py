@@ -123,6 +123,7 @@ SPECIAL_TOKENS: dict[str, list[str]] = {
     "mistral": ["<s>", "</s>", "[INST]", "[/INST]"],
 }
 
+
 def resolve_template(value: str, base_dir: str | Path | None = None) -> str:
     """Return the Jinja text that `value` names: a built-in name, inline Jinja, or a file path.
 

@@ -49,7 +49,8 @@ def train(loaded, options: TrainOptions, console=None):
     from peftctl.methods.peft_common import AttachContext
     from peftctl.model import check_packing_isolation, load_model, load_tokenizer, pick_device
     from peftctl.params import count_parameters
-    from peftctl.train.loss import loss_sum
+    from peftctl.train.kernels import apply_fast_kernels
+    from peftctl.train.loss import build_loss
     from peftctl.train.metrics import Metrics, plot_loss
     from peftctl.train.optim import build_optimizer, build_scheduler
     from peftctl.train.signals import graceful_stop
@@ -87,9 +88,11 @@ def train(loaded, options: TrainOptions, console=None):
             raise InvalidInput(f"{model.config.model_type}: this model's attention does not keep packed examples "
                                f"apart (difference {difference:.3g} against {contamination:.3g} unpacked)",
                                hint="set dataset.packing: false, or model.attn_implementation to sdpa or eager")
+    kernels = apply_fast_kernels(model, device)  # before the adapter: peft then wraps the patched layers as usual
     model = runtime.attach(model, recipe.method, AttachContext(tokenizer_path=recipe.model.name,
                                                                where=loaded.where("method.targets")))
     model.train()
+    loss_fn, loss_name = build_loss(model, spec, device)
     counts = count_parameters(model)
     say(counts.line())
 
@@ -103,6 +106,7 @@ def train(loaded, options: TrainOptions, console=None):
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     manifest = _manifest(recipe, spec, data, counts, device, total_steps, checkpointing)
+    manifest["fast_path"] = {"kernels": kernels, "loss": loss_name, "autocast": str(autocast_dtype)}
     run.write_manifest({**manifest, "status": "running"})
     atomic_write_text(run.recipe, recipe_yaml)
     metrics = Metrics(run.metrics, total_steps=total_steps, log_format=options.log_format, quiet=options.quiet,
@@ -144,7 +148,7 @@ def train(loaded, options: TrainOptions, console=None):
                 for mb in micro_batches:
                     mb = mb.to(device)
                     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                        token_loss = loss_sum(model, mb, prompt_learning=spec.prompt_learning)
+                        token_loss = loss_fn(model, mb)
                     scaled = token_loss / n_trained
                     (scaler.scale(scaled) if scaler else scaled).backward()
                     step_loss += token_loss.detach()
@@ -192,8 +196,7 @@ def train(loaded, options: TrainOptions, console=None):
                                  "elapsed_s": round(time.time() - t_start, 2)})
                 if data.validation is not None and (state.step % training.eval_every == 0
                                                     or state.step == total_steps):
-                    last_eval = evaluate(model, data, training.micro_batch_size, device, autocast_dtype,
-                                         spec.prompt_learning)
+                    last_eval = evaluate(model, data, training.micro_batch_size, device, autocast_dtype, loss_fn)
                     metrics.log({"step": state.step, "eval_loss": last_eval, "eval_ppl": _ppl(last_eval)})
                 if stop.requested:
                     path = save_checkpoint()
@@ -225,11 +228,9 @@ def train(loaded, options: TrainOptions, console=None):
     return result
 
 
-def evaluate(model, data, micro_batch_size: int, device, autocast_dtype, prompt_learning: bool) -> float:
+def evaluate(model, data, micro_batch_size: int, device, autocast_dtype, loss_fn) -> float:
     """Mean loss per trained token over the whole validation split."""
     import torch
-
-    from peftctl.train.loss import loss_sum
 
     model.eval()
     total, tokens = torch.zeros((), device=device), 0
@@ -239,7 +240,7 @@ def evaluate(model, data, micro_batch_size: int, device, autocast_dtype, prompt_
             for mb in data.micro_batches(data.validation, row_ids, micro_batch_size):
                 tokens += mb.n_trained
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    total += loss_sum(model, mb.to(device), prompt_learning=prompt_learning)
+                    total += loss_fn(model, mb.to(device))
     finally:
         model.train()
     return (total / max(1, tokens)).item()

@@ -3,9 +3,15 @@
 The loop divides by the trained tokens of the whole optimiser step (all micro-batches), so packing, accumulation
 and several processes optimise the same quantity (RECIPE.md). Labels are shifted here: position t predicts
 token t+1.
+
+Two ways to the same number: from the logits (any model, any method), or -- on the GPU with liger-kernel, for
+models whose logits are plainly lm_head(hidden) -- a fused linear cross-entropy that never materialises the
+logits (for Llama 3's 128k vocabulary, 4 x 2048 tokens of float32 logits and their gradient are 8 GiB).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 from peftctl.data.tokenize import IGNORE
 
@@ -23,6 +29,7 @@ def model_inputs(batch, *, prompt_learning: bool) -> dict:
 
 
 def loss_sum(model, batch, *, prompt_learning: bool = False):
+    """Summed token loss from the logits."""
     import torch.nn.functional as F
 
     logits = model(**model_inputs(batch, prompt_learning=prompt_learning)).logits
@@ -31,3 +38,30 @@ def loss_sum(model, batch, *, prompt_learning: bool = False):
     logits = logits[:, -labels.shape[1]:]
     shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     return F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+
+def fused_loss_sum(model, batch, *, loss_module):
+    """Summed token loss from the final hidden states through liger's fused linear cross-entropy."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(**model_inputs(batch, prompt_learning=False)).last_hidden_state
+    head = base.get_output_embeddings()
+    flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    return loss_module(head.weight, flat, batch.labels[:, 1:].reshape(-1), head.bias)
+
+
+def build_loss(model, method_spec, device) -> tuple[Callable, str]:
+    """The loss function for this model and method, and its name for run.json."""
+    from peftctl.train.kernels import PLAIN_HEAD_MODEL_TYPES, liger_available
+
+    prompt_learning = method_spec.prompt_learning
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    plain_head = type(head).__name__ == "Linear" and not any(p.requires_grad for p in head.parameters())
+    if (device.type == "cuda" and not prompt_learning and plain_head and liger_available()
+            and getattr(base.config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES
+            and hasattr(base, "get_decoder")):
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        module = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")
+        return (lambda m, batch: fused_loss_sum(m, batch, loss_module=module)), "liger_fused_linear_cross_entropy"
+    return (lambda m, batch: loss_sum(m, batch, prompt_learning=prompt_learning)), "logits_cross_entropy"
