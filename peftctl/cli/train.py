@@ -24,7 +24,7 @@ def run(recipe_path: str, sets: list[str], *, dry_run: bool, resume: str | None,
             warn(w)
     from peftctl.train.loop import TrainOptions, train
 
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
     options = TrainOptions(resume=resume, force=force, quiet=quiet, log_format=log_format, dry_run=dry_run)
     result = train(loaded, options, console=console)
     if dry_run:

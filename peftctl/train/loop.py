@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from peftctl.errors import DataError, InvalidInput, PeftctlError, TrainingStopped
+from peftctl.errors import EXIT_OOM, DataError, InvalidInput, OutOfMemory, PeftctlError, TrainingStopped
 from peftctl.methods.registry import METHODS
 from peftctl.train import checkpoint as ckpt
 from peftctl.train.run_folder import RunFolder, atomic_write_text, staged_dir
@@ -211,9 +211,11 @@ def train(loaded, options: TrainOptions, console=None):
     except KeyboardInterrupt:
         finish("aborted", 130)
         raise
+    except torch.OutOfMemoryError as e:
+        finish("failed", EXIT_OOM, error="out of GPU memory")
+        raise _out_of_memory(recipe, state.step + 1, checkpointing) from e
     except BaseException as e:
-        exit_code = getattr(e, "exit_code", 3 if "OutOfMemoryError" in type(e).__name__ else 1)
-        finish("failed", exit_code, error=f"{type(e).__name__}: {e}"[:500])
+        finish("failed", getattr(e, "exit_code", 1), error=f"{type(e).__name__}: {e}"[:500])
         raise
 
     # The end: the adapter (with its tokenizer and chat template), then the merged model when asked.
@@ -300,6 +302,30 @@ def _resume(path, model, optimizer, scheduler, recipe, data_fingerprint: str, sa
         raise DataError(f"the training data changed since {path.name} (fingerprint {raw.get('data_fingerprint')} "
                         f"-> {data_fingerprint})", hint="resume only with the same data, or start a new run")
     return state
+
+
+def _out_of_memory(recipe, step: int, checkpointing: bool) -> OutOfMemory:
+    """The message for an out-of-memory stop: the shapes that caused it, the plan, and the remedies in order."""
+    training, dataset = recipe.training, recipe.dataset
+    message = (f"out of GPU memory at step {step}: micro_batch_size {training.micro_batch_size} x max_length "
+               f"{dataset.max_length} tokens, gradient checkpointing {'on' if checkpointing else 'off'}")
+    try:
+        from peftctl.plan import describe_plan
+
+        message += "\n" + describe_plan(recipe)
+    except Exception:  # noqa: BLE001 - the plan is a courtesy here; the stop itself must be reported
+        pass
+    remedies = []
+    if not checkpointing and METHODS[recipe.method.name].can_checkpoint:
+        remedies.append("set training.gradient_checkpointing: true")
+    if training.micro_batch_size > 1:
+        remedies.append(f"halve training.micro_batch_size to {training.micro_batch_size // 2} and double "
+                        f"training.gradient_accumulation to {training.gradient_accumulation * 2} (same step)")
+    remedies.append(f"lower dataset.max_length below {dataset.max_length}")
+    if recipe.quantization is None:
+        remedies.append("quantise the base: quantization: {bits: 4} (or method.name: qlora)")
+    return OutOfMemory(message, hint="; then ".join(remedies) + " (`peftctl count-params --memory RECIPE` "
+                       "shows the plan)")
 
 
 def _gradient_checkpointing(recipe, device, data) -> bool:

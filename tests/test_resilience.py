@@ -1,0 +1,279 @@
+"""Runs that survive: exact resume, hashed checkpoints, signals, non-finite values, disk, and secrets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, read_jsonl, run_cli
+from peftctl.recipe.loader import load_recipe
+from peftctl.train import checkpoint as ckpt
+from peftctl.train.loop import TrainOptions, train
+
+RESUMABLE = dict(method={"name": "lora", "r": 8, "alpha": 16, "dropout": 0.1, "targets": ["q_proj", "v_proj"],
+                         "_replace": True},
+                 training={"max_steps": 8, "micro_batch_size": 2, "learning_rate": 2e-3, "warmup_steps": 2,
+                           "save_every": 2, "keep_checkpoints": 2, "lr_scheduler": "cosine"},
+                 dataset={"validation": 0.1})
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+
+
+def adapter_weights(run: Path) -> dict:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def start_train(recipe: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "peftctl", "train", str(recipe), "--log-format", "json", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO))
+
+
+def wait_for_step(proc: subprocess.Popen, step: int) -> None:
+    for line in proc.stdout:
+        record = json.loads(line)
+        if record.get("step", 0) >= step and "loss" in record:
+            return
+    raise AssertionError(f"the run ended before step {step}: {proc.stderr.read()}")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_model, tmp_path_factory):
+    """The uninterrupted run to 8 steps that interrupted runs must reproduce."""
+    import yaml
+
+    from conftest import recipe_dict
+
+    folder = tmp_path_factory.mktemp("reference")
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe_dict(tiny_model("llama"), out=folder / "run", **RESUMABLE)))
+    train(load_recipe(str(path)), TrainOptions(quiet=True))
+    return folder / "run"
+
+
+def test_sigterm_checkpoints_and_resume_is_exact(tiny_model, write_recipe, reference_run, tmp_path):
+    recipe = write_recipe(tiny_model("llama"), **RESUMABLE)
+    proc = start_train(recipe)
+    wait_for_step(proc, 3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM" in err and "--resume auto" in err
+    run = tmp_path / "run"
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["status"] == "stopped" and manifest["exit_code"] == 143
+    stopped_at = manifest["steps_done"]
+    assert 3 <= stopped_at < 8 and (run / "checkpoints" / ckpt.name_for(stopped_at)).is_dir()
+
+    result = run_cli("train", str(recipe), "--resume", "auto", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert losses(run) == losses(reference_run)  # the same loss at every step, to the last digit logged
+    resumed, reference = adapter_weights(run), adapter_weights(reference_run)
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)  # bitwise, on the CPU
+
+
+def test_second_sigint_aborts_at_once(tiny_model, write_recipe, tmp_path):
+    recipe = write_recipe(tiny_model("llama"), training={"max_steps": 10_000, "save_every": 10_000})
+    proc = start_train(recipe)
+    wait_for_step(proc, 1)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    run = tmp_path / "run"
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["status"] in ("aborted", "stopped")
+    leftovers = [p for p in run.rglob("*") if p.name.startswith(".") and (".tmp" in p.name or ".old" in p.name)]
+    assert not leftovers
+    assert all((p / ckpt.MANIFEST).exists() for p in ckpt.list_checkpoints(run / "checkpoints"))
+
+
+def test_checkpoint_layout_and_pruning(tiny_model, write_recipe, tmp_path):
+    train(load_recipe(str(write_recipe(tiny_model("llama"), **RESUMABLE))), TrainOptions(quiet=True))
+    points = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [p.name for p in points] == ["step_000004", "step_000006"]  # keep 2; none at the final step
+    files = {p.name for p in points[-1].iterdir()}
+    assert {"adapter_state.safetensors", "optimizer.pt", "scheduler.json", "rng.json", "trainer_state.json",
+            "recipe.yaml", "manifest.json"} <= files
+    state = json.loads((points[-1] / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["data_fingerprint"]
+    rng = json.loads((points[-1] / "rng.json").read_text())
+    assert {"python", "numpy", "torch", "cuda"} <= set(rng)
+
+
+def test_damaged_checkpoint_is_refused_and_auto_falls_back(tiny_model, write_recipe, tmp_path):
+    recipe = write_recipe(tiny_model("llama"), **RESUMABLE)
+    proc = start_train(recipe, "--set", "training.max_steps=6", "--set", "training.keep_checkpoints=3")
+    proc.communicate(timeout=300)
+    points = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
+    newest = points[-1]
+    weights = newest / "adapter_state.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])  # truncated
+    with pytest.raises(ckpt.DamagedCheckpoint):
+        ckpt.verify(newest)
+    result = run_cli("train", str(recipe), "--resume", str(newest))
+    assert result.returncode == 2 and "does not match its hash" in result.stderr
+    result = run_cli("train", str(recipe), "--resume", "auto", "--set", "training.max_steps=6",
+                     "--set", "training.keep_checkpoints=3")
+    assert result.returncode == 0, result.stderr
+    assert f"skipping {newest.name}" in result.stderr and f"resuming from {points[-2]}" in result.stderr
+
+
+def test_folder_without_manifest_is_not_a_checkpoint(tmp_path):
+    fake = tmp_path / "checkpoints" / "step_000010"
+    fake.mkdir(parents=True)
+    (fake / "adapter_state.safetensors").write_bytes(b"x")
+    path, notes = ckpt.find_resumable(tmp_path / "checkpoints", "auto")
+    assert path is None and "no manifest" in notes[0]
+
+
+def test_resume_refuses_a_changed_recipe_but_allows_cadence(tiny_model, write_recipe, tmp_path):
+    recipe = write_recipe(tiny_model("llama"), **RESUMABLE)
+    proc = start_train(recipe, "--set", "training.max_steps=4")
+    proc.communicate(timeout=300)
+    result = run_cli("train", str(recipe), "--resume", "auto", "--set", "method.r=4")
+    assert result.returncode == 2 and "method.r: 8 -> 4" in result.stderr
+    result = run_cli("train", str(recipe), "--resume", "auto", "--set", "training.learning_rate=0.1")
+    assert result.returncode == 2 and "training.learning_rate" in result.stderr
+    result = run_cli("train", str(recipe), "--resume", "auto", "--set", "training.eval_every=3")
+    assert result.returncode == 0, result.stderr
+    assert "changed since the checkpoint: training.eval_every" in result.stderr
+
+
+def _patched_loss(monkeypatch, bad_steps: set[int]):
+    """Make the loss NaN on the given (1-based) optimiser steps."""
+    from peftctl.train import loss as loss_module
+
+    original = loss_module.build_loss
+    calls = {"n": 0}
+
+    def build(model, spec, device):
+        fn, name = original(model, spec, device)
+
+        def wrapped(m, batch):
+            value = fn(m, batch)
+            if m.training:
+                calls["n"] += 1
+                if calls["n"] in bad_steps:
+                    return value * float("nan")
+            return value
+        return wrapped, name
+
+    monkeypatch.setattr(loss_module, "build_loss", build)
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_state(tiny_model, write_recipe, tmp_path, monkeypatch):
+    _patched_loss(monkeypatch, {3})
+    recipe = write_recipe(tiny_model("llama"), training={"max_steps": 6, "save_every": 100})
+    from peftctl.errors import PeftctlError
+
+    with pytest.raises(PeftctlError) as err:
+        train(load_recipe(str(recipe)), TrainOptions(quiet=True))
+    assert "non-finite loss at step 3" in err.value.message and err.value.exit_code == 1
+    assert "learning_rate" in err.value.hint
+    points = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [p.name for p in points] == ["step_000002"]
+    weights = load_file(str(points[0] / "adapter_state.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "failed"
+
+
+def test_nonfinite_skip_drops_the_batch_and_counts_it(tiny_model, write_recipe, tmp_path, monkeypatch):
+    _patched_loss(monkeypatch, {2, 3})
+    recipe = write_recipe(tiny_model("llama"), training={"max_steps": 4, "on_nonfinite": "skip"})
+    train(load_recipe(str(recipe)), TrainOptions(quiet=True))
+    manifest = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert manifest["status"] == "completed" and manifest["nonfinite_skipped"] == 2 and manifest["steps_done"] == 4
+    assert all(torch.isfinite(w).all() for w in adapter_weights(tmp_path / "run").values())
+
+
+def test_nonfinite_skip_stops_after_many_in_a_row(tiny_model, write_recipe, monkeypatch):
+    _patched_loss(monkeypatch, set(range(1, 100)))
+    recipe = write_recipe(tiny_model("llama"), training={"max_steps": 20, "on_nonfinite": "skip"})
+    from peftctl.errors import PeftctlError
+
+    with pytest.raises(PeftctlError):
+        train(load_recipe(str(recipe)), TrainOptions(quiet=True))
+
+
+def test_out_of_memory_message_and_exit_code(tiny_model, write_recipe, monkeypatch, capsys):
+    from peftctl.cli.errors import run_guarded
+    from peftctl.train import loss as loss_module
+
+    def build(model, spec, device):
+        def oom(m, batch):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return oom, "test"
+
+    monkeypatch.setattr(loss_module, "build_loss", build)
+    recipe = write_recipe(tiny_model("llama"), training={"micro_batch_size": 2})
+    code = run_guarded(lambda: train(load_recipe(str(recipe)), TrainOptions(quiet=True)))
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "micro_batch_size 2 x max_length 128" in err and "gradient_checkpointing: true" in err
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tiny_model, write_recipe, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from peftctl.errors import PeftctlError
+
+    recipe = write_recipe(tiny_model("llama"), training={"max_steps": 6, "save_every": 2})
+    real = shutil.disk_usage
+    Usage = namedtuple("Usage", "total used free")
+    saves = {"n": 0}
+
+    def disk_usage(path):
+        saves["n"] += 1
+        return real(path) if saves["n"] == 1 else Usage(10**9, 10**9, 1000)
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    with pytest.raises(PeftctlError) as err:
+        train(load_recipe(str(recipe)), TrainOptions(quiet=True))
+    assert "not enough disk space" in err.value.message and "previous checkpoint is intact" in err.value.hint
+    points = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [p.name for p in points] == ["step_000002"]
+    ckpt.verify(points[0])
+
+
+def test_no_token_is_printed_or_written(tiny_model, write_recipe, tmp_path):
+    sentinel = "hf_SENTINELTOKEN1234567890abcdef"
+    recipe = write_recipe(tiny_model("llama"))
+    result = run_cli("train", str(recipe), "--log-format", "json", env={"HF_TOKEN": sentinel,
+                                                                          "HUGGING_FACE_HUB_TOKEN": sentinel})
+    assert result.returncode == 0, result.stderr
+    assert sentinel not in result.stdout and sentinel not in result.stderr
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file():
+            assert sentinel.encode() not in path.read_bytes(), path
+
+
+def test_torch_load_is_always_weights_only():
+    offenders = []
+    for path in (REPO / "peftctl").rglob("*.py"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if "torch.load(" in line and "weights_only=True" not in line:
+                offenders.append(f"{path}:{number}")
+    assert not offenders
+
+
+def test_yaml_is_only_loaded_safely():
+    offenders = []
+    for path in (REPO / "peftctl").rglob("*.py"):
+        text = path.read_text()
+        if "yaml.load(" in text or "yaml.unsafe_load" in text or "yaml.full_load" in text:
+            offenders.append(str(path))
+    assert not offenders
