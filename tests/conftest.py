@@ -39,10 +39,10 @@ def tiny_model(tmp_path_factory):
     return get
 
 
-def recipe_dict(model: Path | str, data: Path | str = DEMO_DATA, out: Path | str = "run", **sections) -> dict:
+def recipe_dict(model_dir: Path | str, data: Path | str = DEMO_DATA, out: Path | str = "run", **sections) -> dict:
     """A small recipe for a tiny model; `sections` override whole keys, e.g. method={"name": "ia3"}."""
     recipe = {
-        "model": {"name": str(model), "dtype": "float32"},
+        "model": {"name": str(model_dir), "dtype": "float32"},
         "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", "v_proj"]},
         "dataset": {"path": str(data), "format": "alpaca", "validation": 0.0, "max_length": 128},
         "training": {"max_steps": 4, "micro_batch_size": 2, "gradient_accumulation": 1, "learning_rate": 1e-3,
@@ -60,10 +60,10 @@ def recipe_dict(model: Path | str, data: Path | str = DEMO_DATA, out: Path | str
 @pytest.fixture
 def write_recipe(tmp_path):
     """write_recipe(model, name="recipe.yaml", **sections) -> path of a recipe file in tmp_path."""
-    def write(model, name: str = "recipe.yaml", **sections) -> Path:
+    def write(model_dir, name: str = "recipe.yaml", **sections) -> Path:
         sections.setdefault("out", tmp_path / "run")
         path = tmp_path / name
-        path.write_text(yaml.safe_dump(recipe_dict(model, **sections), sort_keys=False))
+        path.write_text(yaml.safe_dump(recipe_dict(model_dir, **sections), sort_keys=False))
         return path
 
     return write
