@@ -15,6 +15,10 @@ from typing import Callable
 from peftctl.errors import (EXIT_FAILURE, EXIT_INVALID, EXIT_OOM, EXIT_SIGINT, PeftctlError)
 
 
+def _secondary_rank() -> bool:
+    return int(os.environ.get("RANK", "0") or 0) > 0 and not debug_enabled()
+
+
 def debug_enabled() -> bool:
     return os.environ.get("PEFTCTL_DEBUG", "").strip() not in ("", "0", "false", "no")
 
@@ -26,7 +30,8 @@ def run_guarded(fn: Callable[[], object]) -> int:
         return int(result) if isinstance(result, int) else 0
     except PeftctlError as e:
         _show_traceback()
-        report(e.message, e.hint)
+        if not _secondary_rank():  # under torchrun, rank 0 speaks for all; the others only exit with the code
+            report(e.message, e.hint)
         return e.exit_code
     except KeyboardInterrupt:
         _show_traceback()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from peftctl.errors import InvalidInput
 
@@ -16,9 +17,19 @@ def run(recipe_path: str, sets: list[str], *, dry_run: bool, resume: str | None,
 
     if log_format not in ("text", "json"):
         raise InvalidInput(f"--log-format {log_format}: expected text or json")
-    if gpus is not None and gpus > 1:
-        raise InvalidInput("--gpus: several processes are not supported yet", hint="run on one GPU")
-    loaded = load_recipe(recipe_path, sets)
+    loaded = load_recipe(recipe_path, sets)  # validated once here, before any process is started
+    if gpus is not None and gpus > 1 and "WORLD_SIZE" not in os.environ:
+        if recipe_path == "-":
+            raise InvalidInput("--gpus: a recipe from standard input cannot be passed to several processes",
+                               hint="save it to a file first")
+        from peftctl.train.distributed import launch
+
+        args = [recipe_path, *(a for s in sets for a in ("--set", s)), "--log-format", log_format]
+        args += ["--resume", resume] if resume else []
+        args += ["--force"] if force else []
+        args += ["--quiet"] if quiet else []
+        args += ["--dry-run"] if dry_run else []
+        return launch(args, gpus)
     if not quiet:
         for w in loaded.warnings:
             warn(w)

@@ -51,6 +51,14 @@ class Split:
     def tokens(self) -> int:
         return self.stats.tokens
 
+    def row_counts(self) -> tuple[list[int], list[int]]:
+        """(trained tokens, tokens) per row, computed once."""
+        if not hasattr(self, "_row_counts"):
+            trained, lengths = list(self.examples["n_trained"]), list(self.examples["length"])
+            self._row_counts = ([sum(trained[i] for i in row) for row in self.rows],
+                                [sum(lengths[i] for i in row) for row in self.rows])
+        return self._row_counts
+
 
 @dataclass
 class PreparedData:
@@ -61,8 +69,17 @@ class PreparedData:
     packed: bool
     max_length: int
 
-    def steps_per_epoch(self, rows_per_step: int) -> int:
-        return -(-len(self.train.rows) // rows_per_step)
+    def steps_per_epoch(self, rows_per_step: int, min_rows: int = 1) -> int:
+        """Steps in one pass; a last partial step is kept when it has at least `min_rows` rows (one per rank)."""
+        full, rest = divmod(len(self.train.rows), rows_per_step)
+        return full + (1 if rest >= min_rows else 0)
+
+    def trained_tokens(self, split: Split, row_ids) -> int:
+        """Trained tokens in these rows, from the table's counts: no collation, no device sync."""
+        return sum(split.row_counts()[0][int(r)] for r in row_ids)
+
+    def real_tokens(self, split: Split, row_ids) -> int:
+        return sum(split.row_counts()[1][int(r)] for r in row_ids)
 
     def epoch_order(self, epoch: int, seed: int):
         import numpy as np

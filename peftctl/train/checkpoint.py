@@ -66,9 +66,35 @@ def estimate_bytes(model) -> int:
     return params * 4 * 3 + (1 << 20)
 
 
-def save(root: Path, model, optimizer, scheduler, state: TrainerState, recipe_yaml: str, data_fingerprint: str,
-         keep: int, *, world_size: int = 1) -> Path:
+def rng_state() -> dict:
+    """Every random stream of this process (python, numpy, torch, CUDA), as JSON-ready values."""
     import numpy as np
+    import torch
+
+    np_state = np.random.get_state()
+    return {
+        "python": _jsonable(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(rng: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(_tuples(rng["python"]))
+    kind, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in rng["cuda"]])
+
+
+def save(root: Path, model, optimizer, scheduler, state: TrainerState, recipe_yaml: str, data_fingerprint: str,
+         keep: int, *, rngs: list[dict] | None = None, world_size: int = 1) -> Path:
+    """Write checkpoints/step_N; `rngs` holds every rank's random streams (this process's when None)."""
     import torch
     from safetensors.torch import save_file
 
@@ -84,14 +110,8 @@ def save(root: Path, model, optimizer, scheduler, state: TrainerState, recipe_ya
         save_file(trainable_state(model), str(tmp / "adapter_state.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict(), default=_no_callables))
-        np_state = np.random.get_state()
-        rng = {
-            "python": _jsonable(random.getstate()),
-            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-            "torch": torch.get_rng_state().tolist(),
-            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
-        }
-        (tmp / "rng.json").write_text(json.dumps(rng))
+        rngs = rngs or [rng_state()]
+        (tmp / "rng.json").write_text(json.dumps({**rngs[0], "ranks": rngs if len(rngs) > 1 else None}))
         (tmp / "trainer_state.json").write_text(json.dumps({**state.__dict__, "data_fingerprint": data_fingerprint,
                                                             "world_size": world_size}, indent=2))
         (tmp / "recipe.yaml").write_text(recipe_yaml)
@@ -158,8 +178,7 @@ def find_resumable(root: Path, requested: str) -> tuple[Path | None, list[str]]:
     return None, notes
 
 
-def load(path: Path, model, optimizer, scheduler) -> tuple[TrainerState, dict]:
-    import numpy as np
+def load(path: Path, model, optimizer, scheduler, *, rank: int = 0) -> tuple[TrainerState, dict]:
     import torch
     from safetensors.torch import load_file
 
@@ -174,12 +193,8 @@ def load(path: Path, model, optimizer, scheduler) -> tuple[TrainerState, dict]:
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     rng = json.loads((path / "rng.json").read_text())
-    random.setstate(_tuples(rng["python"]))
-    kind, keys, pos, has_gauss, cached = rng["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in rng["cuda"]])
+    ranks = rng.get("ranks") or [rng]
+    restore_rng(ranks[rank] if rank < len(ranks) else ranks[0])
     raw = json.loads((path / "trainer_state.json").read_text())
     state = TrainerState(**{k: v for k, v in raw.items() if k in TrainerState.__dataclass_fields__})
     return state, raw

@@ -9,13 +9,15 @@ import math
 import platform
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import yaml
 
-from peftctl.errors import EXIT_OOM, DataError, InvalidInput, OutOfMemory, PeftctlError, TrainingStopped
+from peftctl.errors import EXIT_OOM, EXIT_SIGTERM, DataError, InvalidInput, OutOfMemory, PeftctlError, TrainingStopped
 from peftctl.methods.registry import METHODS
 from peftctl.train import checkpoint as ckpt
+from peftctl.train import distributed as dist
 from peftctl.train.run_folder import RunFolder, atomic_write_text, staged_dir
 
 MAX_NONFINITE_IN_A_ROW = 5
@@ -62,23 +64,32 @@ def train(loaded, options: TrainOptions, console=None):
     run = RunFolder(recipe.output.dir)
     recipe_yaml = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
+    world = dist.from_environment()
+    device = dist.init(world) if world.distributed else None  # the collectives below need the process group
+    if not world.main:
+        say = _sayer(None, True)  # one voice: rank 0 reports for all
+
     # The run folder is claimed before anything slow, so a wrong output.dir fails in a second, not after loading.
     if not options.dry_run:
-        run.claim(resume=options.resume is not None, force=options.force)
+        dist.on_main(world, lambda: run.claim(resume=options.resume is not None, force=options.force))
     resume_from = _resume_point(run, options.resume, say)
 
     # The tokenizer comes first: the data needs it, and a dry run stops after the data without loading weights.
+    # Rank 0 tokenises first; the others then read its cache instead of all writing it at once.
     tokenizer = load_tokenizer(recipe.model, base_dir=loaded.base_dir)
-    data = prepare(recipe.dataset, tokenizer, seed=training.seed, pad_id=tokenizer.pad_token_id)
+    data = dist.on_main(world, lambda: prepare(recipe.dataset, tokenizer, seed=training.seed,
+                                               pad_id=tokenizer.pad_token_id))
+    if not world.main:
+        data = prepare(recipe.dataset, tokenizer, seed=training.seed, pad_id=tokenizer.pad_token_id)
 
     # The number of steps comes from the data; the schedule needs it, so the optimiser is built after the data.
-    rows_per_step = training.micro_batch_size * training.gradient_accumulation
-    steps_per_epoch = data.steps_per_epoch(rows_per_step)
+    rows_per_step = training.micro_batch_size * training.gradient_accumulation * world.size
+    steps_per_epoch = data.steps_per_epoch(rows_per_step, min_rows=world.size)
     total_steps = training.max_steps or steps_per_epoch * training.epochs
     if options.dry_run:
         return _plan(recipe, data, steps_per_epoch, total_steps, say)
 
-    device = pick_device()
+    device = device or pick_device()
     checkpointing = _gradient_checkpointing(recipe, device, data)
     _seed_everything(training.seed)  # before the adapter exists: its initial weights come from this seed
     model = load_model(recipe, device, gradient_checkpointing=checkpointing)
@@ -93,6 +104,7 @@ def train(loaded, options: TrainOptions, console=None):
                                                                where=loaded.where("method.targets")))
     model.train()
     loss_fn, loss_name = build_loss(model, spec, device)
+    step_module = dist.LossModule.wrap(model, loss_fn, world, device)  # DDP when several processes
     counts = count_parameters(model)
     say(counts.line())
 
@@ -100,24 +112,33 @@ def train(loaded, options: TrainOptions, console=None):
     scheduler = build_scheduler(optimizer, training, total_steps)
     state = ckpt.TrainerState()
     if resume_from is not None:
-        state = _resume(resume_from, model, optimizer, scheduler, recipe, data.fingerprint, say)
+        state = _resume(resume_from, model, optimizer, scheduler, recipe, data.fingerprint, world, say)
 
     autocast_dtype = _autocast_dtype(recipe, device)
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
     trainable = [p for p in model.parameters() if p.requires_grad]
-    manifest = _manifest(recipe, spec, data, counts, device, total_steps, checkpointing)
+    manifest = _manifest(recipe, spec, data, counts, device, total_steps, checkpointing, world)
     manifest["fast_path"] = {"kernels": kernels, "loss": loss_name, "autocast": str(autocast_dtype)}
-    run.write_manifest({**manifest, "status": "running"})
-    atomic_write_text(run.recipe, recipe_yaml)
-    metrics = Metrics(run.metrics, total_steps=total_steps, log_format=options.log_format, quiet=options.quiet,
-                      tensorboard_dir=run.tensorboard if recipe.output.tensorboard else None,
-                      resume_step=state.step)
+    metrics = None
+    if world.main:
+        run.write_manifest({**manifest, "status": "running"})
+        atomic_write_text(run.recipe, recipe_yaml)
+        metrics = Metrics(run.metrics, total_steps=total_steps, log_format=options.log_format, quiet=options.quiet,
+                          tensorboard_dir=run.tensorboard if recipe.output.tensorboard else None,
+                          resume_step=state.step)
 
     def save_checkpoint():
-        return ckpt.save(run.checkpoints, model, optimizer, scheduler, state, recipe_yaml, data.fingerprint,
-                         training.keep_checkpoints)
+        rngs = dist.gather_objects(world, ckpt.rng_state())  # every rank's dropout stream, for an exact resume
+        path = None
+        if world.main:
+            path = ckpt.save(run.checkpoints, model, optimizer, scheduler, state, recipe_yaml, data.fingerprint,
+                             training.keep_checkpoints, rngs=rngs, world_size=world.size)
+        dist.barrier(world)
+        return path
 
     def finish(status: str, exit_code: int, **extra) -> None:
+        if not world.main:
+            return
         metrics.close()
         plot_loss(metrics.records, run.loss_plot)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -140,22 +161,30 @@ def train(loaded, options: TrainOptions, console=None):
                     order_epoch, order = state.epoch, data.epoch_order(state.epoch, training.seed)
                 t_step = time.perf_counter()
                 begin = state.step_in_epoch * rows_per_step
-                micro_batches = data.micro_batches(data.train, order[begin:begin + rows_per_step],
+                step_rows = order[begin:begin + rows_per_step]
+                # The step's loss is normalised by all its trained tokens -- on every rank, counted on the host
+                # from the row lengths, with no device sync. Each rank takes every world.size-th row.
+                n_trained = max(1, data.trained_tokens(data.train, step_rows))
+                micro_batches = data.micro_batches(data.train, step_rows[world.rank::world.size],
                                                    training.micro_batch_size)
-                # The step's loss is normalised by all its trained tokens, counted on the host (no device sync).
-                n_trained = max(1, sum(mb.n_trained for mb in micro_batches))
-                step_loss = torch.zeros((), device=device)
-                for mb in micro_batches:
+                # DDP averages gradients over the ranks; scaling by world.size turns that average into the sum.
+                scale = world.size / n_trained
+                step_loss = torch.zeros(2, device=device)  # [summed token loss, stop requested]
+                for i, mb in enumerate(micro_batches):
                     mb = mb.to(device)
-                    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                        token_loss = loss_fn(model, mb)
-                    scaled = token_loss / n_trained
-                    (scaler.scale(scaled) if scaler else scaled).backward()
-                    step_loss += token_loss.detach()
+                    last = i == len(micro_batches) - 1
+                    with (nullcontext() if last or not world.distributed else step_module.no_sync()):
+                        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                            token_loss = step_module(mb)
+                        scaled = token_loss * scale
+                        (scaler.scale(scaled) if scaler else scaled).backward()
+                    step_loss[0] += token_loss.detach()
+                step_loss[1] = float(stop.requested)
+                dist.all_sum(world, step_loss)  # one collective: the global loss, and whether any rank must stop
                 if scaler:
                     scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, training.max_grad_norm or math.inf)
-                loss = step_loss / n_trained
+                loss = step_loss[0] / n_trained
                 # One host sync per step: is everything finite? Never step on (or save) non-finite values.
                 if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
                     optimizer.zero_grad(set_to_none=True)
@@ -181,28 +210,29 @@ def train(loaded, options: TrainOptions, console=None):
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 state.step_in_epoch += 1
-                step_tokens = sum(mb.n_tokens for mb in micro_batches)
+                step_tokens = data.real_tokens(data.train, step_rows)
                 state.tokens_seen += step_tokens
                 state.trained_tokens_seen += n_trained
                 seconds = time.perf_counter() - t_step
                 train_s += seconds
                 first_step_s = first_step_s or (time.time() - t_loop)
 
-                if state.step % training.log_every == 0 or state.step == total_steps:
+                stop_everywhere = bool(step_loss[1] > 0)  # a signal on any rank stops all at this same step
+                if world.main and (state.step % training.log_every == 0 or state.step == total_steps):
                     last_loss = loss.item()
                     metrics.log({"step": state.step, "epoch": state.epoch, "loss": last_loss,
                                  "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
                                  "tokens": step_tokens, "tokens_per_s": step_tokens / max(seconds, 1e-9),
                                  "elapsed_s": round(time.time() - t_start, 2)})
-                if data.validation is not None and (state.step % training.eval_every == 0
-                                                    or state.step == total_steps):
+                if world.main and data.validation is not None and (state.step % training.eval_every == 0
+                                                                   or state.step == total_steps):
                     last_eval = evaluate(model, data, training.micro_batch_size, device, autocast_dtype, loss_fn)
                     metrics.log({"step": state.step, "eval_loss": last_eval, "eval_ppl": _ppl(last_eval)})
-                if stop.requested:
+                if stop_everywhere:
                     path = save_checkpoint()
                     raise TrainingStopped(f"stopped by {stop.name} at step {state.step}; checkpoint {path}",
-                                          stop.exit_code, hint=f"continue with: peftctl train {loaded.source} "
-                                                               "--resume auto")
+                                          stop.exit_code if stop.requested else EXIT_SIGTERM,
+                                          hint=f"continue with: peftctl train {loaded.source} --resume auto")
                 if state.step % training.save_every == 0 and state.step < total_steps:
                     save_checkpoint()
     except TrainingStopped as e:
@@ -219,14 +249,19 @@ def train(loaded, options: TrainOptions, console=None):
         raise
 
     # The end: the adapter (with its tokenizer and chat template), then the merged model when asked.
-    save_adapter(model, spec, recipe, tokenizer, run, loraplus=getattr(recipe.method, "loraplus_lr_ratio", None))
     tokens_per_s = state.tokens_seen / train_s if train_s else 0.0
-    finish("completed", 0, final={"train_loss": last_loss, "eval_loss": last_eval}, tokens_per_s=round(tokens_per_s))
-    if recipe.output.merge:
+    if world.main:
+        save_adapter(model, spec, recipe, tokenizer, run, loraplus=getattr(recipe.method, "loraplus_lr_ratio", None))
+        finish("completed", 0, final={"train_loss": last_loss, "eval_loss": last_eval},
+               tokens_per_s=round(tokens_per_s))
+    dist.barrier(world)
+    dist.close(world)
+    if recipe.output.merge and world.main:
         _merge(run, recipe, say)
     result = RunResult(str(run.path), state.step, last_loss, last_eval, tokens_per_s,
                        {"trainable": counts.trainable, "total": counts.total})
-    _summary(result, data, console, options)
+    if world.main:
+        _summary(result, data, console, options)
     return result
 
 
@@ -288,7 +323,7 @@ def _resume_point(run: RunFolder, requested: str | None, say):
     return path
 
 
-def _resume(path, model, optimizer, scheduler, recipe, data_fingerprint: str, say):
+def _resume(path, model, optimizer, scheduler, recipe, data_fingerprint: str, world, say):
     old_recipe = yaml.safe_load((path / "recipe.yaml").read_text())
     trained, cadence = ckpt.recipe_differences(old_recipe, recipe.model_dump(mode="json"))
     if trained:
@@ -297,7 +332,12 @@ def _resume(path, model, optimizer, scheduler, recipe, data_fingerprint: str, sa
                                 "start a new run in another output.dir")
     for line in cadence:
         say(f"warning: changed since the checkpoint: {line}")
-    state, raw = ckpt.load(path, model, optimizer, scheduler)
+    state, raw = ckpt.load(path, model, optimizer, scheduler, rank=world.rank)
+    saved_world = raw.get("world_size", 1)
+    if saved_world != world.size:
+        say(f"warning: {path.name} was written by {saved_world} process(es), this run has {world.size}: a step now "
+            f"takes {world.size}/{saved_world} as many rows, so the data order from here differs from the "
+            "original run's (no example is skipped or repeated within the epoch)")
     if raw.get("data_fingerprint") != data_fingerprint:
         raise DataError(f"the training data changed since {path.name} (fingerprint {raw.get('data_fingerprint')} "
                         f"-> {data_fingerprint})", hint="resume only with the same data, or start a new run")
@@ -363,7 +403,7 @@ def _ppl(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
-def _manifest(recipe, spec, data, counts, device, total_steps: int, checkpointing: bool) -> dict:
+def _manifest(recipe, spec, data, counts, device, total_steps: int, checkpointing: bool, world) -> dict:
     import peftctl
 
     return {
@@ -371,7 +411,8 @@ def _manifest(recipe, spec, data, counts, device, total_steps: int, checkpointin
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": _versions(),
         "device": _device_name(device),
-        "world_size": 1,
+        "world_size": world.size,
+        "distributed": "ddp" if world.distributed else None,
         "model": {"name": recipe.model.name, "revision": recipe.model.revision, "dtype": recipe.model.dtype,
                   "quantization": recipe.quantization.model_dump() if recipe.quantization else None},
         "method": {**recipe.method.model_dump(), "can_merge": spec.can_merge},
