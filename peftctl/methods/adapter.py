@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from peftctl.methods.registry import MethodSpec
+from peftctl.methods.spec import MethodSpec
 from peftctl.recipe.base import Section
 
 
@@ -90,18 +90,28 @@ def load(base_model, adapter_dir, *, trainable: bool = False):
 
     adapter_dir = Path(adapter_dir)
     config = json.loads((adapter_dir / CONFIG_FILE).read_text())
-    section = AdapterSection(name="adapter", placement=config["placement"], bottleneck=config["width"],
-                             activation=config["activation"], dropout=config["dropout"])
-    model = attach(base_model, section)
-    try:
+    if config.get("format_version", 1) > FORMAT_VERSION:
+        raise InvalidInput(f"{adapter_dir}: bottleneck adapter format {config['format_version']} is newer than "
+                           f"this peftctl reads ({FORMAT_VERSION})", hint="upgrade peftctl")
+    if not (adapter_dir / WEIGHTS_FILE).exists():
+        raise InvalidInput(f"{adapter_dir}: no {WEIGHTS_FILE}",
+                           hint=f"a bottleneck adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:  # read before attaching: a damaged file leaves the base model untouched
         state = load_file(str(adapter_dir / WEIGHTS_FILE), device="cpu")
     except Exception as e:  # noqa: BLE001 - truncated or corrupt file
         raise InvalidInput(f"{adapter_dir / WEIGHTS_FILE}: damaged adapter weights ({e})") from e
-    result = model.bottleneck_adapters.load_state_dict(state, strict=False)
+    section = AdapterSection(name="adapter", placement=config["placement"], bottleneck=config["width"],
+                             activation=config["activation"], dropout=config["dropout"])
+    model = attach(base_model, section)
+    hint = "check that --base is the model the adapter was trained on"
+    try:
+        result = model.bottleneck_adapters.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a shape that differs: another hidden size
+        raise InvalidInput(f"{adapter_dir}: the adapter does not fit this base model "
+                           f"({str(e).splitlines()[-1].strip()})", hint=hint) from None
     if result.missing_keys or result.unexpected_keys:
         raise InvalidInput(f"{adapter_dir}: the adapter does not fit this base model (missing: "
-                           f"{result.missing_keys[:3]}, unexpected: {result.unexpected_keys[:3]})",
-                           hint="check that --base is the model the adapter was trained on")
+                           f"{result.missing_keys[:3]}, unexpected: {result.unexpected_keys[:3]})", hint=hint)
     for p in model.bottleneck_adapters.parameters():
         p.requires_grad_(trainable)
     return model

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from peftctl.methods.registry import MethodSpec
+from peftctl.methods.spec import MethodSpec
 from peftctl.recipe.base import Section
 
 

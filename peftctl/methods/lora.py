@@ -6,7 +6,7 @@ from typing import Literal, Union
 
 from pydantic import Field
 
-from peftctl.methods.registry import MethodSpec
+from peftctl.methods.spec import MethodSpec
 from peftctl.recipe.base import Section
 
 Targets = Union[Literal["all-linear"], list[str]]
@@ -24,7 +24,9 @@ class LoraSection(Section):
     use_dora: bool = Field(False, description="DoRA: learn a magnitude vector beside the LoRA direction update.")
     use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(r), which keeps high ranks stable.")
     loraplus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: every B matrix learns at this many "
-                                            "times the learning rate of the A matrices (e.g. 16).")
+                                            "times the learning rate of the A matrices (e.g. 16). A matrices, "
+                                            "DoRA magnitudes and LoRA factors of embedding layers keep "
+                                            "training.learning_rate; run.json records the ratio.")
 
 
 class QloraSection(LoraSection):
@@ -48,18 +50,20 @@ def peft_config(section: LoraSection, model_config=None, context=None):
                       target_modules=targets, use_dora=section.use_dora, use_rslora=section.use_rslora)
 
 
-
 def parameter_groups(model, learning_rate: float, weight_decay: float, ratio: float | None) -> list[dict]:
-    """Optimiser groups. LoRA+ gives every B matrix `ratio` x the learning rate; A matrices, 1-D parameters (DoRA
-    magnitudes) and LoRA embedding factors keep the base rate -- unlike peft's helper, which moves 1-D parameters
-    to B's rate, drops the weight decay and puts embeddings at 1e-6. No weight decay on 1-D parameters."""
+    """Optimiser groups, for every method. LoRA+ gives every B matrix `ratio` x the learning rate; A matrices, 1-D
+    parameters (DoRA magnitudes) and LoRA embedding factors keep the base rate -- unlike peft's helper, which moves
+    1-D parameters to B's rate, drops the weight decay and puts embeddings at 1e-6.
+
+    No weight decay on 1-D parameters (biases, DoRA magnitudes) nor on IA3's scales: those start at 1 and multiply
+    activations, so decaying them towards 0 would switch the adapted layers off."""
     base, boosted, no_decay = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if ratio and ".lora_B." in name:
             boosted.append(p)
-        elif p.ndim < 2:
+        elif p.ndim < 2 or ".ia3_" in name:
             no_decay.append(p)
         else:
             base.append(p)

@@ -15,11 +15,13 @@ class AttachContext:
 
     tokenizer_path: str  # for prompt tuning initialised from text
     where: str = ""  # the recipe position of method.targets, for error messages
+    tokenizer_revision: str | None = None  # model.revision: the tokenizer prompt tuning reads its init text with
 
 
 def attach(model, peft_config, context: AttachContext):
     from peft import get_peft_model
 
+    keep_int8_scales(model)
     try:
         return get_peft_model(model, peft_config)
     except ValueError as e:
@@ -43,6 +45,8 @@ def load(base_model, adapter_dir: Path, *, trainable: bool = False):
     from safetensors.torch import load_file
 
     weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if trainable:
+        _check_trainable_reload(Path(adapter_dir))
     if not weights.exists():
         raise InvalidInput(f"{adapter_dir}: no adapter_model.safetensors",
                            hint="an adapter folder holds adapter_config.json and adapter_model.safetensors")
@@ -50,6 +54,7 @@ def load(base_model, adapter_dir: Path, *, trainable: bool = False):
         stored = set(load_file(str(weights), device="cpu"))
     except Exception as e:  # noqa: BLE001 - a truncated or corrupt file
         raise InvalidInput(f"{weights}: damaged adapter weights ({e})") from e
+    keep_int8_scales(base_model)
     model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=trainable)
     expected = set(get_peft_model_state_dict(model))
     missing, unexpected = sorted(expected - stored), sorted(stored - expected)
@@ -61,4 +66,48 @@ def load(base_model, adapter_dir: Path, *, trainable: bool = False):
             parts.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]}")
         raise InvalidInput(f"{adapter_dir}: the adapter does not fit this base model: {'; '.join(parts)}",
                            hint="check that --base is the model the adapter was trained on")
+    if not trainable:
+        # peft leaves the prompt encoder of prompt-learning methods trainable even in inference mode
+        for p in model.parameters():
+            p.requires_grad_(False)
     return model
+
+
+def _check_trainable_reload(adapter_dir: Path) -> None:
+    """peft saves what p-tuning and projected prefix tuning produce (virtual-token embeddings, key/value states),
+    not the encoder that produced them: such an adapter serves as it is, but training cannot continue from it."""
+    import json
+
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # PeftModel.from_pretrained reports it
+    kind = config.get("peft_type")
+    if kind == "P_TUNING" or (kind == "PREFIX_TUNING" and config.get("prefix_projection")):
+        what = "p-tuning" if kind == "P_TUNING" else "prefix tuning with a projection"
+        raise InvalidInput(f"{adapter_dir}: a {what} adapter holds the virtual tokens its encoder produced, not the "
+                           "encoder, so training cannot continue from it",
+                           hint="continue the run from one of its checkpoints (peftctl train RECIPE --resume auto)")
+
+
+def keep_int8_scales(model) -> None:
+    """Keep the row scales of bitsandbytes 8-bit weights that peft replaces on the CPU (DoRA on an 8-bit base).
+
+    The first forward pass of an 8-bit layer moves its int8 matrix and row scales from the weight to the layer's
+    state. On the CPU, peft's DoRA then replaces the weight at every forward pass (`module.weight =
+    module.weight.to(device)` in `dequantize_module_weight`), and that copy carries the matrix but not the scales;
+    the next forward moves the pair to the state and the matmul fails on the missing scales (peft 0.21,
+    bitsandbytes 0.50). A pre-hook puts the scales back on such a copy, so that forward moves the right pair; the
+    values are those of the state, unchanged. On a GPU peft keeps the weight and the hook does nothing.
+    """
+    for module in model.modules():
+        if type(getattr(module, "weight", None)).__name__ == "Int8Params" and hasattr(module, "state"):
+            if not getattr(module, "_peftctl_keeps_scales", False):
+                module.register_forward_pre_hook(_restore_int8_scales)
+                module._peftctl_keeps_scales = True
+
+
+def _restore_int8_scales(module, args):
+    weight, state = module.weight, module.state
+    if weight.CB is not None and weight.SCB is None and state.SCB is not None:
+        weight.SCB = state.SCB

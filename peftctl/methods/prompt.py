@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from peftctl.methods.registry import MethodSpec
+from peftctl.methods.spec import MethodSpec
 from peftctl.recipe.base import Section
 
 
@@ -32,8 +32,12 @@ def peft_config(section: PromptSection, model_config=None, context=None):
     from peft import PromptTuningConfig
 
     if section.prompt_init_text:
+        # peft tokenises the text with the model's tokenizer (BOS included where the tokenizer adds one), and
+        # repeats or cuts the ids to num_virtual_tokens
+        revision = getattr(context, "tokenizer_revision", None)
         return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=section.num_virtual_tokens,
                                   prompt_tuning_init="TEXT", prompt_tuning_init_text=section.prompt_init_text,
-                                  tokenizer_name_or_path=context.tokenizer_path)
+                                  tokenizer_name_or_path=context.tokenizer_path,
+                                  tokenizer_kwargs={"revision": revision} if revision else None)
     return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=section.num_virtual_tokens,
                               prompt_tuning_init="RANDOM")
