@@ -104,11 +104,14 @@ def merge(
                                        "adapter)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16, float16 or float32 (default: the "
                                         "base's)."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare merged and adapter logits."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check layer by layer that the merged logits "
+                                "equal base + adapter and differ from the base; on failure exit 1 and write "
+                                "nothing."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest shard of the output."),
     from_quantized: str = typer.Option("dequantized", "--from-quantized", help="For adapters trained on a "
                                        "quantised base: merge onto the dequantised weights (reproduces training) "
-                                       "or the original ones."),
+                                       "or the original ones. 8-bit bases: dequantized uses bitsandbytes' int8 "
+                                       "weights (its run-time input quantisation cannot be merged)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
 ) -> None:
     """Fold an adapter into its base model and write an ordinary model folder."""
@@ -159,7 +162,9 @@ def inspect_data(
 def generate(
     source: str = typer.Argument(..., metavar="ADAPTER_OR_MODEL", help="An adapter folder, run folder or a merged "
                                  "model folder."),
-    prompt: Optional[str] = typer.Argument(None, help="The prompt (default: one prompt per line of stdin)."),
+    prompt: Optional[str] = typer.Argument(None, help="The prompt (default: one prompt per line of stdin; a blank "
+                                           "line gives a blank line). Output: one line per prompt, with newlines "
+                                           "written as \\n and backslashes as \\\\."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the chat template."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy."),

@@ -1,0 +1,144 @@
+"""`peftctl generate ADAPTER_OR_MODEL [PROMPT]`: a quick look at what an adapter does.
+
+ADAPTER_OR_MODEL is a run folder (its adapter/ is used), an adapter folder of any method (loaded on the base it
+records, quantised as it was trained: a 4-bit-trained adapter gets its base in 4-bit), or a model folder such as
+`peftctl merge`'s output. Without PROMPT, prompts are read from stdin, one per line.
+
+stdout carries only the generated text, one line per prompt, so that outputs line up with inputs in a pipeline:
+the continuation is decoded without special tokens, and a backslash, newline or carriage return in it is written
+as \\\\, \\n or \\r (undo it with Python's `codecs.decode(line, "unicode_escape")` for ASCII text, or by replacing
+those three). A blank input line gives a blank output line without generating. Decoding is greedy unless
+--temperature is above 0; the base's own sampling defaults are not used.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from peftctl.errors import InvalidInput, ModelNotFound
+
+ADAPTER_FILES = ("adapter_config.json", "bottleneck_config.json")
+
+
+def run(source: str, prompt: str | None, *, chat: bool, max_new_tokens: int, temperature: float) -> int:
+    model, tokenizer = load_for_generation(source)
+    if chat and not tokenizer.chat_template:
+        raise InvalidInput(f"{source}: the tokenizer has no chat template, so --chat cannot be applied",
+                           hint="drop --chat, or train with model.chat_template set (it is saved with the adapter)")
+    config = generation_config(model, tokenizer, max_new_tokens, temperature)
+    prompts = [prompt] if prompt is not None else (line.rstrip("\r\n") for line in sys.stdin)
+    for text in prompts:
+        answer = generate_one(model, tokenizer, text, chat=chat, config=config) if text else ""
+        sys.stdout.write(escape_line(answer) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+def escape_line(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def load_for_generation(source: str):
+    """(model in eval mode, tokenizer) for a run folder, an adapter folder or a model folder (or hub id)."""
+    path = Path(source).absolute()
+    if path.is_dir():
+        if not any((path / name).exists() for name in ADAPTER_FILES) and (path / "adapter").is_dir():
+            path = path / "adapter"  # a run folder
+        if any((path / name).exists() for name in ADAPTER_FILES):
+            return _adapter_on_base(path)
+        if (path / "config.json").exists():
+            return _model(str(path))
+        if (path / "run.json").exists():
+            raise InvalidInput(f"{source}: this run has no adapter yet (training did not finish)",
+                               hint="finish or resume the run first: peftctl train RECIPE --resume auto")
+        raise InvalidInput(f"{source}: neither a run folder, an adapter folder nor a model folder",
+                           hint="pass RUN/, RUN/adapter or a merged model folder")
+    if path.exists():
+        raise InvalidInput(f"{source}: a file; expected a run, adapter or model folder")
+    if Path(source).is_absolute() or source.startswith((".", "~")):
+        raise ModelNotFound(f"{source}: no such folder", hint="pass RUN/, RUN/adapter or a merged model folder")
+    return _model(source)  # a hub id (or a folder that does not exist: the loader says what it tried)
+
+
+def _model(name: str):
+    from transformers import AutoModelForCausalLM
+
+    from peftctl.model import _from_pretrained, disable_cpu_repacking, pick_device
+
+    device = pick_device()
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name, "model", dtype="auto",
+                             device_map={"": str(device)})
+    if device.type == "cpu":
+        disable_cpu_repacking(model)
+    return model.eval(), _tokenizer(name)
+
+
+def _adapter_on_base(adapter_dir: Path):
+    from types import SimpleNamespace
+
+    from peftctl.methods import runtime
+    from peftctl.model import load_model, pick_device
+    from peftctl.recipe.schema import ModelSection, QuantizationSection
+
+    _, config = runtime.adapter_kind(adapter_dir)
+    info = {}
+    if (adapter_dir / "peftctl_adapter.json").exists():
+        try:
+            info = json.loads((adapter_dir / "peftctl_adapter.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise InvalidInput(f"{adapter_dir / 'peftctl_adapter.json'}: damaged ({e})") from None
+    base = info.get("base_model") or config.get("base_model_name_or_path")
+    if not base:
+        raise InvalidInput(f"{adapter_dir}: the adapter does not say which base model it was trained on",
+                           hint="load it with peft yourself, or merge it with `peftctl merge --base MODEL`")
+    quant = info.get("quantization")
+    recipe = SimpleNamespace(
+        model=ModelSection(name=base, revision=info.get("revision"), dtype=info.get("dtype") or "auto"),
+        quantization=QuantizationSection(**quant) if quant else None)
+    model = runtime.load(load_model(recipe, pick_device()), adapter_dir)
+    has_tokenizer = (adapter_dir / "tokenizer_config.json").exists()
+    return model.eval(), _tokenizer(str(adapter_dir) if has_tokenizer else base, recipe.model.revision)
+
+
+def _tokenizer(name: str, revision: str | None = None):
+    from peftctl.model import load_tokenizer
+    from peftctl.recipe.schema import ModelSection
+
+    return load_tokenizer(ModelSection(name=name, revision=None if Path(name).is_dir() else revision))
+
+
+def generation_config(model, tokenizer, max_new_tokens: int, temperature: float):
+    """A fresh generation config: greedy (or plain temperature sampling), stopping at any end token the model's own
+    config or the tokenizer knows (Llama 3 ends a turn with <|eot_id|>, which is not its EOS)."""
+    from transformers import GenerationConfig
+
+    own = getattr(model, "generation_config", None)
+    eos = getattr(own, "eos_token_id", None)
+    stops = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
+        stops.append(tokenizer.eos_token_id)
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None} if temperature > 0 \
+        else {"do_sample": False}
+    return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stops or None, use_cache=True,
+                            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0],
+                            **sampling)
+
+
+def generate_one(model, tokenizer, prompt: str, *, chat: bool, config) -> str:
+    import torch
+
+    if chat:
+        inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)
+    else:
+        inputs = tokenizer(prompt, return_tensors="pt")
+    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    input_ids = inputs["input_ids"].to(device)
+    attention_mask = inputs["attention_mask"].to(device)
+    if input_ids.shape[1] == 0:
+        return ""
+    with torch.no_grad():
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)

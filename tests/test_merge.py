@@ -1,0 +1,512 @@
+"""`peftctl merge`: merged logits equal base + adapter for every mergeable method and for quantised bases, the
+output is an ordinary model folder, verification catches an adapter that does nothing, nothing half-written is
+ever left at --out, refusals exit 2, and peak memory stays near one shard (slow test)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from conftest import recipe_dict, run_cli
+
+from peftctl.errors import InvalidInput
+from peftctl.merge import (MERGE_INFO, Checkpoint, dequantized_weight, merge_adapter, parse_size, quantized_weights,
+                           weight_transform)
+
+METHOD_SECTIONS = {
+    "lora": {"name": "lora"},
+    "dora": {"name": "lora", "use_dora": True},
+    "rslora": {"name": "lora", "use_rslora": True, "targets": "all-linear"},
+    "ia3": {"name": "ia3", "_replace": True, "targets": ["k_proj", "v_proj", "down_proj"],
+            "feedforward_targets": ["down_proj"]},
+}
+IDS = torch.randint(0, 1000, (3, 20), generator=torch.Generator().manual_seed(1))
+
+
+# --- fixtures and helpers ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model):
+    """A tiny llama in three safetensors shards (with an index), as real bases come."""
+    return tiny_model("llama", shards=3)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """trained(name, model, **sections) -> run folder, trained once per module (4 steps on the demo data)."""
+    from peftctl.recipe.loader import load_recipe
+    from peftctl.train.loop import TrainOptions, train
+
+    root = tmp_path_factory.mktemp("runs")
+    done: dict[str, Path] = {}
+
+    def get(name: str, model: Path, **sections) -> Path:
+        if name not in done:
+            out = root / name
+            recipe = root / f"{name}.yaml"
+            recipe.write_text(yaml.safe_dump(recipe_dict(model, out=out, **sections), sort_keys=False))
+            train(load_recipe(str(recipe), []), TrainOptions(quiet=True))
+            done[name] = out
+        return done[name]
+
+    return get
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def relative(a, b) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def load_plain(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+
+def adapter_on_base(run: Path, quantization: dict | None = None):
+    """The adapter on its base as training saw it (quantised when it was), through peftctl's strict loader."""
+    from peftctl.methods import runtime
+    from peftctl.model import load_model
+    from peftctl.recipe.schema import ModelSection, QuantizationSection
+
+    info = json.loads((run / "adapter" / "peftctl_adapter.json").read_text())
+    recipe = SimpleNamespace(model=ModelSection(name=info["base_model"], dtype="float32"),
+                             quantization=QuantizationSection(**quantization) if quantization else None)
+    return runtime.load(load_model(recipe, torch.device("cpu")), run / "adapter").eval()
+
+
+def fresh_lora(model: Path, out: Path) -> Path:
+    """An untrained LoRA adapter (B = 0: it changes nothing), saved as training would save it."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(load_plain(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(str(out))
+    (out / "peftctl_adapter.json").write_text(json.dumps(
+        {"method": "lora", "base_model": str(model), "revision": None, "dtype": "float32", "quantization": None,
+         "loraplus_lr_ratio": None, "can_merge": True}))
+    return out
+
+
+def leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.glob(f".{out.name}.*"))
+
+
+# --- merged logits equal base + adapter --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", list(METHOD_SECTIONS))
+def test_merged_logits_equal_the_adapter(method, base, trained, tmp_path):
+    run = trained(method, base, method=dict(METHOD_SECTIONS[method]))
+    report = merge_adapter(run / "adapter", tmp_path / "merged")
+    check = report.verification
+    assert check["relative_diff"] < 1e-5 and check["base_relative_diff"] > 1e-3, check
+    merged = logits(load_plain(tmp_path / "merged"))
+    with_adapter = logits(adapter_on_base(run))
+    assert relative(merged, with_adapter) < 1e-5
+    assert relative(merged, logits(load_plain(base))) > 1e-3  # the adapter is really in there
+    recorded = json.loads((tmp_path / "merged" / MERGE_INFO).read_text())
+    assert recorded["method"] == ("ia3" if method == "ia3" else "lora")
+    assert recorded["verification"]["relative_diff"] == check["relative_diff"]
+    assert recorded["base"] == str(base) and recorded["dtype"] == "float32" and recorded["from_quantized"] is None
+
+
+def test_gpt2_conv1d_weights_merge_transposed(tiny_model, trained, tmp_path):
+    """GPT-2 stores its projections as Conv1D (in, out): the delta is transposed (fan_in_fan_out)."""
+    model = tiny_model("gpt2")
+    run = trained("gpt2", model, method={"targets": ["c_attn", "c_proj"]})
+    merge_adapter(run, tmp_path / "merged")
+    assert relative(logits(load_plain(tmp_path / "merged")), logits(adapter_on_base(run))) < 1e-5
+
+
+QLORA = {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
+
+
+def test_qlora_merges_onto_the_dequantised_weights(base, trained, tmp_path):
+    run = trained("qlora", base, method={"name": "qlora", "targets": "all-linear"}, quantization=QLORA)
+    trained_function = logits(adapter_on_base(run, QLORA))  # the 4-bit base + adapter, as in training
+
+    report = merge_adapter(run, tmp_path / "dequantized")
+    assert report.from_quantized == "dequantized" and report.quantization["bits"] == 4
+    assert any("dequantised" in note for note in report.notes)
+    exact = relative(logits(load_plain(tmp_path / "dequantized")), trained_function)
+    assert exact < 1e-5
+
+    report = merge_adapter(run, tmp_path / "original", from_quantized="original")
+    off = relative(logits(load_plain(tmp_path / "original")), trained_function)
+    quantisation_error = report.verification["quantization_relative_diff"]
+    assert off > 100 * exact and 0.2 * quantisation_error < off < 5 * quantisation_error
+    # What it says (on its own token sequences) is what it is (on these).
+    assert 0.5 * off < report.verification["trained_relative_diff"] < 2 * off
+    assert any("about one quantisation error" in note for note in report.notes)
+    recorded = json.loads((tmp_path / "original" / MERGE_INFO).read_text())
+    assert recorded["from_quantized"] == "original" and recorded["verification"]["trained_relative_diff"] > 0
+
+
+@pytest.mark.parametrize("arch,quant_type,double_quant,dtype", [
+    ("llama", "nf4", True, "float32"), ("llama", "fp4", False, "bfloat16"), ("gpt2", "nf4", True, "float32")])
+def test_4bit_dequantisation_is_what_bitsandbytes_loads(arch, quant_type, double_quant, dtype, tiny_model):
+    """The merge quantises each weight itself, shard by shard: it must equal a 4-bit load bit for bit."""
+    import bitsandbytes as bnb
+
+    from peftctl.model import load_model
+    from peftctl.recipe.schema import ModelSection, QuantizationSection
+
+    model_dir = tiny_model(arch)
+    quant = {"bits": 4, "quant_type": quant_type, "double_quant": double_quant, "compute_dtype": "float32"}
+    recipe = SimpleNamespace(model=ModelSection(name=str(model_dir), dtype=dtype),
+                             quantization=QuantizationSection(**quant))
+    loaded = load_model(recipe, torch.device("cpu"))
+    layers = {f"{name}.weight": m for name, m in loaded.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    from transformers import AutoConfig
+
+    quantized = quantized_weights(AutoConfig.from_pretrained(str(model_dir)), quant)
+    assert set(quantized) == set(layers) and layers
+    transform = weight_transform({**quant, "load_dtype": getattr(torch, dtype)}, quantized)
+    checkpoint = Checkpoint(model_dir)
+    for key, tensor in checkpoint.read(list(layers)).items():
+        loaded_weight = bnb.functional.dequantize_4bit(layers[key].weight.data, layers[key].weight.quant_state)
+        ours = transform(key, tensor)
+        assert torch.equal(ours.T if quantized[key] else ours, loaded_weight), key
+
+
+def test_8bit_adapters_merge_onto_the_int8_weights(base, trained, tmp_path):
+    """bitsandbytes' 8-bit layers hold int8 weights (row-wise absmax) and also quantise their inputs at run time.
+    The merge takes the int8 weights exactly and says that the input quantisation cannot be merged."""
+    import bitsandbytes as bnb
+
+    quant = {"bits": 8, "compute_dtype": "float32"}
+    run = trained("int8", base, method={"targets": "all-linear"}, quantization=quant)
+    int8_model = adapter_on_base(run, quant)
+    for name, module in int8_model.named_modules():
+        if isinstance(module, bnb.nn.Linear8bitLt) and name.endswith("layers.0.mlp.down_proj.base_layer"):
+            key = name.replace("base_model.model.", "").replace(".base_layer", "") + ".weight"
+            w = Checkpoint(base).read([key])[key]
+            theirs = bnb.functional.int8_vectorwise_dequant(module.weight.data, module.weight.SCB)
+            assert torch.equal(dequantized_weight(w, {"bits": 8}), theirs)
+
+    report = merge_adapter(run, tmp_path / "merged")
+    assert report.verification["relative_diff"] < 1e-5
+    assert any("quantise their inputs at run time" in note for note in report.notes)
+    merge_adapter(run, tmp_path / "original", from_quantized="original")
+    real = logits(int8_model)
+    onto_int8 = relative(logits(load_plain(tmp_path / "merged")), real)
+    onto_original = relative(logits(load_plain(tmp_path / "original")), real)
+    assert onto_int8 < onto_original  # closer to what was trained, though not equal (inputs are quantised)
+
+
+def test_half_precision_output_checks_the_arithmetic_before_rounding(base, trained, tmp_path):
+    run = trained("lora", base, method=dict(METHOD_SECTIONS["lora"]))
+    report = merge_adapter(run, tmp_path / "bf16", dtype="bfloat16", max_shard_size="200KB")
+    check = report.verification
+    assert check["float32_relative_diff"] < 1e-5 and check["relative_diff"] < check["tolerance"]
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    merged = Checkpoint(tmp_path / "bf16")
+    assert len(merged.files) > 1 and {code for code, _ in merged.meta.values()} == {"BF16"}
+
+
+# --- the output folder -------------------------------------------------------------------------------------------
+
+
+PLAIN_LOAD = """
+import sys
+sys.modules["peftctl"] = None  # as if peftctl were not installed: any import of it fails
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder = sys.argv[1]
+model = AutoModelForCausalLM.from_pretrained(folder)
+tokenizer = AutoTokenizer.from_pretrained(folder)
+ids = torch.load(sys.argv[2])
+with torch.no_grad():
+    out = model(input_ids=ids).logits.float()
+torch.save(out, sys.argv[3])
+chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+print(model.dtype, type(model).__name__, len(chat) > 0)
+"""
+
+
+def test_merged_folder_loads_with_plain_transformers(base, trained, tmp_path):
+    run = trained("lora", base, method=dict(METHOD_SECTIONS["lora"]))
+    out = tmp_path / "merged"
+    merge_adapter(run, out, max_shard_size="300KB")
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
+            "tokenizer_config.json", "chat_template.jinja", MERGE_INFO} <= names
+    assert len([n for n in names if n.endswith(".safetensors")]) > 1
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(Checkpoint(base).meta)
+    assert (out / "chat_template.jinja").read_text() == (run / "adapter" / "chat_template.jinja").read_text()
+
+    torch.save(IDS, tmp_path / "ids.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(out), str(tmp_path / "ids.pt"),
+                           str(tmp_path / "logits.pt")], capture_output=True, text=True, cwd=str(tmp_path), env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "torch.float32 LlamaForCausalLM True" in done.stdout
+    assert relative(torch.load(tmp_path / "logits.pt"), logits(adapter_on_base(run))) < 1e-5
+
+
+def run_merge_command(adapter, out, **options) -> int:
+    """`peftctl merge` in-process (the subprocess tests cover the wiring): its exit code."""
+    from peftctl.cli import merge as command
+    from peftctl.cli.errors import run_guarded
+
+    kwargs = {"base": None, "dtype": None, "verify": True, "max_shard_size": "5GB",
+              "from_quantized": "dequantized", "force": False, **options}
+    return run_guarded(lambda: command.run(str(adapter), str(out), **kwargs))
+
+
+def test_the_command_prints_both_figures_and_guards_out(base, trained, tmp_path, capsys):
+    run = trained("lora", base, method=dict(METHOD_SECTIONS["lora"]))
+    out = tmp_path / "merged"
+    assert run_merge_command(run, out) == 0
+    printed = capsys.readouterr().out
+    assert "merged vs base + adapter: " in printed and "merged vs base: " in printed
+    assert (out / "model.safetensors").exists() and (out / MERGE_INFO).exists()
+
+    again = run_cli("merge", str(run), "--out", str(out))  # refused before any weight is read: a quick subprocess
+    assert again.returncode == 2 and "already exists" in again.stderr and "--force" in again.stderr
+
+    before = (out / MERGE_INFO).read_text()
+    assert run_merge_command(run, out, force=True, dtype="float16") == 0
+    assert "for float16" in capsys.readouterr().out
+    assert (out / MERGE_INFO).read_text() != before and not leftovers(out)
+
+
+def test_train_with_output_merge_writes_a_verified_merged_model(base, trained):
+    run = trained("lora-merge", base, method=dict(METHOD_SECTIONS["lora"]), output={"merge": True})
+    recorded = json.loads((run / "merged" / MERGE_INFO).read_text())
+    assert recorded["verification"]["relative_diff"] < 1e-5
+    assert relative(logits(load_plain(run / "merged")), logits(adapter_on_base(run))) < 1e-5
+
+
+# --- verification failures and interrupted merges leave nothing --------------------------------------------------
+
+
+def test_an_adapter_that_does_nothing_fails_verification(base, tmp_path, capsys):
+    adapter = fresh_lora(base, tmp_path / "fresh")
+    out = tmp_path / "merged"
+    assert run_merge_command(adapter, out) == 1
+    stderr = capsys.readouterr().err
+    assert "equals the base model" in stderr and "nothing written" in stderr
+    assert not out.exists() and not leftovers(out)
+
+    merge_adapter(adapter, out, verify=False)  # --no-verify writes it anyway, and says it was not verified
+    assert json.loads((out / MERGE_INFO).read_text())["verification"] is None
+
+
+def test_a_failed_merge_leaves_nothing_and_keeps_the_old_out(base, trained, tmp_path, monkeypatch):
+    import peftctl.merge as merge
+
+    run = trained("lora", base, method=dict(METHOD_SECTIONS["lora"]))
+    out = tmp_path / "merged"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure after every shard was written")
+
+    monkeypatch.setattr(merge, "verify_merge", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        merge_adapter(run, out)
+    assert not out.exists() and not leftovers(out)
+
+    out.mkdir()
+    (out / "keep.txt").write_text("the previous merge")
+    with pytest.raises(RuntimeError, match="injected"):
+        merge_adapter(run, out, force=True)
+    assert (out / "keep.txt").read_text() == "the previous merge" and not leftovers(out)
+
+    monkeypatch.undo()
+    stale = tmp_path / f".merged.merging-{2**22 + 12345}-abc"  # left by a merge killed with SIGKILL
+    stale.mkdir()
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"half")
+    merge_adapter(run, out, force=True)
+    assert not stale.exists() and not (out / "keep.txt").exists() and not leftovers(out)
+
+
+# --- refusals ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("peft_type,method", [("PREFIX_TUNING", "prefix_tuning"), ("PROMPT_TUNING", "prompt_tuning"),
+                                              ("P_TUNING", "p_tuning"), (None, "adapter")])
+def test_methods_that_cannot_merge_are_refused(peft_type, method, tmp_path):
+    from peftctl.methods.registry import METHODS
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    if peft_type:
+        (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": peft_type}))
+    else:
+        (adapter / "bottleneck_config.json").write_text(json.dumps({"method": "adapter"}))
+    with pytest.raises(InvalidInput) as refused:
+        merge_adapter(adapter, tmp_path / "out")
+    assert METHODS[method].cannot_merge in refused.value.message
+    assert refused.value.hint == METHODS[method].instead_of_merge
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_a_bottleneck_adapter_with_exit_2(base, trained, tmp_path):
+    run = trained("bottleneck", base, method={"name": "adapter", "_replace": True})
+    done = run_cli("merge", str(run), "--out", str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert "cannot be merged" in done.stderr and "peftctl generate" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_base_that_does_not_fit_is_refused(base, tiny_model, trained, tmp_path):
+    run = trained("lora", base, method=dict(METHOD_SECTIONS["lora"]))
+    other = tiny_model("llama", hidden=32, heads=2, kv_heads=1, intermediate=64)
+    with pytest.raises(InvalidInput, match="does not fit"):
+        merge_adapter(run, tmp_path / "out", base=str(other))
+    with pytest.raises(InvalidInput, match="not a model folder|no such folder"):
+        merge_adapter(run, tmp_path / "out", base=str(tmp_path))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_or_damaged_adapter_is_refused(base, trained, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    run = trained("lora", base, method=dict(METHOD_SECTIONS["lora"]))
+    with pytest.raises(InvalidInput, match="no such adapter folder"):
+        merge_adapter(tmp_path / "nowhere", tmp_path / "out")
+
+    adapter = tmp_path / "partial"
+    shutil.copytree(run / "adapter", adapter)
+    state = load_file(str(adapter / "adapter_model.safetensors"))
+    dropped = sorted(k for k in state if "lora_B" in k)[0]
+    save_file({k: v for k, v in state.items() if k != dropped}, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(InvalidInput, match="no lora_B"):
+        merge_adapter(adapter, tmp_path / "out")
+
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])  # truncated
+    with pytest.raises(InvalidInput, match="damaged adapter weights"):
+        merge_adapter(adapter, tmp_path / "out")
+
+    with pytest.raises(InvalidInput, match="--from-quantized"):
+        merge_adapter(run, tmp_path / "out", from_quantized="nf4")
+    with pytest.raises(InvalidInput, match="--dtype"):
+        merge_adapter(run, tmp_path / "out", dtype="int8")
+    assert not (tmp_path / "out").exists()
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("300kb") == 300_000
+    assert parse_size(1234) == 1234 and parse_size("1.5MB") == 1_500_000
+    for bad in ("five", "-1GB", "0", "12XB"):
+        with pytest.raises(InvalidInput):
+            parse_size(bad)
+
+
+# --- memory: one shard at a time (slow: a 1.2 GB model is written for it) ----------------------------------------
+
+
+# The peak RSS of the merge process itself. Not ru_maxrss: Linux carries the parent's peak into a child's
+# ru_maxrss across fork + exec (and pytest holds the model it just wrote); VmHWM belongs to the process's own memory.
+MEASURED = """
+import atexit, sys
+def peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            print("MAXRSS_KB", line.split()[1], file=sys.stderr)
+atexit.register(peak)
+sys.argv = ["peftctl", *sys.argv[1:]]
+from peftctl.cli.app import main
+main()
+"""
+
+
+def random_lora(base: Path, out: Path, r: int = 8) -> Path:
+    """A LoRA adapter with random A and B on every projection, written without loading the base."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for key, (_, shape) in Checkpoint(base).meta.items():
+        module = key.rsplit(".", 1)[0]
+        if key.endswith(".weight") and module.rsplit(".", 1)[-1] in targets:
+            tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(r, shape[1], generator=generator)
+            tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(shape[0], r, generator=generator) * 1e-3
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), task_type="CAUSAL_LM",
+               base_model_name_or_path=str(base)).save_pretrained(str(out))
+    return out
+
+
+def measured_merge(*args: str, wait: bool = True):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-c", MEASURED, "merge", *args]
+    if not wait:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    peak = int(done.stderr.rsplit("MAXRSS_KB", 1)[1].split()[0]) * 1024
+    return done, peak
+
+
+def wait_for_a_written_shard(process, out: Path) -> None:
+    """Until the merge `process` has bytes in a shard of its own staging folder (it is named after its pid)."""
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if any(p.stat().st_size > 0 for p in out.parent.glob(f".{out.name}.merging-{process.pid}-*/*")):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the merge wrote no shard (or ended) before it could be interrupted")
+
+
+@pytest.mark.slow
+def test_peak_memory_stays_near_one_shard(tiny_model, base, trained, tmp_path):
+    """A 1.2 GB float32 model in shards of ~200-300 MB: merging and verifying it must not hold it whole. The same
+    command on a tiny model gives the cost of the imports (torch, transformers, peft, bitsandbytes)."""
+    big = tiny_model("llama", hidden=1024, heads=8, kv_heads=8, intermediate=22784, layers=4,
+                     max_shard_size="300MB")
+    checkpoint = Checkpoint(big)
+    model_bytes = sum(p.stat().st_size for p in checkpoint.files)
+    largest = max(p.stat().st_size for p in checkpoint.files)
+    assert model_bytes > 1.1e9 and largest >= 200e6 and len(checkpoint.files) >= 4
+    adapter = random_lora(big, tmp_path / "adapter")
+    out = tmp_path / "merged"
+
+    # Killed mid-way (SIGKILL: no cleanup runs at all): nothing at --out; the next merge removes the remains.
+    process = measured_merge(str(adapter), "--out", str(out), wait=False)
+    wait_for_a_written_shard(process, out)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not out.exists() and leftovers(out)
+
+    # SIGTERM: the merge stops with 143 and removes its own staging folder (and the killed one's).
+    process = measured_merge(str(adapter), "--out", str(out), wait=False)
+    wait_for_a_written_shard(process, out)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert "SIGTERM" in stderr and not out.exists() and not leftovers(out)
+
+    _, baseline = measured_merge(str(trained("lora", base, method=dict(METHOD_SECTIONS["lora"]))), "--out",
+                                 str(tmp_path / "tiny"))
+    done, peak = measured_merge(str(adapter), "--out", str(out), "--max-shard-size", "300MB")
+    assert "merged vs base + adapter:" in done.stdout and not leftovers(out)
+    extra = peak - baseline
+    print(f"model {model_bytes / 1e6:.0f} MB, largest shard {largest / 1e6:.0f} MB, imports {baseline / 1e6:.0f} MB, "
+          f"merge + verify peak {peak / 1e6:.0f} MB (+{extra / 1e6:.0f} MB)")
+    assert extra < 2 * largest and extra < 0.5 * model_bytes
