@@ -52,6 +52,12 @@ class Batch:
     n_trained: int  # trained tokens (labels that count), known on the host with no device sync
     n_tokens: int  # real (non-padding) tokens
 
+    def pinned(self) -> "Batch":
+        """A copy in page-locked memory, so the copy to the GPU can run asynchronously."""
+        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        return Batch(pin(self.input_ids), pin(self.labels), pin(self.position_ids), pin(self.attention_mask),
+                     self.n_trained, self.n_tokens)
+
     def to(self, device) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.input_ids), move(self.labels), move(self.position_ids), move(self.attention_mask),
@@ -87,4 +93,8 @@ def collate(rows: list[list[dict]], pad_id: int, packed: bool, pad_to: int | Non
         # Padding after the last example counts as one more document with its own positions, so in a packed row
         # it can neither see nor be seen by the real examples; its labels are ignored.
         position_ids[r, cursor:] = torch.arange(width - cursor)
+    if packed and all(len(row) == 1 and len(row[0]["input_ids"]) == width for row in rows):
+        # Full rows of one example each: the model's default positions are these, and leaving them out spares
+        # transformers its check for packed documents (a host-device sync in every forward).
+        position_ids = None
     return Batch(input_ids, labels, position_ids, attention_mask, n_trained, n_tokens)

@@ -35,3 +35,19 @@ def apply_fast_kernels(model, device) -> list[str]:
     monkey_patch._apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
                                                  cross_entropy=False, fused_linear_cross_entropy=False)
     return ["rope", "rms_norm", "swiglu"]
+
+
+def skip_adapter_input_casts(model) -> int:
+    """Under autocast, stop peft from casting each adapter's input to the adapter's float32 dtype.
+
+    peft casts the (bf16) activations to float32 before the LoRA branch; dropout then keeps that float32 copy for
+    the backward pass, for every adapted layer -- gigabytes on an 8B model -- while autocast runs the matmul in
+    bf16 anyway. The adapter weights stay float32; only the needless activation copy goes. Returns the number of
+    layers changed.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "cast_input_dtype_enabled", False):
+            module.cast_input_dtype_enabled = False
+            changed += 1
+    return changed

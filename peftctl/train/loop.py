@@ -51,7 +51,7 @@ def train(loaded, options: TrainOptions, console=None):
     from peftctl.methods.peft_common import AttachContext
     from peftctl.model import check_packing_isolation, load_model, load_tokenizer, pick_device
     from peftctl.params import count_parameters
-    from peftctl.train.kernels import apply_fast_kernels
+    from peftctl.train.kernels import apply_fast_kernels, skip_adapter_input_casts
     from peftctl.train.loss import build_loss
     from peftctl.train.metrics import Metrics, plot_loss
     from peftctl.train.optim import build_optimizer, build_scheduler
@@ -101,6 +101,7 @@ def train(loaded, options: TrainOptions, console=None):
                                hint="set dataset.packing: false, or model.attn_implementation to sdpa or eager")
     kernels = apply_fast_kernels(model, device)  # before the adapter: peft then wraps the patched layers as usual
     model = runtime.attach(model, recipe.method, AttachContext(tokenizer_path=recipe.model.name,
+                                                               tokenizer_revision=recipe.model.revision,
                                                                where=loaded.where("method.targets")))
     model.train()
     loss_fn, loss_name = build_loss(model, spec, device)
@@ -115,6 +116,8 @@ def train(loaded, options: TrainOptions, console=None):
         state = _resume(resume_from, model, optimizer, scheduler, recipe, data.fingerprint, world, say)
 
     autocast_dtype = _autocast_dtype(recipe, device)
+    if autocast_dtype is not None and skip_adapter_input_casts(model):
+        kernels = kernels + ["adapter_inputs_in_autocast_dtype"]
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     manifest = _manifest(recipe, spec, data, counts, device, total_steps, checkpointing, world)
@@ -151,22 +154,18 @@ def train(loaded, options: TrainOptions, console=None):
 
     train_s, last_loss, last_eval, nonfinite_in_a_row, first_step_s = 0.0, None, None, 0, None
     t_loop = time.time()
-    order_epoch, order = None, None
+    batches = StepBatches(data, rows_per_step, steps_per_epoch, training, world, pin=device.type == "cuda")
     try:
-        with graceful_stop() as stop:
+        with graceful_stop() as stop, batches:
             while state.step < total_steps:
                 if state.step_in_epoch >= steps_per_epoch:
                     state.epoch, state.step_in_epoch = state.epoch + 1, 0
-                if order_epoch != state.epoch:
-                    order_epoch, order = state.epoch, data.epoch_order(state.epoch, training.seed)
                 t_step = time.perf_counter()
-                begin = state.step_in_epoch * rows_per_step
-                step_rows = order[begin:begin + rows_per_step]
+                # This step's rows and micro-batches (collated in the background while the previous step ran).
                 # The step's loss is normalised by all its trained tokens -- on every rank, counted on the host
                 # from the row lengths, with no device sync. Each rank takes every world.size-th row.
+                step_rows, micro_batches = batches.get(state.epoch, state.step_in_epoch)
                 n_trained = max(1, data.trained_tokens(data.train, step_rows))
-                micro_batches = data.micro_batches(data.train, step_rows[world.rank::world.size],
-                                                   training.micro_batch_size)
                 # DDP averages gradients over the ranks; scaling by world.size turns that average into the sum.
                 scale = world.size / n_trained
                 step_loss = torch.zeros(2, device=device)  # [summed token loss, stop requested]
@@ -184,12 +183,15 @@ def train(loaded, options: TrainOptions, console=None):
                 if scaler:
                     scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, training.max_grad_norm or math.inf)
-                loss = step_loss[0] / n_trained
-                # One host sync per step: is everything finite? Never step on (or save) non-finite values.
-                if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+                # The one host sync of a step: loss, gradient norm and stop flag together. Never step on (or save)
+                # non-finite values.
+                loss_value, norm_value, stop_flag = torch.stack([step_loss[0] / n_trained, grad_norm.float(),
+                                                                 step_loss[1]]).tolist()
+                if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
                     optimizer.zero_grad(set_to_none=True)
                     nonfinite_in_a_row += 1
-                    what = f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient norm'} at step {state.step + 1}"
+                    kind = "loss" if not math.isfinite(loss_value) else "gradient norm"
+                    what = f"non-finite {kind} at step {state.step + 1}"
                     if training.on_nonfinite == "stop" or nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
                         if state.step > 0:
                             save_checkpoint()
@@ -217,11 +219,11 @@ def train(loaded, options: TrainOptions, console=None):
                 train_s += seconds
                 first_step_s = first_step_s or (time.time() - t_loop)
 
-                stop_everywhere = bool(step_loss[1] > 0)  # a signal on any rank stops all at this same step
+                stop_everywhere = stop_flag > 0  # a signal on any rank stops all ranks at this same step
                 if world.main and (state.step % training.log_every == 0 or state.step == total_steps):
-                    last_loss = loss.item()
+                    last_loss = loss_value
                     metrics.log({"step": state.step, "epoch": state.epoch, "loss": last_loss,
-                                 "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
+                                 "lr": scheduler.get_last_lr()[0], "grad_norm": norm_value,
                                  "tokens": step_tokens, "tokens_per_s": step_tokens / max(seconds, 1e-9),
                                  "elapsed_s": round(time.time() - t_start, 2)})
                 if world.main and data.validation is not None and (state.step % training.eval_every == 0
@@ -265,6 +267,51 @@ def train(loaded, options: TrainOptions, console=None):
     return result
 
 
+class StepBatches:
+    """The micro-batches of each step, collated one step ahead in a background thread (into pinned memory on
+    the GPU), so the host prepares step k+1 while the device computes step k."""
+
+    def __init__(self, data, rows_per_step: int, steps_per_epoch: int, training, world, *, pin: bool):
+        self.data, self.rows_per_step, self.steps_per_epoch = data, rows_per_step, steps_per_epoch
+        self.training, self.world, self.pin = training, world, pin
+        self._orders: dict[int, object] = {}
+        self._pending = None  # ((epoch, step_in_epoch), future)
+        self._pool = None
+
+    def __enter__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peftctl-batches")
+        return self
+
+    def __exit__(self, *exc):
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _order(self, epoch: int):
+        if epoch not in self._orders:
+            self._orders = {epoch: self.data.epoch_order(epoch, self.training.seed)}
+        return self._orders[epoch]
+
+    def _build(self, epoch: int, step_in_epoch: int):
+        begin = step_in_epoch * self.rows_per_step
+        rows = self._order(epoch)[begin:begin + self.rows_per_step]
+        micro = self.data.micro_batches(self.data.train, rows[self.world.rank::self.world.size],
+                                        self.training.micro_batch_size)
+        if self.pin:
+            micro = [mb.pinned() for mb in micro]
+        return rows, micro
+
+    def get(self, epoch: int, step_in_epoch: int):
+        key = (epoch, step_in_epoch)
+        if self._pending is not None and self._pending[0] == key:
+            result = self._pending[1].result()
+        else:
+            result = self._build(epoch, step_in_epoch)
+        following = (epoch, step_in_epoch + 1) if step_in_epoch + 1 < self.steps_per_epoch else (epoch + 1, 0)
+        self._pending = (following, self._pool.submit(self._build, *following))
+        return result
+
+
 def evaluate(model, data, micro_batch_size: int, device, autocast_dtype, loss_fn) -> float:
     """Mean loss per trained token over the whole validation split."""
     import torch
@@ -290,7 +337,7 @@ def save_adapter(model, spec, recipe, tokenizer, run: RunFolder, *, loraplus=Non
 
     quant = recipe.quantization
     info = {"method": spec.name, "base_model": recipe.model.name, "revision": recipe.model.revision,
-            "dtype": recipe.model.dtype, "quantization": quant.model_dump() if quant else None,
+            "trust_remote_code": recipe.model.trust_remote_code, "dtype": recipe.model.dtype, "quantization": quant.model_dump() if quant else None,
             "loraplus_lr_ratio": loraplus, "can_merge": spec.can_merge}
     with staged_dir(run.adapter) as tmp:
         runtime.save(model, spec, tmp)
@@ -299,12 +346,9 @@ def save_adapter(model, spec, recipe, tokenizer, run: RunFolder, *, loraplus=Non
 
 
 def _merge(run: RunFolder, recipe, say) -> None:
-    try:
-        from peftctl.merge import merge_adapter
-    except ImportError:
-        say("warning: output.merge is set but this build has no merge support yet; adapter written only")
-        return
-    merge_adapter(run.adapter, run.merged, force=True)
+    from peftctl.merge import merge_adapter
+
+    merge_adapter(run.adapter, run.merged, force=True, report=say)
 
 
 def _resume_point(run: RunFolder, requested: str | None, say):

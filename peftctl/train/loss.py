@@ -22,7 +22,9 @@ def model_inputs(batch, *, prompt_learning: bool) -> dict:
     virtual tokens and cannot use position_ids; they get the padding mask only."""
     if prompt_learning:
         return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
-    inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "use_cache": False}
+    inputs = {"input_ids": batch.input_ids, "use_cache": False}
+    if batch.position_ids is not None:
+        inputs["position_ids"] = batch.position_ids
     if batch.attention_mask is not None:
         inputs["attention_mask"] = batch.attention_mask
     return inputs

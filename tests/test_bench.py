@@ -1,0 +1,186 @@
+"""The benchmark harness of issue 8 (scripts/bench.py, bench_reference.py, bench_gates.py), on the CPU.
+
+The fast tests check its pieces: FLOP counts of the Llama-3-8B shape, the case data, the recipes peftctl gets (valid,
+and nothing a user would not write), the word-level tokenizer (N words are N tokens), the reference's collator, the
+statistics and the gate verdicts. The slow ones run the whole harness with --tiny, each side in its own process.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+
+import bench  # scripts/ is on sys.path (conftest)
+import bench_gates
+import pytest
+import yaml
+from bench_reference import PadToLongest
+from conftest import REPO
+
+
+def test_flops_of_the_llama3_8b_shape():
+    config = bench.LLAMA3_8B.config
+    model = bench.flop_model(config, bench.QKVO, r=16)
+    assert model["parameters"] == 8_030_261_248  # Meta-Llama-3-8B
+    # The input embedding is a lookup and norms are elementwise: neither counts as matmul work.
+    assert model["parameters_counted"] == 8_030_261_248 - 128256 * 4096 - 32 * 2 * 4096 - 4096
+    assert model["matmul"] == 4 * model["parameters_counted"]
+    assert model["lora"] == 32 * 6 * 16 * ((4096 + 4096) + (4096 + 1024) * 2 + (4096 + 4096))
+    all_linear = bench.flop_model(config, "all-linear", r=16)["lora"]
+    assert all_linear == model["lora"] + 32 * 6 * 16 * 3 * (4096 + 14336)
+    per_token = bench.flops_per_token(model, [2048] * 4)
+    assert per_token == model["matmul"] + model["lora"] + 6 * 32 * 4096 * 2048
+    assert 31e9 < per_token < 32.5e9
+    # Mixed lengths: attention weighs each token by its own example's length.
+    assert bench.flops_per_token(model, [100, 300]) == pytest.approx(
+        model["matmul"] + model["lora"] + 6 * 32 * 4096 * (100 * 100 + 300 * 300) / 400)
+
+
+def test_case_data():
+    fixed = bench.example_lengths(bench.CASES[1], bench.LLAMA3_8B, steps=11)
+    assert fixed == [2048] * 44
+    assert bench.example_lengths(bench.CASES[4], bench.LLAMA3_8B, steps=11) == [2048] * 11
+    sft = bench.example_lengths(bench.CASES[2], bench.LLAMA3_8B, steps=11)
+    assert sft == bench.example_lengths(bench.CASES[2], bench.LLAMA3_8B, steps=11)  # deterministic
+    assert 280 <= statistics.median(sft) <= 390 and max(sft) <= 2048 and min(sft) >= 8
+    assert sum(sft) >= 44 * 2048  # enough to fill peftctl's packed rows for every step
+
+
+def test_dataset_rows_are_words(tmp_path):
+    path = tmp_path / "data.jsonl"
+    bench.write_dataset(path, [5, 1, 30], vocab_size=1024, seed=0)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [len(r["text"].split()) for r in rows] == [4, 0, 29]  # the EOS each side appends makes the length
+    assert all(w.startswith("w") and int(w[1:]) < 1024 - bench.N_SPECIAL for r in rows for w in r["text"].split())
+
+
+@pytest.mark.parametrize("number", sorted(bench.CASES))
+def test_recipes_are_plain_user_recipes(tmp_path, number):
+    from peftctl.recipe.loader import parse_recipe
+
+    case = bench.CASES[number]
+    recipe = bench.peftctl_recipe(case, bench.LLAMA3_8B, "/models/llama", tmp_path / "d.jsonl", tmp_path / "run", 11)
+    loaded = parse_recipe(yaml.safe_dump(recipe), "bench.yaml", tmp_path, check_paths=False).recipe
+    assert loaded.training.micro_batch_size == case.rows_per_step and loaded.training.gradient_accumulation == 1
+    assert loaded.dataset.packing is True and loaded.dataset.format == "completion"
+    assert loaded.method.r == 16 and loaded.method.alpha == 32 and loaded.method.dropout == 0.05
+    assert loaded.training.learning_rate == 2e-4 and loaded.training.weight_decay == 0.0
+    assert loaded.training.lr_scheduler == "constant"
+    if number == 4:
+        assert loaded.training.gradient_checkpointing is True  # the case's definition
+    else:
+        assert loaded.training.gradient_checkpointing == "auto"  # a user's default
+    if case.quantized:
+        q = loaded.quantization
+        assert (q.bits, q.quant_type, q.double_quant, q.compute_dtype) == (4, "nf4", True, "bfloat16")
+    known = {"max_steps", "micro_batch_size", "gradient_accumulation", "learning_rate", "lr_scheduler",
+             "warmup_steps", "save_every", "seed", "gradient_checkpointing"}
+    assert set(recipe["training"]) <= known
+
+
+def test_word_tokenizer_gives_one_token_per_word(tmp_path):
+    from transformers import AutoTokenizer
+
+    bench.write_tokenizer(tmp_path, vocab_size=1024, model_max_length=512)
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert len(tokenizer) == 1024
+    assert tokenizer("w0 w5 w767")["input_ids"] == [0, 5, 767]  # no BOS added
+    assert (tokenizer.bos_token, tokenizer.bos_token_id) == ("<|begin_of_text|>", 768)
+    assert (tokenizer.eos_token, tokenizer.eos_token_id) == ("<|end_of_text|>", 769)
+    assert tokenizer.convert_tokens_to_ids("<|finetune_right_pad_id|>") == 772
+    assert len(bench.llama3_special_tokens()) == bench.N_SPECIAL == len(set(bench.llama3_special_tokens()))
+
+
+def test_reference_collator_pads_to_the_longest():
+    collator = PadToLongest(pad_id=9)
+    batch = collator([{"input_ids": [1, 2, 3]}, {"input_ids": [4, 9]}])  # 9: an EOS that is also the pad
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 9, 9]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].tolist() == [[1, 2, 3], [4, 9, -100]]  # the real EOS is trained, the padding is not
+    assert (collator.real_tokens, collator.padded_tokens) == ([5], [6])
+
+
+def test_summaries():
+    steps = [{"tokens": 100, "seconds": 10.0}] + [{"tokens": t, "seconds": 1.0} for t in (100, 300, 200)]
+    fixed = bench.summarise(steps, warmup=1, variable=False)
+    assert fixed["tokens_per_s"] == 200 and fixed["statistic"] == "median" and fixed["window_tokens"] == 600
+    window = bench.summarise(steps[:3] + [{"tokens": 200, "seconds": 2.0}], warmup=1, variable=True)
+    assert window["tokens_per_s"] == pytest.approx(600 / 4) and window["statistic"] == "window"
+    assert "error" in bench.summarise(steps[:1], warmup=1, variable=False)
+    agree = bench._agreement([{"tokens": 10, "seconds": 1.0, "arrival_s": 1.0}] * 3, warmup=1)
+    assert agree["timer_agrees"]
+    late = [{"tokens": 10, "seconds": 0.5, "arrival_s": 1.0}] * 3  # a timer read before the GPU has finished
+    assert not bench._agreement(late, warmup=1)["timer_agrees"]
+    summary = bench.peftctl_summary(late, warmup=1, variable=False)
+    assert summary["tokens_per_s"] == 10 and summary["timer_tokens_per_s"] == 20
+    assert summary["source"].startswith("arrival")
+    agreeing = [{"tokens": 10, "seconds": 1.0, "arrival_s": 1.01}] * 3
+    assert bench.peftctl_summary(agreeing, warmup=1, variable=False)["source"] == "step timer"
+
+
+def test_gate_verdicts():
+    spec = {"rtol": 1e-3}
+    pf = {"loss_packed": 10.0, "loss_unpacked": 10.001, "loss_leaky": 10.5, "grad_norm": 0.3, "params_with_grad": 8,
+          "trainable_tensors": 8, "rows_packed": 1}
+    ref = {"loss": 10.002, "grad_norm": 0.2, "params_with_grad": 8, "trainable_tensors": 8}
+    examples = [{"input_ids": [3, 4, 769]}]
+    gates = bench_gates.evaluate(spec, pf, ref, examples, examples, [2])
+    assert [g["passed"] for g in gates] == [True, True, True, True] and not gates[3]["weak"]
+
+    bad = bench_gates.evaluate(spec, {**pf, "loss_unpacked": 10.5, "loss_leaky": 10.0001, "grad_norm": 0.0},
+                               {**ref, "loss": 11.0}, examples, [{"input_ids": [3, 5, 769]}], [2])
+    assert [g["passed"] for g in bad] == [False, False, False, False] and bad[3]["weak"]
+
+
+def _run_bench(tmp_path, *args):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--tiny", "--out", str(out),
+                           "--work", str(tmp_path / "work"), *args], capture_output=True, text=True, timeout=900,
+                          cwd=str(REPO), check=False)
+    report = json.loads((out / "bench.json").read_text()) if (out / "bench.json").exists() else None
+    return proc, report, out
+
+
+def _side(report, case, name):
+    return report["cases"][str(case)]["sides"][name]
+
+
+@pytest.mark.slow
+def test_tiny_bench_case_1_end_to_end(tmp_path):
+    proc, report, out = _run_bench(tmp_path, "--cases", "1")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    gates = report["gates"]["gates"]
+    assert [g["name"] for g in gates] == ["same tokens", "step-0 loss", "gradient", "packed = unpacked"]
+    assert all(g["passed"] for g in gates), gates
+    assert report["matmul"]["flops"] > 0
+    for name in ("peftctl", "reference"):
+        side = _side(report, 1, name)
+        assert side["status"] == "completed"
+        assert [s["tokens"] for s in side["steps"]] == [4 * 128] * 3  # 1 warm-up + 2 timed, 4 x 128 real tokens
+        assert side["summary"]["tokens_per_s"] > 0 and side["summary"]["timed_steps"] == 2
+        assert side["mfu"] > 0 and side["first_step_s"] > 0 and side["first_step_from_launch_s"] > 0
+        assert side["first_grad_norm"] > 0
+    assert _side(report, 1, "peftctl")["summary"]["timer_agrees"]
+    assert _side(report, 1, "peftctl")["packed"] is True
+    assert report["cases"]["1"]["verdict"]["ratio"] > 0
+    table = (out / "bench.md").read_text()
+    assert "| 1 | bf16 LoRA q,k,v,o" in table and "PASS step-0 loss" in table
+    assert "PASS  packed = unpacked" in proc.stdout
+    assert (out / "runs" / "case1-peftctl" / "run.json").exists()
+
+
+@pytest.mark.slow
+def test_tiny_bench_4bit_gates_and_sft_window(tmp_path):
+    """Gates as case 3 (4-bit on the CPU through bitsandbytes), then case 2: the reference's measured window holds
+    about as many real tokens as peftctl's."""
+    proc, report, _ = _run_bench(tmp_path, "--cases", "3,2")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert report["gates"]["as_case"] == 3 and all(g["passed"] for g in report["gates"]["gates"])
+    pf, ref = _side(report, 2, "peftctl"), _side(report, 2, "reference")
+    assert pf["summary"]["statistic"] == ref["summary"]["statistic"] == "window"
+    assert ref["summary"]["window_tokens"] >= pf["summary"]["window_tokens"]
+    assert ref["summary"]["window_tokens"] <= pf["summary"]["window_tokens"] + 8 * 128
+    assert all(s["tokens"] < s["padded_tokens"] or s["tokens"] == s["padded_tokens"] for s in ref["steps"])
+    assert _side(report, 3, "peftctl")["status"] == _side(report, 3, "reference")["status"] == "completed"
