@@ -134,7 +134,8 @@ def merge_adapter(adapter_dir, out_dir, *, base: str | None = None, dtype: str |
 
     base_ckpt = Checkpoint(base_folder)
     base_config = json.loads((base_folder / "config.json").read_text())
-    model_config = AutoConfig.from_pretrained(str(base_folder))
+    # A base that needs its own code was trained with trust_remote_code; the adapter info records that choice.
+    model_config = AutoConfig.from_pretrained(str(base_folder), trust_remote_code=bool(info.get("trust_remote_code")))
     if base_config.get("quantization_config"):
         raise InvalidInput(f"{base_folder} is a pre-quantised checkpoint; a merge needs the unquantised weights",
                            hint="pass --base with the original (bfloat16/float16/float32) model")

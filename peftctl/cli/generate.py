@@ -95,7 +95,8 @@ def _adapter_on_base(adapter_dir: Path):
                            hint="load it with peft yourself, or merge it with `peftctl merge --base MODEL`")
     quant = info.get("quantization")
     recipe = SimpleNamespace(
-        model=ModelSection(name=base, revision=info.get("revision"), dtype=info.get("dtype") or "auto"),
+        model=ModelSection(name=base, revision=info.get("revision"), dtype=info.get("dtype") or "auto",
+                           trust_remote_code=bool(info.get("trust_remote_code"))),
         quantization=QuantizationSection(**quant) if quant else None)
     model = runtime.load(load_model(recipe, pick_device()), adapter_dir)
     has_tokenizer = (adapter_dir / "tokenizer_config.json").exists()
