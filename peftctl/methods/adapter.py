@@ -11,10 +11,10 @@ from typing import Literal
 from pydantic import Field
 
 from peftctl.methods.spec import MethodSpec
-from peftctl.recipe.base import Section
+from peftctl.recipe.base import MethodSection
 
 
-class AdapterSection(Section):
+class AdapterSection(MethodSection):
     name: Literal["adapter"] = Field(description="The PEFT method.")
     placement: Literal["houlsby", "pfeiffer"] = Field("pfeiffer", description="houlsby: an adapter after the "
                                                       "attention block and one after the feed-forward block of "

@@ -7,10 +7,10 @@ from typing import Literal
 from pydantic import Field
 
 from peftctl.methods.spec import MethodSpec
-from peftctl.recipe.base import Section
+from peftctl.recipe.base import MethodSection
 
 
-class Ia3Section(Section):
+class Ia3Section(MethodSection):
     name: Literal["ia3"] = Field(description="The PEFT method.")
     targets: list[str] = Field(["k_proj", "v_proj", "down_proj"], min_length=1,
                                description="Linear layers whose activations are rescaled.")

@@ -7,12 +7,12 @@ from typing import Literal, Union
 from pydantic import Field
 
 from peftctl.methods.spec import MethodSpec
-from peftctl.recipe.base import Section
+from peftctl.recipe.base import MethodSection
 
 Targets = Union[Literal["all-linear"], list[str]]
 
 
-class LoraSection(Section):
+class LoraSection(MethodSection):
     name: Literal["lora"] = Field(description="The PEFT method.")
     r: int = Field(16, ge=1, le=4096, description="Rank of the low-rank update B @ A.")
     alpha: float = Field(32, gt=0, description="Scaling numerator: the update is scaled by alpha / r "

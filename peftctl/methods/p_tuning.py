@@ -7,10 +7,10 @@ from typing import Literal
 from pydantic import Field
 
 from peftctl.methods.spec import MethodSpec
-from peftctl.recipe.base import Section
+from peftctl.recipe.base import MethodSection
 
 
-class PTuningSection(Section):
+class PTuningSection(MethodSection):
     name: Literal["p_tuning"] = Field(description="The PEFT method.")
     num_virtual_tokens: int = Field(20, ge=1, le=4096, description="Number of virtual tokens.")
     encoder_type: Literal["mlp", "lstm"] = Field("mlp", description="The prompt encoder's architecture.")

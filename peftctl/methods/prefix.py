@@ -7,10 +7,10 @@ from typing import Literal
 from pydantic import Field
 
 from peftctl.methods.spec import MethodSpec
-from peftctl.recipe.base import Section
+from peftctl.recipe.base import MethodSection
 
 
-class PrefixSection(Section):
+class PrefixSection(MethodSection):
     name: Literal["prefix_tuning"] = Field(description="The PEFT method.")
     num_virtual_tokens: int = Field(20, ge=1, le=4096, description="Length of the learned prefix.")
     projection: bool = Field(False, description="Learn the prefix through a two-layer MLP (reparameterisation) "

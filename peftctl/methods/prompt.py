@@ -7,10 +7,10 @@ from typing import Literal
 from pydantic import Field
 
 from peftctl.methods.spec import MethodSpec
-from peftctl.recipe.base import Section
+from peftctl.recipe.base import MethodSection
 
 
-class PromptSection(Section):
+class PromptSection(MethodSection):
     name: Literal["prompt_tuning"] = Field(description="The PEFT method.")
     num_virtual_tokens: int = Field(20, ge=1, le=4096, description="Number of learned virtual tokens.")
     prompt_init_text: str | None = Field(None, min_length=1, description="Initialise the virtual tokens from the "

@@ -60,3 +60,67 @@ def load(base_model, adapter_dir: Path, *, trainable: bool = False):
     if method == "adapter":
         return bottleneck_method.load(base_model, adapter_dir, trainable=trainable)
     return peft_common.load(base_model, adapter_dir, trainable=trainable)
+
+
+def initialise_from(model, section, adapter_dir) -> None:
+    """method.init_from: copy an existing adapter's weights into the freshly attached one.
+
+    The adapter must be of the same method with the same shapes (rank, targets, placement...); any difference is
+    named. Works for our adapters and for any peft adapter trained on the same base.
+    """
+    import torch
+
+    adapter_dir = Path(adapter_dir)
+    method, config = adapter_kind(adapter_dir)
+    wanted = "lora" if section.name == "qlora" else section.name
+    where = f"method.init_from: {adapter_dir}"
+    if method != wanted:
+        raise InvalidInput(f"{where} holds a {method} adapter; this recipe trains {section.name}",
+                           hint="start from an adapter of the same method, or remove method.init_from")
+    differences = _setting_differences(section, config)
+    if differences:
+        raise InvalidInput(f"{where} does not fit the recipe: " + "; ".join(differences),
+                           hint="set the recipe's method keys to the adapter's, or remove method.init_from")
+    if method == "adapter":
+        from safetensors.torch import load_file
+
+        state = load_file(str(adapter_dir / bottleneck_method.WEIGHTS_FILE))
+        target = model.bottleneck_adapters.state_dict()
+    else:
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = adapter_dir / "adapter_model.safetensors"
+        if not weights.exists():
+            raise InvalidInput(f"{where}: no adapter_model.safetensors")
+        state = load_file(str(weights))
+        target = get_peft_model_state_dict(model)
+    missing, unexpected = sorted(set(target) - set(state)), sorted(set(state) - set(target))
+    wrong = [k for k in set(target) & set(state) if tuple(target[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or wrong:
+        detail = (f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} of another shape "
+                  f"(e.g. {(missing or unexpected or wrong)[0]})")
+        raise InvalidInput(f"{where} does not fit this model: {detail}",
+                           hint="it must come from the same base model and the same method settings")
+    with torch.no_grad():
+        if method == "adapter":
+            model.bottleneck_adapters.load_state_dict(state)
+        else:
+            set_peft_model_state_dict(model, state)
+
+
+def _setting_differences(section, config: dict) -> list[str]:
+    """The recipe keys whose values differ from the adapter's own config (what a user can fix in the recipe)."""
+    pairs = {
+        "lora": [("r", "r"), ("use_dora", "use_dora"), ("use_rslora", "use_rslora"), ("alpha", "lora_alpha")],
+        "ia3": [], "prefix_tuning": [("num_virtual_tokens", "num_virtual_tokens"), ("projection", "prefix_projection")],
+        "prompt_tuning": [("num_virtual_tokens", "num_virtual_tokens")],
+        "p_tuning": [("num_virtual_tokens", "num_virtual_tokens")],
+        "adapter": [("placement", "placement")],
+    }["lora" if section.name == "qlora" else section.name]
+    out = []
+    for ours, theirs in pairs:
+        if theirs in config and getattr(section, ours) != config[theirs] and not (
+                isinstance(config[theirs], (int, float)) and float(config[theirs]) == float(getattr(section, ours))):
+            out.append(f"method.{ours} is {getattr(section, ours)!r}, the adapter's is {config[theirs]!r}")
+    return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Section(BaseModel):
@@ -14,3 +14,11 @@ class Section(BaseModel):
 
     def explicitly_set(self, key: str) -> bool:
         return key in self.model_fields_set
+
+
+class MethodSection(Section):
+    """What every method's recipe section has besides its own keys."""
+
+    init_from: str | None = Field(None, description="Start from an existing adapter folder (ours, or any peft "
+                                  "adapter for the same base) instead of a fresh one; it must fit this method and "
+                                  "its settings. Continue a stopped run with --resume instead.")

@@ -64,7 +64,10 @@ def check(raw: dict, marks: Marks, base_dir: Path) -> list[Problem]:
 
     if "warmup_steps" in training and training.get("warmup_ratio") is not None:
         problem(("training", "warmup_ratio"), "give warmup_steps or warmup_ratio, not both")
-    validation = dataset.get("validation")
+    validation = dataset.get("validation", 0.05)
+    for key in ("keep_best", "patience"):
+        if training.get(key) not in (None, False) and validation in (0, 0.0, None):
+            problem(("training", key), "needs validation data: set dataset.validation to a fraction or a path")
     if isinstance(validation, bool):
         problem(("dataset", "validation"), "expected a fraction, a path or null, got a boolean")
     elif isinstance(validation, (int, float)) and not 0 <= validation < 1:

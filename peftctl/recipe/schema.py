@@ -89,12 +89,25 @@ class TrainingSection(Section):
     save_every: int = Field(100, ge=1, description="Write a resumable checkpoint every this many steps.")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints to keep.")
     log_every: int = Field(1, ge=1, description="Write a metrics line every this many steps.")
+    keep_best: bool = Field(False, description="Also keep the checkpoint with the best validation loss, and write "
+                            "adapter/ from it at the end (run.json names its step). Needs validation data.")
+    patience: int | None = Field(None, ge=1, description="Stop early when the validation loss has not improved "
+                                 "for this many evaluations. Needs validation data.")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = Field(
+        "adamw", description="adamw (fused on the GPU); the bitsandbytes 8-bit and paged variants save optimiser "
+        "memory (GPU only).")
 
 
 class OutputSection(Section):
     dir: str = Field(min_length=1, description="The run folder.")
     merge: bool = Field(False, description="Also write a merged model to dir/merged at the end.")
-    tensorboard: bool = Field(False, description="Also write TensorBoard event files to dir/tensorboard.")
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field([], description="Where to report metrics "
+                                                                       "besides metrics.jsonl: tensorboard (dir/"
+                                                                       "tensorboard), wandb, mlflow. Nothing is sent "
+                                                                       "anywhere unless listed here.")
+    project: str | None = Field(None, description="Tracker project (wandb) or experiment (mlflow) name.")
+    run_name: str | None = Field(None, description="Tracker run name (default: the run folder's name).")
+    tags: list[str] = Field([], description="Tracker tags.")
 
 
 class Recipe(Section):

@@ -42,6 +42,7 @@ class TrainerState:
     nonfinite_skipped: int = 0
     best_eval_loss: float | None = None
     best_step: int | None = None
+    evals_without_improvement: int = 0
 
 
 def name_for(step: int) -> str:
@@ -117,14 +118,17 @@ def save(root: Path, model, optimizer, scheduler, state: TrainerState, recipe_ya
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps({"step": state.step, "files": files}, indent=2))
-    prune(root, keep)
+    prune(root, keep, best_step=state.best_step)
     return final
 
 
-def prune(root: Path, keep: int) -> None:
+def prune(root: Path, keep: int, *, best_step: int | None = None) -> None:
+    """Keep the newest `keep` checkpoints (and the best one, when the run keeps it); remove the rest."""
     valid = [p for p in list_checkpoints(root) if (p / MANIFEST).exists()]
+    best = name_for(best_step) if best_step is not None else None
     for old in valid[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != best:
+            shutil.rmtree(old, ignore_errors=True)
     for leftover in root.glob(f".{PREFIX}*"):  # temporary folders of an interrupted save
         shutil.rmtree(leftover, ignore_errors=True)
 
@@ -198,6 +202,18 @@ def load(path: Path, model, optimizer, scheduler, *, rank: int = 0) -> tuple[Tra
     raw = json.loads((path / "trainer_state.json").read_text())
     state = TrainerState(**{k: v for k, v in raw.items() if k in TrainerState.__dataclass_fields__})
     return state, raw
+
+
+def load_adapter_weights(path: Path, model) -> None:
+    """Put a checkpoint's adapter weights into the model (for keep_best: adapter/ from the best step)."""
+    import torch
+    from safetensors.torch import load_file
+
+    verify(path)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in load_file(str(path / "adapter_state.safetensors")).items():
+            params[name].copy_(tensor)
 
 
 def recipe_differences(old: dict, new: dict) -> tuple[list[str], list[str]]:

@@ -56,6 +56,8 @@ def train(loaded, options: TrainOptions, console=None):
     from peftctl.train.metrics import Metrics, plot_loss
     from peftctl.train.optim import build_optimizer, build_scheduler
     from peftctl.train.signals import graceful_stop
+    from peftctl.train.trackers import Trackers
+    from peftctl.train.trackers import check_available as check_trackers
 
     recipe, t_start = loaded.recipe, time.time()
     spec = METHODS[recipe.method.name]
@@ -71,6 +73,7 @@ def train(loaded, options: TrainOptions, console=None):
 
     # The run folder is claimed before anything slow, so a wrong output.dir fails in a second, not after loading.
     if not options.dry_run:
+        check_trackers(recipe.output.trackers)  # a missing extra fails now, not after the model has loaded
         dist.on_main(world, lambda: run.claim(resume=options.resume is not None, force=options.force))
     resume_from = _resume_point(run, options.resume, say)
 
@@ -103,6 +106,9 @@ def train(loaded, options: TrainOptions, console=None):
     model = runtime.attach(model, recipe.method, AttachContext(tokenizer_path=recipe.model.name,
                                                                tokenizer_revision=recipe.model.revision,
                                                                where=loaded.where("method.targets")))
+    if recipe.method.init_from:
+        runtime.initialise_from(model, recipe.method, recipe.method.init_from)
+        say(f"starting from the adapter in {recipe.method.init_from}")
     model.train()
     loss_fn, loss_name = build_loss(model, spec, device)
     step_module = dist.LossModule.wrap(model, loss_fn, world, device)  # DDP when several processes
@@ -126,9 +132,9 @@ def train(loaded, options: TrainOptions, console=None):
     if world.main:
         run.write_manifest({**manifest, "status": "running"})
         atomic_write_text(run.recipe, recipe_yaml)
+        trackers = Trackers(recipe.output.trackers, run.path, recipe, resume_step=state.step)
         metrics = Metrics(run.metrics, total_steps=total_steps, log_format=options.log_format, quiet=options.quiet,
-                          tensorboard_dir=run.tensorboard if recipe.output.tensorboard else None,
-                          resume_step=state.step)
+                          trackers=trackers, resume_step=state.step)
 
     def save_checkpoint():
         rngs = dist.gather_objects(world, ckpt.rng_state())  # every rank's dropout stream, for an exact resume
@@ -142,7 +148,7 @@ def train(loaded, options: TrainOptions, console=None):
     def finish(status: str, exit_code: int, **extra) -> None:
         if not world.main:
             return
-        metrics.close()
+        metrics.close(status)
         plot_loss(metrics.records, run.loss_plot)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         run.write_manifest({**manifest, **extra, "status": status, "exit_code": exit_code,
@@ -226,16 +232,34 @@ def train(loaded, options: TrainOptions, console=None):
                                  "lr": scheduler.get_last_lr()[0], "grad_norm": norm_value,
                                  "tokens": step_tokens, "tokens_per_s": step_tokens / max(seconds, 1e-9),
                                  "elapsed_s": round(time.time() - t_start, 2)})
-                if world.main and data.validation is not None and (state.step % training.eval_every == 0
-                                                                   or state.step == total_steps):
-                    last_eval = evaluate(model, data, training.micro_batch_size, device, autocast_dtype, loss_fn)
-                    metrics.log({"step": state.step, "eval_loss": last_eval, "eval_ppl": _ppl(last_eval)})
+                improved = stop_early = False
+                if data.validation is not None and (state.step % training.eval_every == 0
+                                                    or state.step == total_steps):
+                    if world.main:
+                        last_eval = evaluate(model, data, training.micro_batch_size, device, autocast_dtype, loss_fn)
+                        metrics.log({"step": state.step, "eval_loss": last_eval, "eval_ppl": _ppl(last_eval)})
+                    last_eval = dist.broadcast_object(world, last_eval)  # every rank decides the same below
+                    improved = state.best_eval_loss is None or last_eval < state.best_eval_loss
+                    if improved:
+                        state.best_eval_loss, state.best_step, state.evals_without_improvement = last_eval, \
+                            state.step, 0
+                    else:
+                        state.evals_without_improvement += 1
+                        stop_early = bool(training.patience) and \
+                            state.evals_without_improvement >= training.patience
+                    if training.keep_best and improved and state.step < total_steps and not stop_everywhere:
+                        save_checkpoint()  # the best so far; pruning keeps it beside the newest
+                if stop_early:
+                    say(f"stopping early at step {state.step}: no better validation loss for {training.patience} "
+                        f"evaluations (best {state.best_eval_loss:.4f} at step {state.best_step})")
+                    break
                 if stop_everywhere:
                     path = save_checkpoint()
                     raise TrainingStopped(f"stopped by {stop.name} at step {state.step}; checkpoint {path}",
                                           stop.exit_code if stop.requested else EXIT_SIGTERM,
                                           hint=f"continue with: peftctl train {loaded.source} --resume auto")
-                if state.step % training.save_every == 0 and state.step < total_steps:
+                if state.step % training.save_every == 0 and state.step < total_steps and not (
+                        training.keep_best and improved):
                     save_checkpoint()
     except TrainingStopped as e:
         finish("stopped", e.exit_code)
@@ -252,10 +276,19 @@ def train(loaded, options: TrainOptions, console=None):
 
     # The end: the adapter (with its tokenizer and chat template), then the merged model when asked.
     tokens_per_s = state.tokens_seen / train_s if train_s else 0.0
+    adapter_step = state.step
+    if training.keep_best and state.best_step is not None and state.best_step != state.step:
+        ckpt.load_adapter_weights(run.checkpoints / ckpt.name_for(state.best_step), model)
+        adapter_step = state.best_step
     if world.main:
         save_adapter(model, spec, recipe, tokenizer, run, loraplus=getattr(recipe.method, "loraplus_lr_ratio", None))
+        serving = serving_check(recipe)
+        for note in serving["notes"]:
+            say(f"note: {note}")
         finish("completed", 0, final={"train_loss": last_loss, "eval_loss": last_eval},
-               tokens_per_s=round(tokens_per_s))
+               tokens_per_s=round(tokens_per_s), adapter_step=adapter_step,
+               best={"step": state.best_step, "eval_loss": state.best_eval_loss},
+               stopped_early=state.step < total_steps, serving=serving)
     dist.barrier(world)
     dist.close(world)
     if recipe.output.merge and world.main:
@@ -343,6 +376,24 @@ def save_adapter(model, spec, recipe, tokenizer, run: RunFolder, *, loraplus=Non
         runtime.save(model, spec, tmp)
         tokenizer.save_pretrained(str(tmp))
         (tmp / ADAPTER_INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def serving_check(recipe) -> dict:
+    """Whether a LoRA adapter fits common serving limits (vLLM's default max_lora_rank of 16, no DoRA), so nobody
+    finds out at deployment."""
+    method = recipe.method
+    notes = []
+    if method.name in ("lora", "qlora"):
+        if method.r > 16:
+            notes.append(f"rank {method.r} is above vLLM's default max_lora_rank of 16: serve with "
+                         f"--max-lora-rank {method.r} or higher, or merge the adapter (`peftctl merge`)")
+        if method.use_dora:
+            notes.append("DoRA adapters are not served as LoRA by vLLM: merge it (`peftctl merge`) to serve it")
+    elif METHODS[method.name].can_merge:
+        notes.append(f"{method.name} adapters are not served as adapters by vLLM: merge it (`peftctl merge`)")
+    else:
+        notes.append(f"{method.name} adapters cannot be merged; serve them with the base through peft")
+    return {"vllm_lora_ready": not notes, "notes": notes}
 
 
 def _merge(run: RunFolder, recipe, say) -> None:

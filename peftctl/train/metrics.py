@@ -1,5 +1,5 @@
 """What a run reports: metrics.jsonl (one object per logged step and per evaluation), the console (a rich progress
-bar, or one JSON object per step on stdout with --log-format json), TensorBoard when asked, and loss.png."""
+bar, or one JSON object per step on stdout with --log-format json), the trackers the recipe lists, and loss.png."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from peftctl.train.run_folder import atomic_write_text
 
 class Metrics:
     def __init__(self, path: Path, *, total_steps: int, log_format: str = "text", quiet: bool = False,
-                 tensorboard_dir: Path | None = None, resume_step: int = 0):
+                 trackers=None, resume_step: int = 0):
         self.path = Path(path)
         self.total_steps = total_steps
         self.log_format = log_format
@@ -27,11 +27,7 @@ class Metrics:
         elif self.path.exists():
             self.path.unlink()
         self._file = self.path.open("a", encoding="utf-8")
-        self._writer = None
-        if tensorboard_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(tensorboard_dir), purge_step=resume_step + 1 if resume_step else None)
+        self._trackers = trackers
         self._progress = None
         self._task = None
         self._last_text = ""
@@ -51,10 +47,8 @@ class Metrics:
         self.records.append(record)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._writer.add_scalar(key.replace("eval_", "eval/"), value, record["step"])
+        if self._trackers is not None:
+            self._trackers.log(record)
         if self.log_format == "json":
             sys.stdout.write(json.dumps(record) + "\n")
             sys.stdout.flush()
@@ -67,12 +61,12 @@ class Metrics:
                                              f"perplexity {record['eval_ppl']:.2f}")
             self._progress.update(self._task, completed=record["step"], info=self._last_text)
 
-    def close(self) -> None:
+    def close(self, status: str = "completed") -> None:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-        if self._writer is not None:
-            self._writer.close()
+        if self._trackers is not None:
+            self._trackers.close(status)
         self._file.close()
 
 

@@ -15,10 +15,27 @@ def build_optimizer(model, recipe, device):
     groups = parameter_groups(model, training.learning_rate, training.weight_decay, ratio)
     if not groups:
         raise RuntimeError("the adapter has no trainable parameter")
+    if training.optimizer != "adamw":
+        return _bitsandbytes_optimizer(training.optimizer, groups, training.learning_rate, device)
     fused = device.type == "cuda" and all(p.dtype in (torch.float32, torch.bfloat16, torch.float16)
                                           for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=training.learning_rate, betas=(0.9, 0.999), eps=1e-8,
                              fused=True if fused else None)
+
+
+def _bitsandbytes_optimizer(name: str, groups: list[dict], learning_rate: float, device):
+    """8-bit states (a quarter of AdamW's optimiser memory) and/or paged states (moved to the host under memory
+    pressure instead of failing): bitsandbytes' optimisers, which need a CUDA GPU."""
+    from peftctl.errors import InvalidInput
+
+    if device.type != "cuda":
+        raise InvalidInput(f"training.optimizer {name} needs a CUDA GPU (bitsandbytes' 8-bit and paged optimisers)",
+                           hint="use training.optimizer: adamw on this machine")
+    import bitsandbytes as bnb
+
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
+           "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]
+    return cls(groups, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8)
 
 
 def warmup_steps(training, total_steps: int) -> int:

@@ -1,0 +1,120 @@
+"""What real runs need: the best checkpoint and early stopping, continuing from an adapter, trackers that are
+opt-in, optimiser choices, and a serving check at the end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import read_jsonl, run_cli
+from peftctl.errors import InvalidInput
+from peftctl.recipe.loader import load_recipe
+from peftctl.train import checkpoint as ckpt
+from peftctl.train import loop
+from peftctl.train.loop import TrainOptions, train
+
+EVALUATED = dict(dataset={"validation": 0.2}, training={"max_steps": 10, "eval_every": 2, "save_every": 100,
+                                                        "keep_checkpoints": 1})
+
+
+def test_keep_best_and_patience(tiny_model, write_recipe, tmp_path, monkeypatch):
+    losses = iter([3.0, 2.0, 2.5, 2.6, 2.7])  # best at the second evaluation (step 4), then no improvement
+    monkeypatch.setattr(loop, "evaluate", lambda *args, **kwargs: next(losses))
+    training = {**EVALUATED["training"], "keep_best": True, "patience": 2}
+    recipe = write_recipe(tiny_model("llama"), dataset=EVALUATED["dataset"], training=training)
+    result = train(load_recipe(str(recipe)), TrainOptions(quiet=True))
+    run = tmp_path / "run"
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["stopped_early"] is True and manifest["steps_done"] == 8  # evaluations at 2, 4, 6, 8
+    assert manifest["best"] == {"step": 4, "eval_loss": 2.0} and manifest["adapter_step"] == 4
+    kept = [p.name for p in ckpt.list_checkpoints(run / "checkpoints")]
+    assert "step_000004" in kept
+    best = load_file(str(run / "checkpoints" / "step_000004" / "adapter_state.safetensors"))
+    adapter = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    for name, tensor in best.items():
+        saved = name.replace(".default.weight", ".weight")
+        assert torch.equal(adapter[saved], tensor), name
+    assert result.steps == 8
+
+
+def test_keep_best_needs_validation_data(tiny_model, write_recipe):
+    result = run_cli("validate", str(write_recipe(tiny_model("llama"), training={"keep_best": True})))
+    assert result.returncode == 2 and "training.keep_best: needs validation data" in result.stderr
+
+
+def test_init_from_continues_from_the_adapters_weights(tiny_model, write_recipe, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from peftctl.data.prepare import prepare
+    from peftctl.model import load_tokenizer
+    from peftctl.train.loss import loss_sum
+
+    model_dir = tiny_model("llama")
+    first = write_recipe(model_dir, name="first.yaml", out=tmp_path / "first",
+                         training={"max_steps": 6, "learning_rate": 5e-3})
+    train(load_recipe(str(first)), TrainOptions(quiet=True))
+    adapter = tmp_path / "first" / "adapter"
+    second = write_recipe(model_dir, name="second.yaml", out=tmp_path / "second",
+                          method={"init_from": str(adapter)}, training={"max_steps": 1, "seed": 7})
+    train(load_recipe(str(second)), TrainOptions(quiet=True))
+    logged = read_jsonl(tmp_path / "second" / "metrics.jsonl")[0]["loss"]
+
+    recipe = load_recipe(str(second)).recipe
+    tok = load_tokenizer(recipe.model)
+    data = prepare(recipe.dataset, tok, seed=7, pad_id=tok.pad_token_id)
+    rows = data.epoch_order(0, 7)[:2]
+    batch = data.micro_batches(data.train, rows, 2)[0]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                      str(adapter)).eval()
+    with torch.no_grad():
+        expected = (loss_sum(model, batch) / batch.n_trained).item()
+    assert logged == pytest.approx(expected, rel=1e-5)
+
+
+def test_init_from_refuses_an_adapter_that_does_not_fit(tiny_model, write_recipe, tmp_path):
+    model_dir = tiny_model("llama")
+    first = write_recipe(model_dir, name="first.yaml", out=tmp_path / "first", training={"max_steps": 1})
+    train(load_recipe(str(first)), TrainOptions(quiet=True))
+    adapter = str(tmp_path / "first" / "adapter")
+    other = write_recipe(model_dir, name="other.yaml", out=tmp_path / "other",
+                         method={"init_from": adapter, "r": 4})
+    with pytest.raises(InvalidInput) as err:
+        train(load_recipe(str(other)), TrainOptions(quiet=True))
+    assert "method.r is 4, the adapter's is 8" in err.value.message
+    ia3 = write_recipe(model_dir, name="ia3.yaml", out=tmp_path / "ia3",
+                       method={"name": "ia3", "init_from": adapter, "_replace": True})
+    with pytest.raises(InvalidInput) as err:
+        train(load_recipe(str(ia3)), TrainOptions(quiet=True))
+    assert "holds a lora adapter; this recipe trains ia3" in err.value.message
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "mlflow", "tensorboard"])
+def test_missing_tracker_extra_is_exit_2_with_the_pip_command(tiny_model, write_recipe, tmp_path, tracker):
+    import importlib.util
+
+    if importlib.util.find_spec(tracker) is not None:
+        pytest.skip(f"{tracker} is installed here")
+    result = run_cli("train", str(write_recipe(tiny_model("llama"), output={"trackers": [tracker]})))
+    assert result.returncode == 2 and f"pip install 'peftctl[{tracker}]'" in result.stderr
+    assert not (tmp_path / "run").exists()  # refused before the run folder was claimed
+
+
+def test_8bit_optimisers_need_a_gpu(tiny_model, write_recipe):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = run_cli("train", str(write_recipe(tiny_model("llama"), training={"optimizer": "adamw_8bit"})))
+    assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
+
+
+def test_serving_check_at_the_end(tiny_model, write_recipe, tmp_path):
+    recipe = write_recipe(tiny_model("llama"), method={"r": 32, "alpha": 64})
+    train(load_recipe(str(recipe)), TrainOptions(quiet=True))
+    serving = json.loads((tmp_path / "run" / "run.json").read_text())["serving"]
+    assert serving["vllm_lora_ready"] is False and "max_lora_rank" in serving["notes"][0]
+    small = loop.serving_check(load_recipe(str(write_recipe(tiny_model("llama"), name="small.yaml"))).recipe)
+    assert small == {"vllm_lora_ready": True, "notes": []}
