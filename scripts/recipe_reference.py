@@ -2,7 +2,8 @@
 
 The README's "Recipe reference" section is this script's output; a test keeps the two identical.
 
-    python scripts/recipe_reference.py
+    python scripts/recipe_reference.py            # print it
+    python scripts/recipe_reference.py --readme   # rewrite README.md's section with it
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import json
 
 def reference() -> str:
     from peftctl.methods.registry import METHODS
-    from peftctl.recipe.schema import SECTIONS, QuantizationSection
+    from peftctl.recipe.schema import SECTIONS, DatasetSource, QuantizationSection
 
     lines = []
     sections = [("model", SECTIONS["model"]), ("quantization", QuantizationSection)]
     sections += [(f"method ({name})", spec.section) for name, spec in METHODS.items() if name != "qlora"]
-    sections += [(name, SECTIONS[name]) for name in ("dataset", "training", "output")]
+    sections += [("dataset", SECTIONS["dataset"]), ("dataset.mix[] (each source of a mix)", DatasetSource)]
+    sections += [(name, SECTIONS[name]) for name in ("training", "output")]
     for title, cls in sections:
         lines += [f"**{title}**", "", "| key | default | meaning |", "| --- | --- | --- |"]
         for key, info in cls.model_fields.items():
@@ -31,5 +33,18 @@ def reference() -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_readme(path) -> None:
+    text = path.read_text()
+    head, rest = text.split("<!-- recipe-reference -->\n", 1)
+    _, tail = rest.split("<!-- /recipe-reference -->", 1)
+    path.write_text(head + "<!-- recipe-reference -->\n" + reference() + "<!-- /recipe-reference -->" + tail)
+
+
 if __name__ == "__main__":
-    print(reference(), end="")
+    import sys
+    from pathlib import Path
+
+    if "--readme" in sys.argv:
+        write_readme(Path(__file__).resolve().parents[1] / "README.md")
+    else:
+        print(reference(), end="")

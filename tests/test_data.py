@@ -283,3 +283,42 @@ def test_metrics_helper_reads_jsonl(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text('{"step": 1}\n\n{"step": 2}\n')
     assert [r["step"] for r in read_jsonl(path)] == [1, 2]
+
+
+def test_a_mixture_takes_the_asked_proportions_and_reports_them(tmp_path, tokenizers):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"a{i}", "output": f"x{i}"} for i in range(300)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": f"completion number {i}"} for i in range(100)])
+    c = write_jsonl(tmp_path / "c.jsonl", [{"prompt": f"p{i}", "completion": f" c{i}"} for i in range(10)])
+    mix = [{"path": str(a), "weight": 3}, {"path": str(b), "format": "completion", "weight": 1},
+           {"path": str(c), "format": "prompt_completion", "examples": 25}]
+    data = prepare(DatasetSection(mix=mix, validation=0.0, max_length=64), tokenizers["llama"], seed=0, pad_id=0)
+    report = {Path(s["source"]).name: s for s in data.train.stats.sources}
+    assert report["a.jsonl"]["examples"] == 300 and report["b.jsonl"]["examples"] == 100  # 3:1 of 400
+    assert report["c.jsonl"]["examples"] == 25 and report["c.jsonl"]["available"] == 10  # repeated to 25
+    assert data.train.stats.examples == 425
+    assert sum(s["tokens"] for s in data.train.stats.sources) == data.train.stats.tokens
+    # Weights 1:1 over 400 examples: 200 each, so `a` is subsampled and `b` repeated twice.
+    mix = [{"path": str(a), "weight": 1}, {"path": str(b), "format": "completion", "weight": 1}]
+    data = prepare(DatasetSection(mix=mix, validation=0.0, max_length=64), tokenizers["llama"], seed=0, pad_id=0)
+    assert [s["examples"] for s in data.train.stats.sources] == [200, 200]
+    texts = [tokenizers["llama"].decode(ids) for ids in data.train.examples["input_ids"]]
+    assert sum("completion number" in t for t in texts) == 200 and len(set(texts)) == 300
+
+
+def test_path_and_mix_are_exclusive(tmp_path):
+    from peftctl.errors import RecipeError
+    from peftctl.recipe.loader import parse_recipe
+
+    base = "model: {name: org/m}\nmethod: {name: lora}\noutput: {dir: o}\n"
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(base + "dataset: {path: org/d, mix: [{path: org/e}]}\n", "r.yaml", tmp_path)
+    assert "not both" in err.value.problems[0].message
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(base + "dataset: {format: alpaca}\n", "r.yaml", tmp_path)
+    assert "needs dataset.path" in err.value.problems[0].message
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(base + "dataset: {mix: [{path: org/e, weight: 2, examples: 5}]}\n", "r.yaml", tmp_path)
+    assert err.value.problems[0].key == "dataset.mix.0.weight"
+    ok = parse_recipe(base + "dataset:\n  mix:\n    - {path: org/e}\n    - {path: data/x.jsonl}\n", "r.yaml",
+                      tmp_path, check_paths=False).recipe
+    assert ok.dataset.mix[1].path == str(tmp_path / "data" / "x.jsonl")

@@ -325,3 +325,21 @@ def test_ci_runs_the_readme_test_command():
     assert "readme_command test-command" in ci
     readme = (REPO / "README.md").read_text()
     assert "<!-- test-command -->\n```bash\n" in readme and "<!-- main-command -->\n```bash\n" in readme
+
+
+def test_chat_data_on_a_base_model_without_template_is_refused_at_validation(tmp_path):
+    import json as json_module
+
+    model = tmp_path / "base-model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "tokenizer_config.json").write_text(json_module.dumps({"eos_token": "</s>"}))
+    text = GOOD.replace("meta-llama/Meta-Llama-3-8B", "./base-model").replace(
+        "path: yahma/alpaca-cleaned", "path: yahma/alpaca-cleaned\n  format: chat")
+    p = problems_of(text, base=tmp_path)[0]
+    assert p.key == "dataset.format" and "no chat template" not in p.message and "has none" in p.message
+    assert p.location.line == 8
+    named = text.replace("  name: ./base-model", "  name: ./base-model\n  chat_template: chatml")
+    assert parse_recipe(named, "r.yaml", tmp_path).recipe.model.chat_template == "chatml"
+    (model / "chat_template.jinja").write_text("{{ messages }}")
+    assert parse_recipe(text, "r.yaml", tmp_path)

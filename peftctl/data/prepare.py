@@ -36,6 +36,7 @@ class DataStats:
     blank_lines: int = 0
     bad_examples: list[str] = field(default_factory=list)  # "file line 7: missing field 'output'"
     from_cache: bool = False
+    sources: list[dict] = field(default_factory=list)  # per mixed source: available, examples, tokens
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -100,23 +101,30 @@ class PreparedData:
 
 def prepare(dataset_section, tokenizer, *, seed: int, pad_id: int, packed: bool | None = None,
             num_proc: int | None = None) -> PreparedData:
-    """Tokenise the training data (and validation data), split off a validation fraction, and build rows."""
-    options = FormatOptions(dataset_section.format, dict(dataset_section.fields), dataset_section.train_on_prompt,
-                            dataset_section.system_prompt)
+    """Tokenise the training data (one source, or a weighted mix), split off a validation fraction (or tokenise
+    the validation data of its own), and build rows."""
     packed = dataset_section.packing if packed is None else packed
     max_length = dataset_section.max_length
-    if options.format == "chat" and not getattr(tokenizer, "chat_template", None):
+    entries = dataset_section.sources()
+    if any(e.format == "chat" for e in entries) and not getattr(tokenizer, "chat_template", None):
         from peftctl.data.templates import BUILTIN_TEMPLATES
 
-        raise InvalidInput("dataset.format is chat but the tokenizer has no chat template",
+        raise InvalidInput("the data is in chat format but the tokenizer has no chat template",
                            hint=f"name one with model.chat_template: {', '.join(BUILTIN_TEMPLATES)}, or a Jinja "
                                 "file")
-    sources = load_sources(dataset_section.path, dataset_section.split)
-    examples, stats, fingerprint = _tokenize_all(sources, options, tokenizer, max_length, dataset_section.on_bad_rows,
-                                                 num_proc)
+    parts = []
+    for entry in entries:
+        options = _options(entry, dataset_section)
+        parts.append(_tokenize_all(load_sources(entry.path, entry.split), options, tokenizer, max_length,
+                                   dataset_section.on_bad_rows, num_proc))
+    if len(parts) == 1:
+        examples, stats, fingerprint = parts[0]
+    else:
+        examples, stats, fingerprint = _mix(entries, parts, seed)
     validation = None
     spec = dataset_section.validation
     if isinstance(spec, str):
+        options = _options(entries[0], dataset_section)
         val_sources = load_sources(spec, "validation" if not os.path.isabs(spec) else "train")
         val_examples, val_stats, val_fp = _tokenize_all(val_sources, options, tokenizer, max_length,
                                                         dataset_section.on_bad_rows, num_proc)
@@ -132,12 +140,52 @@ def prepare(dataset_section, tokenizer, *, seed: int, pad_id: int, packed: bool 
         validation = Split(val_examples, _rows(val_examples, packed, max_length), _count(val_examples))
         stats = _recount(stats, examples)
     if len(examples) == 0:
-        raise DataError(f"{dataset_section.path}: no usable training examples ({stats.rows_read} rows read, "
+        where = dataset_section.path or ", ".join(e.path for e in entries)
+        raise DataError(f"{where}: no usable training examples ({stats.rows_read} rows read, "
                         f"{stats.bad_rows} bad, {stats.skipped_no_trained_token} with no trained token)",
                         hint="check dataset.format and dataset.fields against the file's columns "
                              "(`peftctl inspect-data RECIPE`)")
     train = Split(examples, _rows(examples, packed, max_length), stats)
     return PreparedData(train, validation, fingerprint, pad_id, packed, max_length)
+
+
+def _options(entry, section) -> FormatOptions:
+    return FormatOptions(entry.format, dict(entry.fields), section.train_on_prompt,
+                         entry.system_prompt or section.system_prompt)
+
+
+def _mix(entries, parts, seed: int):
+    """Take each source's share: `examples` where given, else a weight's share of all weighted sources' examples;
+    sampled with the seed, repeating a source that has fewer examples than its share."""
+    import datasets
+    import numpy as np
+
+    weighted = [(e, p) for e, p in zip(entries, parts) if e.examples is None]
+    pool = sum(len(p[0]) for _, p in weighted)
+    total_weight = sum(e.weight for e, _ in weighted) or 1.0
+    chosen, stats, fingerprints, report = [], DataStats(from_cache=True), [], []
+    for i, (entry, (examples, part_stats, fingerprint)) in enumerate(zip(entries, parts)):
+        want = entry.examples if entry.examples is not None else round(pool * entry.weight / total_weight)
+        have = len(examples)
+        if have == 0 or want == 0:
+            picked = []
+        else:
+            rng = np.random.default_rng([seed, 2_000_003, i])
+            repeats, rest = divmod(want, have)
+            picked = [j for _ in range(repeats) for j in rng.permutation(have).tolist()]
+            picked += sorted(rng.choice(have, size=rest, replace=False).tolist())
+        part = examples.select(picked)
+        chosen.append(part)
+        report.append({"source": entry.path, "split": entry.split, "weight": entry.weight if entry.examples is None
+                       else None, "available": have, "examples": len(picked),
+                       "tokens": int(sum(part["length"])) if len(part) else 0})
+        stats = _merge(stats, part_stats)
+        fingerprints.append(f"{fingerprint}:{entry.weight}:{entry.examples}")
+    mixed = datasets.concatenate_datasets([c for c in chosen if len(c)]) if any(len(c) for c in chosen) \
+        else chosen[0]
+    stats = _recount(stats, mixed)
+    stats.sources = report
+    return mixed, stats, _hash(*fingerprints)
 
 
 def _rows(examples, packed: bool, max_length: int) -> list[list[int]]:
@@ -258,7 +306,7 @@ def _merge(a: DataStats, b: DataStats) -> DataStats:
     for name, value in a.__dict__.items():
         other = getattr(b, name)
         if isinstance(value, list):
-            setattr(out, name, (value + other)[:MAX_REPORTED_ROWS])
+            setattr(out, name, (value + other)[:MAX_REPORTED_ROWS] if name == "bad_examples" else value + other)
         elif isinstance(value, bool):  # from_cache: every source came from the cache
             setattr(out, name, value and other)
         else:

@@ -64,6 +64,19 @@ def check(raw: dict, marks: Marks, base_dir: Path) -> list[Problem]:
 
     if "warmup_steps" in training and training.get("warmup_ratio") is not None:
         problem(("training", "warmup_ratio"), "give warmup_steps or warmup_ratio, not both")
+    has_path, mix = dataset.get("path") is not None, dataset.get("mix")
+    if "dataset" in raw and has_path == bool(mix):
+        problem(("dataset",), "give dataset.path or dataset.mix (a list of sources), not both" if has_path else
+                "needs dataset.path, or dataset.mix with a list of sources", key_mark=True)
+    from peftctl.recipe.schema import DatasetSource
+
+    for i, entry in enumerate(mix if isinstance(mix, list) else []):
+        try:
+            source = DatasetSource.model_validate(entry)
+        except ValueError:
+            continue  # the schema reports it
+        for sub_path, message in source.problems():
+            problem(("dataset", "mix", i) + sub_path, message, key_mark=True)
     validation = dataset.get("validation", 0.05)
     for key in ("keep_best", "patience"):
         if training.get(key) not in (None, False) and validation in (0, 0.0, None):
@@ -131,7 +144,7 @@ def resolve_paths(recipe: Recipe, marks: Marks, base_dir: Path, *, check_exists:
             return None
         if check_exists and not candidate.exists():
             what = "file or folder" if data else "folder"
-            problems.append(Problem(marks.of_value(path), ".".join(path), f"no such {what}: {candidate}"
+            problems.append(Problem(marks.of_value(path), ".".join(map(str, path)), f"no such {what}: {candidate}"
                                     + ("" if meant_as_path else " (and not a hub id)")))
         return str(candidate.resolve() if candidate.exists() else candidate)
 
@@ -141,19 +154,46 @@ def resolve_paths(recipe: Recipe, marks: Marks, base_dir: Path, *, check_exists:
     if template is not None and "{" not in template and not _is_builtin_template(template):
         template = local(("model", "chat_template"), template, data=True) or template
     dataset = recipe.dataset
-    data_path = local(("dataset", "path"), dataset.path, data=True)
+    data_path = local(("dataset", "path"), dataset.path, data=True) if dataset.path else None
+    mix = None
+    if dataset.mix:
+        mix = [entry.model_copy(update={"path": local(("dataset", "mix", i, "path"), entry.path, data=True)
+                                        or entry.path}) for i, entry in enumerate(dataset.mix)]
     validation = dataset.validation
     if isinstance(validation, str):
         validation = local(("dataset", "validation"), validation, data=True) or validation
+    chat = [i for i, source in enumerate(dataset.sources()) if source.format == "chat"]
+    if chat and model_path and not model.chat_template and Path(model_path).is_dir() \
+            and not has_chat_template(Path(model_path)):
+        from peftctl.data.templates import BUILTIN_TEMPLATES
+
+        key = ("dataset", "format") if not dataset.mix else ("dataset", "mix", chat[0], "format")
+        problems.append(Problem(marks.of_value(key), ".".join(map(str, key)),
+                                f"chat data needs a chat template, and {model_path} has none (a base model); name "
+                                f"one with model.chat_template: {', '.join(BUILTIN_TEMPLATES)}, or a Jinja file"))
     out = recipe.output.dir
     out_abs = Path(os.path.expanduser(out))
     out_abs = out_abs if out_abs.is_absolute() else base_for(("output", "dir")) / out_abs
     recipe = recipe.model_copy(update={
         "model": model.model_copy(update={"name": model_path or model.name, "chat_template": template}),
-        "dataset": dataset.model_copy(update={"path": data_path or dataset.path, "validation": validation}),
+        "dataset": dataset.model_copy(update={"path": data_path or dataset.path, "validation": validation,
+                                              "mix": mix}),
         "output": recipe.output.model_copy(update={"dir": str(out_abs.resolve())}),
     })
     return recipe, problems
+
+
+def has_chat_template(folder: Path) -> bool:
+    """Whether a local model folder's tokenizer carries a chat template (in any of the places transformers reads)."""
+    import json
+
+    if (folder / "chat_template.jinja").exists() or (folder / "chat_template.json").exists():
+        return True
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(config.get("chat_template"))
 
 
 def _is_builtin_template(name: str) -> bool:

@@ -45,9 +45,32 @@ class QuantizationSection(Section):
 MethodSection = Annotated[Union[tuple(spec.section for spec in METHODS.values())], Discriminator("name")]
 
 
-class DatasetSection(Section):
+class DatasetSource(Section):
     path: str = Field(min_length=1, description="Local file or folder (json, jsonl, csv, parquet) or hub "
                       "dataset id.")
+    format: Literal["alpaca", "chat", "completion", "prompt_completion"] = Field(
+        "alpaca", description="Row format of this source (see dataset.format).")
+    fields: dict[str, str] = Field({}, description="Rename this source's columns to the format's names.")
+    split: str = Field("train", min_length=1, description="Split to take.")
+    weight: float = Field(1.0, gt=0, description="Share of the mixture, relative to the other weighted sources "
+                          "(the mixture has as many examples as its weighted sources together).")
+    examples: int | None = Field(None, ge=1, description="Take exactly this many examples from this source "
+                                 "instead of a weighted share (repeating it when it has fewer).")
+    system_prompt: str | None = Field(None, description="System message for this source's chat rows that have "
+                                      "none.")
+
+    def problems(self) -> list[tuple[tuple, str]]:
+        if self.examples is not None and self.explicitly_set("weight"):
+            return [(("weight",), "give weight or examples, not both")]
+        return []
+
+
+class DatasetSection(Section):
+    path: str | None = Field(None, min_length=1, description="Local file or folder (json, jsonl, csv, parquet) or "
+                             "hub dataset id (or give several sources in mix).")
+    mix: list[DatasetSource] | None = Field(None, min_length=1, description="Several sources mixed by weight (or "
+                                            "a number of examples each) with the seed, instead of path; the run "
+                                            "folder reports how many examples and tokens came from each.")
     format: Literal["alpaca", "chat", "completion", "prompt_completion"] = Field(
         "alpaca", description="Row format: alpaca {instruction, input, output}; chat {messages}; completion "
         "{text}; prompt_completion {prompt, completion}.")
@@ -65,6 +88,13 @@ class DatasetSection(Section):
     on_bad_rows: Literal["error", "skip"] = Field("error", description="error: stop at the first bad row "
                                                   "(file and row named); skip: skip and count them.")
     system_prompt: str | None = Field(None, description="System message for chat rows that have none.")
+
+    def sources(self) -> list[DatasetSource]:
+        """The sources to read: the mix, or the one `path` with this section's format settings."""
+        if self.mix:
+            return list(self.mix)
+        return [DatasetSource(path=self.path, format=self.format, fields=dict(self.fields), split=self.split,
+                              system_prompt=self.system_prompt)]
 
 
 class TrainingSection(Section):

@@ -561,6 +561,8 @@ def _plan(recipe, data, steps_per_epoch: int, total_steps: int, say) -> dict:
         "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
         "tokenization_cached": train.from_cache,
     }
+    if train.sources:
+        plan["sources"] = train.sources
     try:
         plan["params"] = count_for_recipe(recipe).as_dict()
     except PeftctlError as e:
