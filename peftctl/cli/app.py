@@ -176,6 +176,30 @@ def generate(
                                           temperature=temperature)))
 
 
+@app.command()
+def fetch(
+    recipe: str = typer.Argument(..., help="Recipe file ('-' reads standard input)."),
+    sets: Optional[List[str]] = SetOption,
+) -> None:
+    """Download the recipe's model and datasets into the local caches (for offline training)."""
+    from peftctl.cli import fetch as command
+
+    _exit(run_guarded(lambda: command.run(recipe, sets or [])))
+
+
+@app.command()
+def push(
+    run_dir: str = typer.Argument(..., help="A finished run folder."),
+    repo_id: str = typer.Argument(..., help="owner/name on the hub."),
+    merged: bool = typer.Option(False, "--merged", help="Upload merged/ instead of adapter/."),
+    private: bool = typer.Option(False, "--private", help="Create the repository private."),
+) -> None:
+    """Upload the adapter (or merged model) with a model card made from the run."""
+    from peftctl.cli import push as command
+
+    _exit(run_guarded(lambda: command.run(run_dir, repo_id, merged=merged, private=private)))
+
+
 def _quiet_libraries() -> None:
     """transformers, datasets and peft print progress bars and deprecation notices meant for their developers;
     our users get our own progress and messages (PEFTCTL_DEBUG=1 shows theirs again)."""
