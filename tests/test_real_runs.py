@@ -118,3 +118,24 @@ def test_serving_check_at_the_end(tiny_model, write_recipe, tmp_path):
     assert serving["vllm_lora_ready"] is False and "max_lora_rank" in serving["notes"][0]
     small = loop.serving_check(load_recipe(str(write_recipe(tiny_model("llama"), name="small.yaml"))).recipe)
     assert small == {"vllm_lora_ready": True, "notes": []}
+
+
+def test_modules_to_save_trains_the_embeddings_and_counts_their_size(tiny_model, write_recipe, tmp_path):
+    from transformers import AutoConfig
+
+    from peftctl.params import count_for_recipe
+
+    model_dir = tiny_model("llama")
+    plain = load_recipe(str(write_recipe(model_dir, name="plain.yaml"))).recipe
+    saved = load_recipe(str(write_recipe(model_dir, name="saved.yaml",
+                                         method={"modules_to_save": ["embed_tokens", "lm_head"]}))).recipe
+    config = AutoConfig.from_pretrained(model_dir)
+    extra = count_for_recipe(saved).count.trainable - count_for_recipe(plain).count.trainable
+    assert extra == 2 * config.vocab_size * config.hidden_size  # a trainable copy of each (llama: not tied)
+    train(load_recipe(str(write_recipe(model_dir, name="saved.yaml",
+                                       method={"modules_to_save": ["embed_tokens", "lm_head"]}))),
+          TrainOptions(quiet=True))
+    weights = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    assert any("embed_tokens" in k for k in weights) and any("lm_head" in k for k in weights)
+    serving = json.loads((tmp_path / "run" / "run.json").read_text())["serving"]
+    assert any("modules_to_save" in note for note in serving["notes"])

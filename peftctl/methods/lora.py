@@ -27,6 +27,9 @@ class LoraSection(MethodSection):
                                             "times the learning rate of the A matrices (e.g. 16). A matrices, "
                                             "DoRA magnitudes and LoRA factors of embedding layers keep "
                                             "training.learning_rate; run.json records the ratio.")
+    modules_to_save: list[str] = Field([], description="Modules trained in full and saved with the adapter, e.g. "
+                                       "[embed_tokens, lm_head] after adding tokens (count-params shows their "
+                                       "size; vLLM does not serve such adapters, and merge refuses them).")
 
 
 class QloraSection(LoraSection):
@@ -47,7 +50,8 @@ def peft_config(section: LoraSection, model_config=None, context=None):
 
     targets = section.targets if isinstance(section.targets, str) else list(section.targets)
     return LoraConfig(task_type="CAUSAL_LM", r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout,
-                      target_modules=targets, use_dora=section.use_dora, use_rslora=section.use_rslora)
+                      target_modules=targets, use_dora=section.use_dora, use_rslora=section.use_rslora,
+                      modules_to_save=list(section.modules_to_save) or None)
 
 
 def parameter_groups(model, learning_rate: float, weight_decay: float, ratio: float | None) -> list[dict]:

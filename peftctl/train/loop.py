@@ -389,6 +389,9 @@ def serving_check(recipe) -> dict:
                          f"--max-lora-rank {method.r} or higher, or merge the adapter (`peftctl merge`)")
         if method.use_dora:
             notes.append("DoRA adapters are not served as LoRA by vLLM: merge it (`peftctl merge`) to serve it")
+        if method.modules_to_save:
+            notes.append(f"modules_to_save ({', '.join(method.modules_to_save)}) are full copies that vLLM's LoRA "
+                         "serving does not load: serve it with peft")
     elif METHODS[method.name].can_merge:
         notes.append(f"{method.name} adapters are not served as adapters by vLLM: merge it (`peftctl merge`)")
     else:
