@@ -164,7 +164,7 @@ def resolve_paths(recipe: Recipe, marks: Marks, base_dir: Path, *, check_exists:
         validation = local(("dataset", "validation"), validation, data=True) or validation
     chat = [i for i, source in enumerate(dataset.sources()) if source.format == "chat"]
     if chat and model_path and not model.chat_template and Path(model_path).is_dir() \
-            and not has_chat_template(Path(model_path)):
+            and lacks_chat_template(Path(model_path)):
         from peftctl.data.templates import BUILTIN_TEMPLATES
 
         key = ("dataset", "format") if not dataset.mix else ("dataset", "mix", chat[0], "format")
@@ -183,17 +183,20 @@ def resolve_paths(recipe: Recipe, marks: Marks, base_dir: Path, *, check_exists:
     return recipe, problems
 
 
-def has_chat_template(folder: Path) -> bool:
-    """Whether a local model folder's tokenizer carries a chat template (in any of the places transformers reads)."""
+def lacks_chat_template(folder: Path) -> bool:
+    """Whether a local model folder holds a tokenizer without a chat template (in any of the places transformers
+    reads one). A folder with no tokenizer at all (a config-only folder for count-params) is not judged here."""
     import json
 
+    if not (folder / "tokenizer_config.json").exists() and not (folder / "tokenizer.json").exists():
+        return False
     if (folder / "chat_template.jinja").exists() or (folder / "chat_template.json").exists():
-        return True
+        return False
     try:
         config = json.loads((folder / "tokenizer_config.json").read_text())
     except (OSError, ValueError):
-        return False
-    return bool(config.get("chat_template"))
+        return True
+    return not config.get("chat_template")
 
 
 def _is_builtin_template(name: str) -> bool:
