@@ -14,9 +14,13 @@ recomputed), and the loss. Two paths, as the loop takes them:
 Under autocast the loop also stops peft from copying each adapter's input to float32 (kernels.
 skip_adapter_input_casts), so adapted layers that read the same input (q/k/v, gate/up) keep it once.
 
-    peak   = weights + adapter (+ grads + AdamW + autocast copies) + workspace
-             + max(activations at the loss, activations during one layer's backward)
+    peak   = base weights + adapter + AdamW states (+ gradients accumulated so far + autocast copies)
+             + activations kept for the backward pass + the loss's buffers (or one layer's backward, if larger)
+             + dequantisation buffer + workspace
     needed = peak x (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT
+
+The peak falls at the start of a backward pass: everything the forward pass kept is alive, this micro-batch's
+gradients do not exist yet.
 
 `peak` is what `torch.cuda.max_memory_allocated()` reports; `needed` is what the card must hold. Every constant
 sits in the block below with where it came from; `scripts/measure_memory.py` measures real peaks on a GPU to
@@ -37,8 +41,10 @@ from peftctl.params import is_tuner_layer
 
 KiB, MiB, GiB = 1024, 1024 ** 2, 1024 ** 3
 # The fast path's measured peaks, 2026-11-28, one H200 (BENCHMARKS.md, issue 8's cases), which this plan
-# reproduces within 5% (tests/test_plan.py::test_plan_reproduces_the_h200_benchmarks): bf16 LoRA q,k,v,o 4 x 2048
-# full rows 50.51 GiB, packed rows 54.53 GiB; QLoRA all-linear 4 x 2048 57.89 GiB; 1 x 2048 checkpointed 6.89 GiB.
+# reproduces within 2% (+0.3% to +1.6%; tests/test_plan.py::test_plan_reproduces_the_h200_benchmarks; case 4
+# showed when gradients and autocast copies exist at the peak, so it is not independent): bf16 LoRA q,k,v,o
+# 4 x 2048 full rows 50.51 GiB, packed rows 54.53 GiB; QLoRA all-linear 4 x 2048 57.89 GiB; 1 x 2048 checkpointed
+# 6.89 GiB.
 
 # --- constants: the one place to calibrate -------------------------------------------------------------------
 # Weights (exact; checked against the storage of real bitsandbytes layers on a tiny model in tests/test_plan.py)

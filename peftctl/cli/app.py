@@ -133,6 +133,10 @@ def count_params(
     targets: Optional[str] = typer.Option(None, "--targets", help="Comma-separated target modules, or all-linear."),
     bits: Optional[int] = typer.Option(None, "--bits", help="Quantise the base to 4 or 8 bits."),
     num_virtual_tokens: Optional[int] = typer.Option(None, "--num-virtual-tokens", help="For prompt methods."),
+    micro_batch_size: Optional[int] = typer.Option(None, "--micro-batch-size", min=1, help="For --memory: rows "
+                                                   "per micro-batch (training.micro_batch_size)."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=8, help="For --memory: tokens per row "
+                                             "(dataset.max_length)."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
     memory: bool = typer.Option(False, "--memory", help="Also estimate peak GPU memory for the recipe."),
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Card size to plan for, e.g. 24GiB "
@@ -143,6 +147,7 @@ def count_params(
 
     _exit(run_guarded(lambda: command.run(recipe, sets or [], model=model, method=method, r=r, alpha=alpha,
                                           targets=targets, bits=bits, num_virtual_tokens=num_virtual_tokens,
+                                          micro_batch_size=micro_batch_size, max_length=max_length,
                                           json_output=json_output, memory=memory, gpu_memory=gpu_memory)))
 
 

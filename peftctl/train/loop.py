@@ -50,7 +50,7 @@ def train(loaded, options: TrainOptions, console=None):
     from peftctl.methods import runtime
     from peftctl.methods.peft_common import AttachContext
     from peftctl.model import check_packing_isolation, load_model, load_tokenizer, pick_device
-    from peftctl.params import count_parameters
+    from peftctl.params import check_targets, count_parameters
     from peftctl.train.kernels import apply_fast_kernels, skip_adapter_input_casts
     from peftctl.train.loss import build_loss
     from peftctl.train.metrics import Metrics, plot_loss
@@ -103,6 +103,7 @@ def train(loaded, options: TrainOptions, console=None):
                                f"apart (difference {difference:.3g} against {contamination:.3g} unpacked)",
                                hint="set dataset.packing: false, or model.attn_implementation to sdpa or eager")
     kernels = apply_fast_kernels(model, device)  # before the adapter: peft then wraps the patched layers as usual
+    check_targets(model, recipe.method, loaded.where("method.targets"))  # peft skips a name that matches nothing
     model = runtime.attach(model, recipe.method, AttachContext(tokenizer_path=recipe.model.name,
                                                                tokenizer_revision=recipe.model.revision,
                                                                where=loaded.where("method.targets")))
