@@ -35,7 +35,6 @@ import re
 import shutil
 import signal
 import struct
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -890,47 +889,11 @@ def _tied_keys(model) -> dict[str, str]:
 # --- the output folder: built beside --out, renamed into place ---------------------------------------------------
 
 
-@contextmanager
 def staging_dir(final: Path):
-    """A folder beside `final` named after this process; on success it replaces `final` in one rename. Stale ones
-    left by a killed merge (their process is gone) are removed first."""
-    from peftctl.train.run_folder import fsync_dir, sync_tree
+    """The output folder is built beside --out under `.OUT.merging-PID-*` and renamed into place at the end."""
+    from peftctl.train.run_folder import staged_dir
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for kind in ("merging", "old"):
-        for stale in final.parent.glob(f".{final.name}.{kind}-*"):
-            pid = stale.name[len(f".{final.name}.{kind}-"):].split("-")[0]
-            if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.merging-{os.getpid()}-", dir=str(final.parent)))
-    try:
-        yield tmp
-        sync_tree(tmp)
-        old = None
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}"
-            os.replace(final, old)
-        try:
-            os.replace(tmp, final)
-        except BaseException:
-            if old is not None:
-                os.replace(old, final)  # put the previous folder back
-            raise
-        fsync_dir(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
+    return staged_dir(final, label="merging")
     return True
 
 

@@ -159,7 +159,6 @@ def attach_on_meta(model, section, *, tokenizer_path: str = "", where: str = "")
     initialise every adapter tensor on the CPU first: hundreds of MB and ~10 s for LoRA on every layer of 70B)."""
     import torch
 
-    from peftctl.methods import registry  # noqa: F401 - import order: the registry before runtime
     from peftctl.methods import runtime
     from peftctl.methods.peft_common import AttachContext
 

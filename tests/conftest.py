@@ -39,6 +39,27 @@ def tiny_model(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """trained(name, model, **sections) -> run folder, trained once per test module (4 steps on the demo data)."""
+    from peftctl.recipe.loader import load_recipe
+    from peftctl.train.loop import TrainOptions, train
+
+    root = tmp_path_factory.mktemp("runs")
+    done: dict[str, Path] = {}
+
+    def get(name: str, model: Path, **sections) -> Path:
+        if name not in done:
+            out = root / name
+            recipe = root / f"{name}.yaml"
+            recipe.write_text(yaml.safe_dump(recipe_dict(model, out=out, **sections), sort_keys=False))
+            train(load_recipe(str(recipe), []), TrainOptions(quiet=True))
+            done[name] = out
+        return done[name]
+
+    return get
+
+
 def recipe_dict(model_dir: Path | str, data: Path | str = DEMO_DATA, out: Path | str = "run", **sections) -> dict:
     """A small recipe for a tiny model; `sections` override whole keys, e.g. method={"name": "ia3"}."""
     recipe = {

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import recipe_dict, run_cli
+from conftest import run_cli
 
 from peftctl.cli import generate as command
 from peftctl.cli.errors import run_guarded
@@ -24,25 +23,6 @@ def base(tiny_model):
     return tiny_model("llama", shards=3)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """trained(name, model, **sections) -> run folder, trained once per module."""
-    from peftctl.recipe.loader import load_recipe
-    from peftctl.train.loop import TrainOptions, train
-
-    root = tmp_path_factory.mktemp("runs")
-    done: dict[str, Path] = {}
-
-    def get(name: str, model: Path, **sections) -> Path:
-        if name not in done:
-            out = root / name
-            recipe = root / f"{name}.yaml"
-            recipe.write_text(yaml.safe_dump(recipe_dict(model, out=out, **sections), sort_keys=False))
-            train(load_recipe(str(recipe), []), TrainOptions(quiet=True))
-            done[name] = out
-        return done[name]
-
-    return get
 
 
 @pytest.fixture(scope="module")

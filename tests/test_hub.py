@@ -3,8 +3,6 @@ run against an unreachable hub (offline mode, a closed local port)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 

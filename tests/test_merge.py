@@ -15,8 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
-from conftest import recipe_dict, run_cli
+from conftest import run_cli
 
 from peftctl.errors import InvalidInput
 from peftctl.merge import (MERGE_INFO, Checkpoint, dequantized_weight, merge_adapter, parse_size, quantized_weights,
@@ -41,25 +40,6 @@ def base(tiny_model):
     return tiny_model("llama", shards=3)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """trained(name, model, **sections) -> run folder, trained once per module (4 steps on the demo data)."""
-    from peftctl.recipe.loader import load_recipe
-    from peftctl.train.loop import TrainOptions, train
-
-    root = tmp_path_factory.mktemp("runs")
-    done: dict[str, Path] = {}
-
-    def get(name: str, model: Path, **sections) -> Path:
-        if name not in done:
-            out = root / name
-            recipe = root / f"{name}.yaml"
-            recipe.write_text(yaml.safe_dump(recipe_dict(model, out=out, **sections), sort_keys=False))
-            train(load_recipe(str(recipe), []), TrainOptions(quiet=True))
-            done[name] = out
-        return done[name]
-
-    return get
 
 
 def logits(model, ids=IDS):

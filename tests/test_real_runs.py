@@ -4,7 +4,6 @@ opt-in, optimiser choices, and a serving check at the end."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

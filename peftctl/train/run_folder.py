@@ -66,11 +66,18 @@ def sync_tree(path: Path) -> None:
 
 
 @contextmanager
-def staged_dir(final: Path):
-    """Yield a temporary folder beside `final`; on success it replaces `final` in one rename."""
+def staged_dir(final: Path, label: str = "tmp"):
+    """Yield a folder beside `final` named after this process; on success it replaces `final` in one rename (the
+    previous folder is put back if that rename fails). Stale folders of the same label left by a killed process
+    are removed first."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=str(final.parent)))
+    for kind in (label, "old"):
+        for stale in final.parent.glob(f".{final.name}.{kind}-*"):
+            pid = stale.name[len(f".{final.name}.{kind}-"):].split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{label}-{os.getpid()}-", dir=str(final.parent)))
     try:
         yield tmp
         sync_tree(tmp)
@@ -78,13 +85,30 @@ def staged_dir(final: Path):
         if final.exists():
             old = final.parent / f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}"
             os.replace(final, old)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            if old is not None:
+                os.replace(old, final)  # put the previous folder back
+            raise
         fsync_dir(final.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 class RunFolder:
