@@ -330,7 +330,10 @@ def setting_for(recipe, shape: ModelShape, checkpointing: bool, *, fast_path: bo
     attention = recipe.model.attn_implementation
     fast = liger_available() if fast_path is None else fast_path
     prompt_learning = METHODS[recipe.method.name].prompt_learning
-    return Setting(micro_batch_size=recipe.training.micro_batch_size, max_length=recipe.dataset.max_length,
+    rows = recipe.training.micro_batch_size
+    if recipe.training.micro_batch_tokens:  # the budget in rows of max_length (padding counted, as the loop does)
+        rows = max(1, -(-recipe.training.micro_batch_tokens // recipe.dataset.max_length))
+    return Setting(micro_batch_size=rows, max_length=recipe.dataset.max_length,
                    checkpointing=checkpointing, gradient_accumulation=recipe.training.gradient_accumulation,
                    weights_dtype=dtype, bits=quant.bits if quant else None,
                    double_quant=bool(quant and quant.double_quant),

@@ -138,3 +138,37 @@ def test_modules_to_save_trains_the_embeddings_and_counts_their_size(tiny_model,
     assert any("embed_tokens" in k for k in weights) and any("lm_head" in k for k in weights)
     serving = json.loads((tmp_path / "run" / "run.json").read_text())["serving"]
     assert any("modules_to_save" in note for note in serving["notes"])
+
+
+def test_micro_batches_sized_by_a_token_budget(tiny_model, write_recipe, tmp_path):
+    from peftctl.data.prepare import prepare
+    from peftctl.model import load_tokenizer
+
+    recipe_path = write_recipe(tiny_model("llama"), dataset={"packing": False, "max_length": 128},
+                               training={"micro_batch_tokens": 256, "max_steps": 3, "gradient_accumulation": 2,
+                                         "_replace": False})
+    text = recipe_path.read_text().replace("  micro_batch_size: 2\n", "")
+    recipe_path.write_text(text)
+    loaded = load_recipe(str(recipe_path))
+    recipe = loaded.recipe
+    tok = load_tokenizer(recipe.model)
+    data = prepare(recipe.dataset, tok, seed=0, pad_id=tok.pad_token_id)
+    plan = data.step_plan(recipe.training)
+    lengths = data.train.row_counts()[1]
+    for step in plan.steps(0):
+        assert len(step) <= 2
+        for micro in step:
+            assert max(lengths[r] for r in micro) * len(micro) <= 256
+            assert len(micro) >= 1
+    assert sorted(r for step in plan.steps(0) for micro in step for r in micro) == list(range(len(data.train.rows)))
+    train(loaded, TrainOptions(quiet=True))
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["steps_done"] == 3
+
+
+def test_token_budget_rules(tiny_model, write_recipe):
+    both = run_cli("validate", str(write_recipe(tiny_model("llama"), training={"micro_batch_tokens": 512})))
+    assert both.returncode == 2 and "not both" in both.stderr  # the recipe also sets micro_batch_size
+    path = write_recipe(tiny_model("llama"), name="small.yaml", training={"micro_batch_tokens": 64})
+    path.write_text(path.read_text().replace("  micro_batch_size: 2\n", ""))
+    small = run_cli("validate", str(path))
+    assert small.returncode == 2 and "less than dataset.max_length (128)" in small.stderr

@@ -70,10 +70,8 @@ class PreparedData:
     packed: bool
     max_length: int
 
-    def steps_per_epoch(self, rows_per_step: int, min_rows: int = 1) -> int:
-        """Steps in one pass; a last partial step is kept when it has at least `min_rows` rows (one per rank)."""
-        full, rest = divmod(len(self.train.rows), rows_per_step)
-        return full + (1 if rest >= min_rows else 0)
+    def step_plan(self, training, world_size: int = 1) -> "StepPlan":
+        return StepPlan(self, training, world_size)
 
     def trained_tokens(self, split: Split, row_ids) -> int:
         """Trained tokens in these rows, from the table's counts: no collation, no device sync."""
@@ -89,14 +87,72 @@ class PreparedData:
 
     def micro_batches(self, split: Split, row_ids, micro_batch_size: int) -> list[Batch]:
         """Collate the given rows into micro-batches of `micro_batch_size` rows."""
-        out = []
-        for start in range(0, len(row_ids), micro_batch_size):
-            chunk = [split.rows[int(r)] for r in row_ids[start:start + micro_batch_size]]
-            flat = [i for row in chunk for i in row]
-            columns = split.examples[flat] if flat else {"input_ids": [], "labels": []}
-            examples = iter({"input_ids": a, "labels": b} for a, b in zip(columns["input_ids"], columns["labels"]))
-            out.append(collate([[next(examples) for _ in row] for row in chunk], self.pad_id, self.packed))
-        return out
+        return [self.collate_rows(split, row_ids[start:start + micro_batch_size])
+                for start in range(0, len(row_ids), micro_batch_size)]
+
+    def collate_rows(self, split: Split, row_ids) -> Batch:
+        """One micro-batch of these rows."""
+        chunk = [split.rows[int(r)] for r in row_ids]
+        flat = [i for row in chunk for i in row]
+        columns = split.examples[flat] if flat else {"input_ids": [], "labels": []}
+        examples = iter({"input_ids": a, "labels": b} for a, b in zip(columns["input_ids"], columns["labels"]))
+        return collate([[next(examples) for _ in row] for row in chunk], self.pad_id, self.packed)
+
+
+class StepPlan:
+    """Which rows each optimiser step takes, epoch by epoch, in micro-batches.
+
+    Each epoch shuffles the rows with the seed; micro-batches take `micro_batch_size` rows, or -- with
+    `micro_batch_tokens` -- as many rows as fit that many tokens counting padding (rows x the longest row); a step
+    takes gradient_accumulation x world_size micro-batches, and rank r computes every world_size-th of them. A last
+    step that cannot give every rank a micro-batch is left out.
+    """
+
+    def __init__(self, data: "PreparedData", training, world_size: int = 1):
+        self.data, self.world_size = data, world_size
+        self.seed = training.seed
+        self.micro_batch_size = training.micro_batch_size
+        self.micro_batch_tokens = training.micro_batch_tokens
+        self.per_step = training.gradient_accumulation * world_size
+        self._cache: dict[int, list[list[list[int]]]] = {}
+
+    def steps(self, epoch: int) -> list[list[list[int]]]:
+        if epoch not in self._cache:
+            self._cache = {epoch: self._build(epoch)}  # one epoch at a time is all the loop needs
+        return self._cache[epoch]
+
+    def steps_in(self, epoch: int) -> int:
+        return len(self.steps(epoch))
+
+    def total(self, epochs: int) -> int:
+        if not self.micro_batch_tokens:
+            return self.steps_in(0) * epochs  # every epoch has the same number of steps
+        return sum(len(self._build(e)) for e in range(epochs))
+
+    def step(self, epoch: int, index: int) -> list[list[int]]:
+        return self.steps(epoch)[index]
+
+    def _build(self, epoch: int) -> list[list[list[int]]]:
+        order = [int(r) for r in self.data.epoch_order(epoch, self.seed)]
+        if self.micro_batch_tokens:
+            lengths = self.data.train.row_counts()[1]
+            micro, current, longest = [], [], 0
+            for r in order:
+                widest = max(longest, lengths[r])
+                if current and widest * (len(current) + 1) > self.micro_batch_tokens:
+                    micro.append(current)
+                    current, widest = [], lengths[r]
+                current.append(r)
+                longest = widest
+            if current:
+                micro.append(current)
+        else:
+            size = self.micro_batch_size
+            micro = [order[i:i + size] for i in range(0, len(order), size)]
+        steps = [micro[i:i + self.per_step] for i in range(0, len(micro), self.per_step)]
+        if steps and len(steps[-1]) < self.world_size:
+            steps.pop()
+        return steps
 
 
 def prepare(dataset_section, tokenizer, *, seed: int, pad_id: int, packed: bool | None = None,

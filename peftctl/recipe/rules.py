@@ -62,6 +62,13 @@ def check(raw: dict, marks: Marks, base_dir: Path) -> list[Problem]:
     if spec is not None and not spec.can_pack and dataset.get("packing") is True:
         problem(("dataset", "packing"), f"{spec.name} cannot pack ({spec.cannot_pack}); set packing: false")
 
+    tokens = training.get("micro_batch_tokens")
+    if tokens is not None and "micro_batch_size" in training:
+        problem(("training", "micro_batch_tokens"), "give micro_batch_size or micro_batch_tokens, not both")
+    max_length = dataset.get("max_length", 2048)
+    if isinstance(tokens, int) and isinstance(max_length, int) and 8 <= tokens < max_length:
+        problem(("training", "micro_batch_tokens"), f"{tokens} is less than dataset.max_length ({max_length}): a "
+                "full row would not fit; raise it or lower max_length")
     if "warmup_steps" in training and training.get("warmup_ratio") is not None:
         problem(("training", "warmup_ratio"), "give warmup_steps or warmup_ratio, not both")
     has_path, mix = dataset.get("path") is not None, dataset.get("mix")

@@ -102,6 +102,9 @@ class TrainingSection(Section):
     epochs: int = Field(1, ge=1, le=10_000, description="Passes over the training data.")
     micro_batch_size: int = Field(4, ge=1, description="Rows per forward pass (with packing: rows of "
                                   "max_length tokens).")
+    micro_batch_tokens: int | None = Field(None, ge=8, description="Size micro-batches by tokens instead: as many "
+                                           "rows as fit this many tokens, padding counted (exclusive with "
+                                           "micro_batch_size; at least dataset.max_length).")
     gradient_accumulation: int = Field(4, ge=1, description="Micro-batches per optimiser step.")
     learning_rate: float = Field(2.0e-4, gt=0, le=1, description="Peak learning rate.")
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field("cosine", description="Decay after warmup.")

@@ -86,11 +86,10 @@ def train(loaded, options: TrainOptions, console=None):
         data = prepare(recipe.dataset, tokenizer, seed=training.seed, pad_id=tokenizer.pad_token_id)
 
     # The number of steps comes from the data; the schedule needs it, so the optimiser is built after the data.
-    rows_per_step = training.micro_batch_size * training.gradient_accumulation * world.size
-    steps_per_epoch = data.steps_per_epoch(rows_per_step, min_rows=world.size)
-    total_steps = training.max_steps or steps_per_epoch * training.epochs
+    plan = data.step_plan(training, world.size)
+    total_steps = training.max_steps or plan.total(training.epochs)
     if options.dry_run:
-        return _plan(recipe, data, steps_per_epoch, total_steps, say)
+        return _plan(recipe, data, plan.steps_in(0), total_steps, say)
 
     device = device or pick_device()
     checkpointing = _gradient_checkpointing(recipe, device, data)
@@ -161,11 +160,11 @@ def train(loaded, options: TrainOptions, console=None):
 
     train_s, last_loss, last_eval, nonfinite_in_a_row, first_step_s = 0.0, None, None, 0, None
     t_loop = time.time()
-    batches = StepBatches(data, rows_per_step, steps_per_epoch, training, world, pin=device.type == "cuda")
+    batches = StepBatches(data, plan, world, pin=device.type == "cuda")
     try:
         with graceful_stop() as stop, batches:
             while state.step < total_steps:
-                if state.step_in_epoch >= steps_per_epoch:
+                if state.step_in_epoch >= plan.steps_in(state.epoch):
                     state.epoch, state.step_in_epoch = state.epoch + 1, 0
                 t_step = time.perf_counter()
                 # This step's rows and micro-batches (collated in the background while the previous step ran).
@@ -302,13 +301,11 @@ def train(loaded, options: TrainOptions, console=None):
 
 
 class StepBatches:
-    """The micro-batches of each step, collated one step ahead in a background thread (into pinned memory on
-    the GPU), so the host prepares step k+1 while the device computes step k."""
+    """The micro-batches of each step (this rank's share), collated one step ahead in a background thread (into
+    pinned memory on the GPU), so the host prepares step k+1 while the device computes step k."""
 
-    def __init__(self, data, rows_per_step: int, steps_per_epoch: int, training, world, *, pin: bool):
-        self.data, self.rows_per_step, self.steps_per_epoch = data, rows_per_step, steps_per_epoch
-        self.training, self.world, self.pin = training, world, pin
-        self._orders: dict[int, object] = {}
+    def __init__(self, data, plan, world, *, pin: bool):
+        self.data, self.plan, self.world, self.pin = data, plan, world, pin
         self._pending = None  # ((epoch, step_in_epoch), future)
         self._pool = None
 
@@ -321,27 +318,23 @@ class StepBatches:
     def __exit__(self, *exc):
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _order(self, epoch: int):
-        if epoch not in self._orders:
-            self._orders = {epoch: self.data.epoch_order(epoch, self.training.seed)}
-        return self._orders[epoch]
-
     def _build(self, epoch: int, step_in_epoch: int):
-        begin = step_in_epoch * self.rows_per_step
-        rows = self._order(epoch)[begin:begin + self.rows_per_step]
-        micro = self.data.micro_batches(self.data.train, rows[self.world.rank::self.world.size],
-                                        self.training.micro_batch_size)
+        micro = self.plan.step(epoch, step_in_epoch)
+        rows = [r for mb in micro for r in mb]
+        mine = [self.data.collate_rows(self.data.train, mb) for mb in micro[self.world.rank::self.world.size]]
         if self.pin:
-            micro = [mb.pinned() for mb in micro]
-        return rows, micro
+            mine = [mb.pinned() for mb in mine]
+        return rows, mine
 
     def get(self, epoch: int, step_in_epoch: int):
+        """(every row of the step on all ranks, this rank's collated micro-batches)"""
         key = (epoch, step_in_epoch)
         if self._pending is not None and self._pending[0] == key:
             result = self._pending[1].result()
         else:
             result = self._build(epoch, step_in_epoch)
-        following = (epoch, step_in_epoch + 1) if step_in_epoch + 1 < self.steps_per_epoch else (epoch + 1, 0)
+        last = step_in_epoch + 1 >= self.plan.steps_in(epoch)
+        following = (epoch + 1, 0) if last else (epoch, step_in_epoch + 1)
         self._pending = (following, self._pool.submit(self._build, *following))
         return result
 
