@@ -322,3 +322,21 @@ def test_path_and_mix_are_exclusive(tmp_path):
     ok = parse_recipe(base + "dataset:\n  mix:\n    - {path: org/e}\n    - {path: data/x.jsonl}\n", "r.yaml",
                       tmp_path, check_paths=False).recipe
     assert ok.dataset.mix[1].path == str(tmp_path / "data" / "x.jsonl")
+
+
+def test_a_named_template_renders_for_a_tokenizer_without_one(tiny_model, tmp_path):
+    from peftctl.model import load_tokenizer
+    from peftctl.recipe.schema import ModelSection
+
+    tok = load_tokenizer(ModelSection(name=str(tiny_model("gpt2")), chat_template="chatml"))
+    text = tok.apply_chat_template(CONVERSATION[:3], tokenize=False)
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n"
+                    "<|im_start|>assistant\nBlue.<|im_end|>\n")
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION[1:3]}])
+    data = prepare(section(path, format="chat", max_length=512, system_prompt="Be brief."), tok, seed=0, pad_id=0)
+    ids = data.train.examples[0]["input_ids"]
+    assert tok.decode(ids).startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    template_file = tmp_path / "mine.jinja"
+    template_file.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}")
+    tok = load_tokenizer(ModelSection(name=str(tiny_model("gpt2")), chat_template=str(template_file)))
+    assert tok.apply_chat_template(CONVERSATION[1:3], tokenize=False) == "[user] Name a colour.\n[assistant] Blue.\n"
