@@ -172,3 +172,26 @@ def test_token_budget_rules(tiny_model, write_recipe):
     path.write_text(path.read_text().replace("  micro_batch_size: 2\n", ""))
     small = run_cli("validate", str(path))
     assert small.returncode == 2 and "less than dataset.max_length (128)" in small.stderr
+
+
+@pytest.mark.parametrize("tracker", ["mlflow", "wandb"])
+def test_trackers_record_the_run_when_installed(tiny_model, write_recipe, tmp_path, tracker, monkeypatch):
+    """With the extra installed (not in the default test extras): metrics reach the tracker, locally only --
+    MLflow's file store, W&B's offline mode -- with the recipe's project, run name and tags."""
+    pytest.importorskip(tracker)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    recipe = write_recipe(tiny_model("llama"), output={"trackers": [tracker], "project": "peftctl-test",
+                                                       "run_name": "tiny", "tags": ["ci"]})
+    train(load_recipe(str(recipe)), TrainOptions(quiet=True))
+    if tracker == "mlflow":
+        import mlflow
+
+        runs = mlflow.search_runs(experiment_names=["peftctl-test"])
+        assert len(runs) == 1 and runs.iloc[0]["tags.mlflow.runName"] == "tiny"
+        assert runs.iloc[0]["status"] == "FINISHED" and runs.iloc[0]["metrics.loss"] > 0
+    else:
+        logs = list((tmp_path / "run").rglob("*.wandb"))
+        assert logs, "no offline W&B run was written"
