@@ -72,3 +72,46 @@ def test_sigterm_to_the_launcher_checkpoints_every_rank_and_resume_continues(tin
     a = load_file(str(tmp_path / "ref" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_fsdp_shards_and_trains_the_same_adapter(tiny_model, write_recipe, tmp_path):
+    """training.distributed: fsdp (FSDP2, every decoder layer sharded): the same adapter as one process, checkpoints
+    gathered in full, and a resume continues."""
+    model = tiny_model("llama")
+    single = write_recipe(model, name="single.yaml", out=tmp_path / "single", dataset={"validation": 0.1},
+                          training={**STEPS, "max_steps": 4, "gradient_accumulation": 2, "eval_every": 2})
+    train(load_recipe(str(single)), TrainOptions(quiet=True))
+    sharded = write_recipe(model, name="fsdp.yaml", out=tmp_path / "fsdp", dataset={"validation": 0.1},
+                           training={**STEPS, "max_steps": 4, "gradient_accumulation": 1, "eval_every": 2,
+                                     "save_every": 2, "distributed": "fsdp"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "peftctl",
+                             "train", str(sharded), "--quiet"], capture_output=True, text=True, env=env,
+                            cwd=str(REPO), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
+                for name in ("single", "fsdp"))
+    assert one.keys() == two.keys()
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-6
+    records = [read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("single", "fsdp")]
+    assert [r.get("loss", r.get("eval_loss")) for r in records[0]] == pytest.approx(
+        [r.get("loss", r.get("eval_loss")) for r in records[1]], rel=1e-5)
+    manifest = json.loads((tmp_path / "fsdp" / "run.json").read_text())
+    assert manifest["distributed"] == "fsdp" and manifest["world_size"] == 2
+    checkpoint = tmp_path / "fsdp" / "checkpoints" / "step_000002"
+    state = load_file(str(checkpoint / "adapter_state.safetensors"))
+    assert all(t.shape == one[k.replace(".default", "")].shape for k, t in state.items())  # full, not shards
+
+    # Resume from step 2 (weights re-sharded, optimiser state set through torch.distributed.checkpoint).
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "peftctl",
+                             "train", str(sharded), "--quiet", "--resume", str(checkpoint)], capture_output=True,
+                            text=True, env=env, cwd=str(REPO), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = load_file(str(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors"))
+    assert max((one[k] - resumed[k]).abs().max().item() for k in one) < 1e-6
+
+
+def test_fsdp_refuses_a_quantised_base(tiny_model, write_recipe):
+    result = run_cli("validate", str(write_recipe(tiny_model("llama"), quantization={"bits": 4},
+                                                  training={"distributed": "fsdp"})))
+    assert result.returncode == 2 and "FSDP2 is not supported" in result.stderr

@@ -67,7 +67,7 @@ def attach(model, section: AdapterSection, context=None):
     return model
 
 
-def save(model, out_dir) -> None:
+def save(model, out_dir, *, state_dict: dict | None = None) -> None:
     import json
     from pathlib import Path
 
@@ -75,7 +75,11 @@ def save(model, out_dir) -> None:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.bottleneck_adapters.state_dict().items()}
+    if state_dict is not None:  # full tensors gathered from shards: keep ours, named as in the adapters' module
+        prefix = "bottleneck_adapters."
+        state = {k.split(prefix, 1)[1]: v.contiguous() for k, v in state_dict.items() if prefix in k}
+    else:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.bottleneck_adapters.state_dict().items()}
     save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt", "peftctl_method": "adapter"})
     (out_dir / CONFIG_FILE).write_text(json.dumps(model.peftctl_adapter_config, indent=2) + "\n")
 

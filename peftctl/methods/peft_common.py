@@ -35,8 +35,9 @@ def attach(model, peft_config, context: AttachContext):
         raise
 
 
-def save(model, out_dir: Path) -> None:
-    model.save_pretrained(str(out_dir), safe_serialization=True)
+def save(model, out_dir: Path, *, state_dict: dict | None = None) -> None:
+    kwargs = {"state_dict": state_dict} if state_dict is not None else {}
+    model.save_pretrained(str(out_dir), safe_serialization=True, **kwargs)
 
 
 def load(base_model, adapter_dir: Path, *, trainable: bool = False):

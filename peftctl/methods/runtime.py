@@ -25,11 +25,13 @@ def attach(model, section, context: peft_common.AttachContext):
     return impl.attach(model, section, context)
 
 
-def save(model, spec: MethodSpec, out_dir: Path) -> None:
+def save(model, spec: MethodSpec, out_dir: Path, *, state_dict: dict | None = None) -> None:
+    """Write the adapter; `state_dict` (the full trainable tensors) stands in for the model's own when they are
+    sharded across processes."""
     if spec.peft_type:
-        peft_common.save(model, out_dir)
+        peft_common.save(model, out_dir, state_dict=state_dict)
     else:
-        spec.implementation().save(model, out_dir)
+        spec.implementation().save(model, out_dir, state_dict=state_dict)
 
 
 def adapter_kind(adapter_dir: Path) -> tuple[str, dict]:

@@ -62,6 +62,10 @@ def check(raw: dict, marks: Marks, base_dir: Path) -> list[Problem]:
     if spec is not None and not spec.can_pack and dataset.get("packing") is True:
         problem(("dataset", "packing"), f"{spec.name} cannot pack ({spec.cannot_pack}); set packing: false")
 
+    if training.get("distributed") == "fsdp" and bits is not None:
+        problem(("training", "distributed"), "sharding a quantised base with FSDP2 is not supported: bitsandbytes' "
+                "quantised weights lose their quantisation state when sharded; use ddp (a 4-bit 70B base fits "
+                "one 80 GB GPU) or a bf16 base")
     tokens = training.get("micro_batch_tokens")
     if tokens is not None and "micro_batch_size" in training:
         problem(("training", "micro_batch_tokens"), "give micro_batch_size or micro_batch_tokens, not both")

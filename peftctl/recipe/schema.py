@@ -126,6 +126,10 @@ class TrainingSection(Section):
                             "adapter/ from it at the end (run.json names its step). Needs validation data.")
     patience: int | None = Field(None, ge=1, description="Stop early when the validation loss has not improved "
                                  "for this many evaluations. Needs validation data.")
+    distributed: Literal["auto", "ddp", "fsdp"] = Field("auto", description="With several processes: ddp keeps a "
+                                                         "whole model per GPU; fsdp shards it (FSDP2, bf16/fp16 "
+                                                         "bases only); auto picks ddp when the memory plan fits one "
+                                                         "GPU, else fsdp.")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = Field(
         "adamw", description="adamw (fused on the GPU); the bitsandbytes 8-bit and paged variants save optimiser "
         "memory (GPU only).")

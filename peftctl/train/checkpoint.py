@@ -57,13 +57,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def trainable_state(model) -> dict:
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def estimate_bytes(model) -> int:
+def estimate_bytes(weights: dict) -> int:
     """Adapter weights plus two Adam moments, all float32, plus a little for the rest."""
-    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    params = sum(t.numel() for t in weights.values())
     return params * 4 * 3 + (1 << 20)
 
 
@@ -93,14 +89,16 @@ def restore_rng(rng: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in rng["cuda"]])
 
 
-def save(root: Path, model, optimizer, scheduler, state: TrainerState, recipe_yaml: str, data_fingerprint: str,
-         keep: int, *, rngs: list[dict] | None = None, world_size: int = 1) -> Path:
-    """Write checkpoints/step_N; `rngs` holds every rank's random streams (this process's when None)."""
+def save(root: Path, weights: dict, optimizer_state: dict, scheduler, state: TrainerState, recipe_yaml: str,
+         data_fingerprint: str, keep: int, *, rngs: list[dict] | None = None, world_size: int = 1,
+         engine: str | None = None) -> Path:
+    """Write checkpoints/step_N from the full trainable weights and optimiser state (gathered by the caller, on
+    every rank when they are sharded); `rngs` holds every rank's random streams (this process's when None)."""
     import torch
     from safetensors.torch import save_file
 
     root.mkdir(parents=True, exist_ok=True)
-    need = estimate_bytes(model)
+    need = estimate_bytes(weights)
     free = shutil.disk_usage(root).free
     if free < need * 1.2:
         raise PeftctlError(f"not enough disk space for a checkpoint in {root}: {free / 2**20:.0f} MiB free, about "
@@ -108,13 +106,13 @@ def save(root: Path, model, optimizer, scheduler, state: TrainerState, recipe_ya
                            "checkpoint is intact and `--resume auto` continues from it")
     final = root / name_for(state.step)
     with staged_dir(final) as tmp:
-        save_file(trainable_state(model), str(tmp / "adapter_state.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(weights, str(tmp / "adapter_state.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict(), default=_no_callables))
         rngs = rngs or [rng_state()]
         (tmp / "rng.json").write_text(json.dumps({**rngs[0], "ranks": rngs if len(rngs) > 1 else None}))
         (tmp / "trainer_state.json").write_text(json.dumps({**state.__dict__, "data_fingerprint": data_fingerprint,
-                                                            "world_size": world_size}, indent=2))
+                                                            "world_size": world_size, "engine": engine}, indent=2))
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps({"step": state.step, "files": files}, indent=2))
@@ -182,38 +180,43 @@ def find_resumable(root: Path, requested: str) -> tuple[Path | None, list[str]]:
     return None, notes
 
 
-def load(path: Path, model, optimizer, scheduler, *, rank: int = 0) -> tuple[TrainerState, dict]:
+def load(path: Path, model, optimizer, scheduler, *, rank: int = 0, engine: str | None = None
+         ) -> tuple[TrainerState, dict]:
     import torch
-    from safetensors.torch import load_file
 
-    weights = load_file(str(path / "adapter_state.safetensors"))
-    params = dict(model.named_parameters())
-    missing = [name for name, p in params.items() if p.requires_grad and name not in weights]
-    if missing or any(name not in params for name in weights):
-        raise InvalidInput(f"{path}: the checkpoint's adapter does not match this model (e.g. {(missing or list(weights))[0]})")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    from peftctl.train.distributed import load_optimizer_state
+
+    raw = json.loads((path / "trainer_state.json").read_text())
+    if raw.get("engine") != engine:
+        raise InvalidInput(f"{path} was written under {raw.get('engine') or 'one process'}, this run uses "
+                           f"{engine or 'one process'}: the optimiser state is not stored the same way",
+                           hint="resume with the same training.distributed and number of processes")
+    load_adapter_weights(path, model, verified=True)
+    load_optimizer_state(model, optimizer, torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
+                         engine)
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     rng = json.loads((path / "rng.json").read_text())
     ranks = rng.get("ranks") or [rng]
     restore_rng(ranks[rank] if rank < len(ranks) else ranks[0])
-    raw = json.loads((path / "trainer_state.json").read_text())
     state = TrainerState(**{k: v for k, v in raw.items() if k in TrainerState.__dataclass_fields__})
     return state, raw
 
 
-def load_adapter_weights(path: Path, model) -> None:
-    """Put a checkpoint's adapter weights into the model (for keep_best: adapter/ from the best step)."""
-    import torch
+def load_adapter_weights(path: Path, model, *, verified: bool = False) -> None:
+    """Put a checkpoint's adapter weights into the model (resume; keep_best: adapter/ from the best step)."""
     from safetensors.torch import load_file
 
-    verify(path)
+    from peftctl.train.distributed import load_trainable_state
+
+    if not verified:
+        verify(path)
+    weights = load_file(str(path / "adapter_state.safetensors"))
     params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in load_file(str(path / "adapter_state.safetensors")).items():
-            params[name].copy_(tensor)
+    missing = [name for name, p in params.items() if p.requires_grad and name not in weights]
+    if missing or any(name not in params for name in weights):
+        raise InvalidInput(f"{path}: the checkpoint's adapter does not match this model "
+                           f"(e.g. {(missing or list(weights))[0]})")
+    load_trainable_state(model, weights)
 
 
 def recipe_differences(old: dict, new: dict) -> tuple[list[str], list[str]]:

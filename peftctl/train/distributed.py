@@ -127,28 +127,113 @@ def on_main(world: World, fn):
     return result
 
 
-class LossModule:
-    """Wraps "model + loss function" as one module so that DDP sees the whole forward that produces the loss
-    (the fused loss calls the decoder directly, which a DDP wrapper around the model alone would miss)."""
+def choose_engine(recipe, world: World, device) -> str | None:
+    """ddp or fsdp for several processes (None for one). auto: ddp when the memory plan fits one GPU (and always
+    for a quantised base, which FSDP2 cannot shard), fsdp otherwise."""
+    if not world.distributed:
+        return None
+    setting = recipe.training.distributed
+    if setting != "auto":
+        return setting
+    if recipe.quantization is not None or device.type != "cuda":
+        return "ddp"
+    from peftctl.plan import local_card, plan_memory
 
-    @staticmethod
-    def wrap(model, loss_fn, world: World, device):
-        import torch
+    plan = plan_memory(recipe, card=local_card(device))
+    return "ddp" if plan.fits is not False else "fsdp"
+
+
+def wrap(model, loss_fn, world: World, device, engine: str | None):
+    """The module that computes a micro-batch's loss: "model + loss function" as one module, so that DDP or FSDP
+    sees the whole forward that produces the loss (the fused loss calls the decoder directly, which a wrapper
+    around the model alone would miss)."""
+    import torch
+
+    class LossModule(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, batch):
+            return loss_fn(self.model, batch)
+
+    module = LossModule()
+    if engine == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        class _Loss(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.model = model
-
-            def forward(self, batch):
-                return loss_fn(self.model, batch)
-
-        module = _Loss()
-        if not world.distributed:
-            return module
         return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
                                        find_unused_parameters=False)
+    if engine == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        from peftctl.methods.bottleneck import decoder_layers
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        for layer in decoder_layers(base):  # one all-gather per layer, freed after it
+            fully_shard(layer)
+        fully_shard(module)  # the rest: embeddings, final norm, output head
+    return module
+
+
+def accumulating(module, engine: str | None, last: bool):
+    """No gradient synchronisation on the micro-batches before the last of a step."""
+    from contextlib import contextmanager, nullcontext
+
+    if engine == "ddp" and not last:
+        return module.no_sync()
+    if engine == "fsdp":
+        @contextmanager
+        def fsdp_sync():
+            module.set_requires_gradient_sync(last)
+            yield
+        return fsdp_sync()
+    return nullcontext()
+
+
+def full_trainable_state(model) -> dict:
+    """Every trainable tensor in full, on the CPU (gathered from the shards under FSDP: call on every rank)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        tensor = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[name] = tensor.detach().cpu().contiguous()
+    return out
+
+
+def load_trainable_state(model, state: dict) -> None:
+    """Copy full tensors into the model's trainable parameters (re-sharding them under FSDP)."""
+    import torch
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in state.items():
+            param = params[name]
+            if hasattr(param, "device_mesh"):
+                from torch.distributed.tensor import distribute_tensor
+
+                tensor = distribute_tensor(tensor.to(param.dtype), param.device_mesh, param.placements)
+            param.copy_(tensor.to(param.device) if not hasattr(tensor, "device_mesh") else tensor)
+
+
+def optimizer_state(model, optimizer, engine: str | None) -> dict:
+    """The optimiser state to save: plain for one process or DDP; gathered in full (on rank 0) under FSDP."""
+    if engine != "fsdp":
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                               cpu_offload=True))
+
+
+def load_optimizer_state(model, optimizer, state: dict, engine: str | None) -> None:
+    if engine != "fsdp":
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))
 
 
 def launch(args: list[str], processes: int) -> int:

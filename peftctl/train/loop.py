@@ -9,7 +9,6 @@ import math
 import platform
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import yaml
@@ -111,7 +110,11 @@ def train(loaded, options: TrainOptions, console=None):
         say(f"starting from the adapter in {recipe.method.init_from}")
     model.train()
     loss_fn, loss_name = build_loss(model, spec, device)
-    step_module = dist.LossModule.wrap(model, loss_fn, world, device)  # DDP when several processes
+    engine = dist.choose_engine(recipe, world, device)  # None, ddp or fsdp
+    step_module = dist.wrap(model, loss_fn, world, device, engine)
+    # Evaluation: through the sharded module under FSDP (its forward gathers the weights); around DDP's wrapper
+    # otherwise, since rank 0 evaluates alone and DDP's forward would wait for the others.
+    eval_loss = (lambda m, batch: step_module(batch)) if engine == "fsdp" else loss_fn
     counts = count_parameters(model)
     say(counts.line())
 
@@ -119,14 +122,15 @@ def train(loaded, options: TrainOptions, console=None):
     scheduler = build_scheduler(optimizer, training, total_steps)
     state = ckpt.TrainerState()
     if resume_from is not None:
-        state = _resume(resume_from, model, optimizer, scheduler, recipe, data.fingerprint, world, say)
+        state = _resume(resume_from, model, optimizer, scheduler, recipe, data.fingerprint, world, say,
+                        engine=engine)
 
     autocast_dtype = _autocast_dtype(recipe, device)
     if autocast_dtype is not None and skip_adapter_input_casts(model):
         kernels = kernels + ["adapter_inputs_in_autocast_dtype"]
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
     trainable = [p for p in model.parameters() if p.requires_grad]
-    manifest = _manifest(recipe, spec, data, counts, device, total_steps, checkpointing, world)
+    manifest = _manifest(recipe, spec, data, counts, device, total_steps, checkpointing, world, engine)
     manifest["fast_path"] = {"kernels": kernels, "loss": loss_name, "autocast": str(autocast_dtype)}
     metrics = None
     if world.main:
@@ -137,11 +141,16 @@ def train(loaded, options: TrainOptions, console=None):
                           trackers=trackers, resume_step=state.step)
 
     def save_checkpoint():
-        rngs = dist.gather_objects(world, ckpt.rng_state())  # every rank's dropout stream, for an exact resume
+        # Collectives first, on every rank: the full weights and optimiser state (gathered under FSDP) and every
+        # rank's random streams (for an exact resume); then rank 0 writes.
+        weights = dist.full_trainable_state(model)
+        optimizer_state = dist.optimizer_state(model, optimizer, engine)
+        rngs = dist.gather_objects(world, ckpt.rng_state())
         path = None
         if world.main:
-            path = ckpt.save(run.checkpoints, model, optimizer, scheduler, state, recipe_yaml, data.fingerprint,
-                             training.keep_checkpoints, rngs=rngs, world_size=world.size)
+            path = ckpt.save(run.checkpoints, weights, optimizer_state, scheduler, state, recipe_yaml,
+                             data.fingerprint, training.keep_checkpoints, rngs=rngs, world_size=world.size,
+                             engine=engine)
         dist.barrier(world)
         return path
 
@@ -178,7 +187,7 @@ def train(loaded, options: TrainOptions, console=None):
                 for i, mb in enumerate(micro_batches):
                     mb = mb.to(device)
                     last = i == len(micro_batches) - 1
-                    with (nullcontext() if last or not world.distributed else step_module.no_sync()):
+                    with dist.accumulating(step_module, engine, last):
                         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                             token_loss = step_module(mb)
                         scaled = token_loss * scale
@@ -189,6 +198,8 @@ def train(loaded, options: TrainOptions, console=None):
                 if scaler:
                     scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, training.max_grad_norm or math.inf)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP: the norm comes back as a (replicated) DTensor
+                    grad_norm = grad_norm.full_tensor()
                 # The one host sync of a step: loss, gradient norm and stop flag together. Never step on (or save)
                 # non-finite values.
                 loss_value, norm_value, stop_flag = torch.stack([step_loss[0] / n_trained, grad_norm.float(),
@@ -235,8 +246,10 @@ def train(loaded, options: TrainOptions, console=None):
                 improved = stop_early = False
                 if data.validation is not None and (state.step % training.eval_every == 0
                                                     or state.step == total_steps):
+                    if world.main or engine == "fsdp":  # a sharded model needs every rank for a forward pass
+                        last_eval = evaluate(model, data, training.micro_batch_size, device, autocast_dtype,
+                                             eval_loss)
                     if world.main:
-                        last_eval = evaluate(model, data, training.micro_batch_size, device, autocast_dtype, loss_fn)
                         metrics.log({"step": state.step, "eval_loss": last_eval, "eval_ppl": _ppl(last_eval)})
                     last_eval = dist.broadcast_object(world, last_eval)  # every rank decides the same below
                     improved = state.best_eval_loss is None or last_eval < state.best_eval_loss
@@ -280,8 +293,10 @@ def train(loaded, options: TrainOptions, console=None):
     if training.keep_best and state.best_step is not None and state.best_step != state.step:
         ckpt.load_adapter_weights(run.checkpoints / ckpt.name_for(state.best_step), model)
         adapter_step = state.best_step
+    weights = dist.full_trainable_state(model)  # gathered on every rank under FSDP
     if world.main:
-        save_adapter(model, spec, recipe, tokenizer, run, loraplus=getattr(recipe.method, "loraplus_lr_ratio", None))
+        save_adapter(model, spec, recipe, tokenizer, run, loraplus=getattr(recipe.method, "loraplus_lr_ratio", None),
+                     weights=weights)
         serving = serving_check(recipe)
         for note in serving["notes"]:
             say(f"note: {note}")
@@ -357,7 +372,7 @@ def evaluate(model, data, micro_batch_size: int, device, autocast_dtype, loss_fn
     return (total / max(1, tokens)).item()
 
 
-def save_adapter(model, spec, recipe, tokenizer, run: RunFolder, *, loraplus=None) -> None:
+def save_adapter(model, spec, recipe, tokenizer, run: RunFolder, *, loraplus=None, weights=None) -> None:
     import json
 
     from peftctl.methods import runtime
@@ -367,7 +382,7 @@ def save_adapter(model, spec, recipe, tokenizer, run: RunFolder, *, loraplus=Non
             "trust_remote_code": recipe.model.trust_remote_code, "dtype": recipe.model.dtype, "quantization": quant.model_dump() if quant else None,
             "loraplus_lr_ratio": loraplus, "can_merge": spec.can_merge}
     with staged_dir(run.adapter) as tmp:
-        runtime.save(model, spec, tmp)
+        runtime.save(model, spec, tmp, state_dict=weights)
         tokenizer.save_pretrained(str(tmp))
         (tmp / ADAPTER_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
@@ -415,7 +430,7 @@ def _resume_point(run: RunFolder, requested: str | None, say):
     return path
 
 
-def _resume(path, model, optimizer, scheduler, recipe, data_fingerprint: str, world, say):
+def _resume(path, model, optimizer, scheduler, recipe, data_fingerprint: str, world, say, *, engine=None):
     old_recipe = yaml.safe_load((path / "recipe.yaml").read_text())
     trained, cadence = ckpt.recipe_differences(old_recipe, recipe.model_dump(mode="json"))
     if trained:
@@ -424,7 +439,7 @@ def _resume(path, model, optimizer, scheduler, recipe, data_fingerprint: str, wo
                                 "start a new run in another output.dir")
     for line in cadence:
         say(f"warning: changed since the checkpoint: {line}")
-    state, raw = ckpt.load(path, model, optimizer, scheduler, rank=world.rank)
+    state, raw = ckpt.load(path, model, optimizer, scheduler, rank=world.rank, engine=engine)
     saved_world = raw.get("world_size", 1)
     if saved_world != world.size:
         say(f"warning: {path.name} was written by {saved_world} process(es), this run has {world.size}: a step now "
@@ -495,7 +510,7 @@ def _ppl(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
-def _manifest(recipe, spec, data, counts, device, total_steps: int, checkpointing: bool, world) -> dict:
+def _manifest(recipe, spec, data, counts, device, total_steps: int, checkpointing: bool, world, engine) -> dict:
     import peftctl
 
     return {
@@ -504,7 +519,7 @@ def _manifest(recipe, spec, data, counts, device, total_steps: int, checkpointin
         "versions": _versions(),
         "device": _device_name(device),
         "world_size": world.size,
-        "distributed": "ddp" if world.distributed else None,
+        "distributed": engine,
         "model": {"name": recipe.model.name, "revision": recipe.model.revision, "dtype": recipe.model.dtype,
                   "quantization": recipe.quantization.model_dump() if recipe.quantization else None},
         "method": {**recipe.method.model_dump(), "can_merge": spec.can_merge},
