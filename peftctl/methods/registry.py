@@ -22,6 +22,3 @@ METHODS: dict[str, MethodSpec] = _collect()
 def get(name: str) -> MethodSpec:
     return METHODS[name]
 
-
-def names() -> list[str]:
-    return list(METHODS)

@@ -53,10 +53,6 @@ def adapter_kind(adapter_dir: Path) -> tuple[str, dict]:
                        f"{bottleneck_method.CONFIG_FILE})", hint="pass RUN/adapter, or a run folder")
 
 
-def base_model_of(adapter_dir: Path) -> str | None:
-    return adapter_kind(adapter_dir)[1].get("base_model_name_or_path")
-
-
 def load(base_model, adapter_dir: Path, *, trainable: bool = False):
     method, _ = adapter_kind(adapter_dir)
     if method == "adapter":
