@@ -131,13 +131,16 @@ def _peftctl_model(recipe, loaded, device):
     from peftctl.methods.peft_common import AttachContext
     from peftctl.model import load_model
 
+    from peftctl.train.fused_lora import fuse_lora_layers
     from peftctl.train.kernels import apply_fast_kernels
 
     model = load_model(recipe, device, gradient_checkpointing=False)
     kernels = apply_fast_kernels(model, device)  # as the training loop does, before the adapter
     context = AttachContext(tokenizer_path=recipe.model.name, where=loaded.where("method.targets"))
     how = "peftctl.model.load_model + apply_fast_kernels" + (f"({','.join(kernels)})" if kernels else "()")
-    return runtime.attach(model, recipe.method, context), how + " + peftctl.methods.runtime.attach"
+    model = runtime.attach(model, recipe.method, context)
+    fused = fuse_lora_layers(model)  # as the training loop does, after the adapter
+    return model, how + f" + peftctl.methods.runtime.attach + fuse_lora_layers({fused} layers)"
 
 
 def _autocast_dtype(recipe, device):

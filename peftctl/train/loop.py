@@ -50,6 +50,7 @@ def train(loaded, options: TrainOptions, console=None):
     from peftctl.methods.peft_common import AttachContext
     from peftctl.model import check_packing_isolation, load_model, load_tokenizer, pick_device
     from peftctl.params import check_targets, count_parameters
+    from peftctl.train.fused_lora import fuse_lora_layers
     from peftctl.train.kernels import apply_fast_kernels, skip_adapter_input_casts
     from peftctl.train.loss import build_loss
     from peftctl.train.metrics import Metrics, plot_loss
@@ -108,6 +109,8 @@ def train(loaded, options: TrainOptions, console=None):
     if recipe.method.init_from:
         runtime.initialise_from(model, recipe.method, recipe.method.init_from)
         say(f"starting from the adapter in {recipe.method.init_from}")
+    if fuse_lora_layers(model):
+        kernels = kernels + ["fused_lora_branch"]
     model.train()
     loss_fn, loss_name = build_loss(model, spec, device)
     engine = dist.choose_engine(recipe, world, device)  # None, ddp or fsdp

@@ -1,0 +1,126 @@
+"""LoRA's branch as one autograd function: the same sums as peft's layer, fewer passes over memory.
+
+peft computes an adapted layer as `result.clone() + lora_B(lora_A(dropout(x))) * scaling` (the clone on 4-bit
+layers only). On a long batch most of those steps are memory passes, not arithmetic: the clone, the B output, the
+scaling and the sum each read or write a tensor as wide as the layer's output (14,336 wide for an 8B MLP), and
+dropout keeps a masked copy of the input for every adapted layer, although q, k and v share the same input. Here:
+
+- forward: dropout (torch's own kernel), `h = dropped @ A^T` (a tokens x r tensor), then
+  `out = result + scaling * h @ B^T` in one GEMM whose epilogue does the sum (`addmm`): one read of `result`, one
+  write, where peft makes five passes.
+- backward: the gradient of `result` is the incoming gradient itself (no copy); the scaling is applied to the
+  small tensors; dropout's backward kernel masks x's gradient.
+- saved: what peft's layers save (the dropped input, dropout's mask, `h`), so memory, and the memory plan, stay as
+  they were. (Rebuilding the dropped input from x and the mask in the backward pass saved 8 GiB on an 8B QLoRA run
+  but cost more time than the fusion gained: BENCHMARKS.md.)
+
+The mask comes from torch's generator on x's device, so activation checkpointing, which restores that generator's
+state before recomputing, draws the same mask again.
+
+Used only where it is the same computation as peft's: one active plain LoRA adapter (no DoRA or other variant,
+no LoRA bias, not merged, adapters enabled) on a Linear layer, full precision or bitsandbytes 4/8-bit, with the
+activations and the adapter computing in one dtype (under autocast: the autocast dtype, as peft's layers do). Any
+other call goes to peft's own forward.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+
+class _LoraBranch(torch.autograd.Function):
+    """out = result + scaling * (dropout_p(x) @ A^T) @ B^T, with dropout's own kernels (p = 0: no dropout)."""
+
+    @staticmethod
+    def forward(ctx, x, result, weight_a, weight_b, p: float, scaling: float):
+        dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        if p > 0:
+            dropped, mask = torch.native_dropout(x2, p, True)
+        else:
+            dropped, mask = x2, None
+        h = dropped @ weight_a.to(dtype).t()
+        out = torch.addmm(result.reshape(-1, result.shape[-1]).to(dtype), h, weight_b.to(dtype).t(), alpha=scaling)
+        ctx.save_for_backward(dropped, mask, h, weight_a, weight_b)
+        ctx.p, ctx.scaling, ctx.x_shape = p, scaling, x.shape
+        return out.reshape(*result.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        dropped, mask, h, weight_a, weight_b = ctx.saved_tensors
+        needs_x, needs_result, needs_a, needs_b = ctx.needs_input_grad[:4]
+        dtype = dropped.dtype
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+        grad_x = grad_a = grad_b = None
+        if needs_b:
+            grad_b = (g.t() @ h).mul_(ctx.scaling).to(weight_b.dtype)
+        if needs_x or needs_a:
+            grad_h = (g @ weight_b.to(dtype)).mul_(ctx.scaling)
+            if needs_a:
+                grad_a = (grad_h.t() @ dropped).to(weight_a.dtype)
+            if needs_x:
+                grad_x = grad_h @ weight_a.to(dtype)
+                if mask is not None:
+                    grad_x = torch.ops.aten.native_dropout_backward(grad_x, mask, 1.0 / (1.0 - ctx.p))
+                grad_x = grad_x.reshape(ctx.x_shape)
+        return grad_x, (grad_out if needs_result else None), grad_a, grad_b, None, None
+
+
+def lora_branch(x, result, weight_a, weight_b, p: float, scaling: float):
+    """`result + scaling * B(A(dropout_p(x)))`; pass p = 0 outside training."""
+    return _LoraBranch.apply(x, result, weight_a, weight_b, p, scaling)
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor):
+    """The dtype peft's layer would compute the branch in, or None where the fused branch would differ."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return dtype if x.dtype == dtype else None
+    return x.dtype if x.dtype == weight.dtype else None
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    active = [name for name in self.active_adapters if name in self.lora_A]
+    plain = (not self.disable_adapters and not self.merged and not args and not kwargs and len(active) == 1
+             and active[0] not in getattr(self, "lora_variant", {}) and not self.use_dora.get(active[0], False))
+    if plain:
+        name = active[0]
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        dtype = _compute_dtype(x, lora_a.weight)
+        plain = dtype is not None and lora_a.bias is None and lora_b.bias is None
+    if not plain:
+        return type(self).forward(self, x, *args, **kwargs)
+    dropout = self.lora_dropout[name]
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    result = self.base_layer(x)
+    return lora_branch(x, result, lora_a.weight, lora_b.weight, p, self.scaling[name]).to(result.dtype)
+
+
+def _fusable_layer_types() -> tuple[type, ...]:
+    from peft.tuners.lora import layer
+
+    types_ = [layer.Linear]
+    try:
+        from peft.tuners.lora import bnb as lora_bnb
+    except Exception:  # noqa: BLE001 - bitsandbytes missing or failing to initialise
+        return tuple(types_)
+    types_ += [getattr(lora_bnb, n) for n in ("Linear4bit", "Linear8bitLt") if hasattr(lora_bnb, n)]
+    return tuple(types_)
+
+
+def fuse_lora_layers(model) -> int:
+    """Route every plain LoRA Linear layer of `model` through the fused branch; returns how many were routed.
+
+    The layer keeps its parameters, state dict and class (saving, merging and peft's own methods are unchanged);
+    only the instance's forward changes, and it falls back to the class's forward for anything it does not cover.
+    """
+    fusable = _fusable_layer_types()
+    routed = 0
+    for module in model.modules():
+        if type(module) in fusable:
+            module.forward = types.MethodType(_fused_forward, module)
+            routed += 1
+    return routed

@@ -1,0 +1,106 @@
+"""Time one decoder layer's LoRA layers, peft's forward against peftctl's fused branch, on the GPU.
+
+Each of the Llama-3-8B layer's seven linear shapes is wrapped by peft's own LoRA layer (bf16 or 4-bit NF4 base,
+float32 adapter, r 16, alpha 32, dropout 0.05) and run forward and backward under bf16 autocast on `--tokens`
+tokens, once through peft's forward and once through `peftctl.train.fused_lora`. Prints the median time of each
+and their sum over the layer, and checks that both give the same output and gradients with dropout off.
+
+    python scripts/bench_lora_branch.py --quant 4bit --tokens 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import types
+
+import torch
+
+SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 1024), "v_proj": (4096, 1024), "o_proj": (4096, 4096),
+          "gate_proj": (4096, 14336), "up_proj": (4096, 14336), "down_proj": (14336, 4096)}
+
+
+def _layer(width_in, width_out, quant, dropout):
+    from peft import LoraConfig
+    from peft.tuners.lora import layer as lora_layer
+
+    if quant == "4bit":
+        import bitsandbytes as bnb
+        from peft.tuners.lora import bnb as lora_bnb
+
+        base = bnb.nn.Linear4bit(width_in, width_out, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+        base.weight = bnb.nn.Params4bit(torch.randn(width_out, width_in) * 0.02, requires_grad=False,
+                                        quant_type="nf4")
+        base = base.cuda()
+        cls = lora_bnb.Linear4bit
+    else:
+        base = torch.nn.Linear(width_in, width_out, bias=False, dtype=torch.bfloat16, device="cuda")
+        base.weight.requires_grad_(False)
+        cls = lora_layer.Linear
+    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, init_lora_weights=False)
+    layer = cls(base, "default", config=config, r=16, lora_alpha=32)
+    return layer.cuda().train()
+
+
+def _time(fn, repeats):
+    times = []
+    for i in range(repeats + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quant", choices=["none", "4bit"], default="4bit")
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--dropout", type=float, default=0.05)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+
+    from peftctl.train.fused_lora import _fused_forward
+
+    torch.manual_seed(0)
+    totals = {"peft": 0.0, "fused": 0.0}
+    print(f"{'layer':<10} {'peft ms':>8} {'fused ms':>9} {'ratio':>6} {'max |diff| (no dropout)':>24}")
+    for name, (width_in, width_out) in SHAPES.items():
+        layer = _layer(width_in, width_out, args.quant, args.dropout)
+        x = torch.randn(args.tokens, width_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        grad = torch.randn(args.tokens, width_out, device="cuda", dtype=torch.bfloat16)
+        fused = types.MethodType(_fused_forward, layer)
+
+        def step(forward):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = forward(x)
+            out.backward(grad)
+
+        layer.lora_dropout["default"].eval()  # dropout off: both paths must agree
+        outputs = []
+        for forward in (layer.forward, fused):
+            x.grad = None
+            layer.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = forward(x)
+            out.backward(grad)
+            outputs.append((out.float(), x.grad.float(), layer.lora_A["default"].weight.grad.clone()))
+        diff = max((a - b).abs().max().item() / max(a.abs().max().item(), 1e-9)
+                   for a, b in zip(*outputs))
+        layer.lora_dropout["default"].train()
+        peft_ms = _time(lambda: step(layer.forward), args.repeats)
+        fused_ms = _time(lambda: step(fused), args.repeats)
+        totals["peft"] += peft_ms
+        totals["fused"] += fused_ms
+        print(f"{name:<10} {peft_ms:8.3f} {fused_ms:9.3f} {peft_ms / fused_ms:6.2f} {diff:24.2e}")
+        torch.cuda.empty_cache()
+    print(f"{'layer sum':<10} {totals['peft']:8.3f} {totals['fused']:9.3f} {totals['peft'] / totals['fused']:6.2f}"
+          f"   ({args.quant}, {args.tokens} tokens, dropout {args.dropout}; forward + backward, median of "
+          f"{args.repeats})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""The fused LoRA branch (peftctl/train/fused_lora.py) computes what peft's layers compute: the same outputs and
+gradients, dropout included, and peft's own forward wherever it does not apply."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from peftctl.train.fused_lora import _LoraBranch, fuse_lora_layers, lora_branch
+
+
+def _eager(x, result, a, b, mask, p, scaling):
+    dropped = x * mask / (1 - p) if mask is not None else x
+    return result + (dropped @ a.t()) @ b.t() * scaling
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_branch_matches_the_eager_formula_for_a_given_mask(p):
+    torch.manual_seed(0)
+    tokens, width_in, width_out, r, scaling = (2, 5), 12, 7, 3, 1.7
+    leaves = [torch.randn(*tokens, width_in, dtype=torch.float64), torch.randn(*tokens, width_out, dtype=torch.float64),
+              torch.randn(r, width_in, dtype=torch.float64), torch.randn(width_out, r, dtype=torch.float64)]
+    fused_in = [t.clone().requires_grad_() for t in leaves]
+    eager_in = [t.clone().requires_grad_() for t in leaves]
+    torch.manual_seed(1)
+    fused = _LoraBranch.apply(*fused_in, p, scaling)
+    torch.manual_seed(1)  # torch's dropout kernel again, for the mask the fused branch drew
+    mask = torch.native_dropout(leaves[0].reshape(-1, width_in), p, True)[1].reshape(*tokens, width_in) if p else None
+    eager = _eager(*eager_in, mask, p, scaling)
+    torch.testing.assert_close(fused, eager, rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(eager)  # a loss whose gradient is not uniform
+    (fused * weights).sum().backward()
+    (eager * weights).sum().backward()
+    for name, f, e in zip(("x", "result", "A", "B"), fused_in, eager_in):
+        torch.testing.assert_close(f.grad, e.grad, rtol=1e-10, atol=1e-10, msg=f"gradient of {name}")
+
+
+def test_branch_keeps_parameter_dtypes_and_computes_in_the_activations_dtype():
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, dtype=torch.bfloat16, requires_grad=True)
+    result = torch.randn(4, 8, dtype=torch.bfloat16)
+    a = torch.randn(2, 16, requires_grad=True)
+    b = torch.randn(8, 2, requires_grad=True)
+    out = lora_branch(x, result, a, b, 0.0, 2.0)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert a.grad.dtype == torch.float32 and b.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    expected = _eager(x.detach().float(), result.float(), a.detach(), b.detach(), None, 0.0, 2.0)
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=5e-2)
+
+
+def test_dropout_uses_one_mask_for_forward_and_backward():
+    # r = 1, A = ones: the output sums the kept (rescaled) inputs and x's gradient is that same mask, rescaled.
+    torch.manual_seed(1)
+    width, p = 40_000, 0.25
+    x = torch.ones(1, width, requires_grad=True)
+    a = torch.ones(1, width, requires_grad=True)
+    b = torch.ones(1, 1, requires_grad=True)
+    out = lora_branch(x, torch.zeros(1, 1), a, b, p, 1.0)
+    out.sum().backward()
+    kept = x.grad != 0
+    assert set(x.grad.unique().tolist()) <= {0.0, torch.tensor(1 / (1 - p)).item()}
+    assert abs(1 - kept.float().mean().item() - p) < 0.01  # about p of the inputs dropped
+    assert out.item() == pytest.approx(x.grad.sum().item(), rel=1e-6)
+    torch.testing.assert_close(a.grad, x.grad)  # dL/dA = scaling * B * (x * mask) / (1 - p)
+
+
+def test_checkpoint_recompute_draws_the_same_mask():
+    torch.manual_seed(2)
+    x = torch.randn(3, 64, requires_grad=True)
+    a = torch.randn(4, 64, requires_grad=True)
+    b = torch.randn(10, 4, requires_grad=True)
+    result = torch.zeros(3, 10)
+
+    def run(use_checkpoint):
+        for t in (x, a, b):
+            t.grad = None
+        torch.manual_seed(3)
+        fn = lambda x_: lora_branch(x_, result, a, b, 0.5, 1.0)  # noqa: E731
+        out = checkpoint(fn, x, use_reentrant=False) if use_checkpoint else fn(x)
+        (out ** 2).sum().backward()
+        return out.detach(), [t.grad.clone() for t in (x, a, b)]
+
+    plain_out, plain_grads = run(False)
+    ckpt_out, ckpt_grads = run(True)
+    torch.testing.assert_close(ckpt_out, plain_out)
+    for g_ckpt, g_plain in zip(ckpt_grads, plain_grads):
+        torch.testing.assert_close(g_ckpt, g_plain)
+
+
+def _peft_model(tiny_model, **lora):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model(), dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, **lora)
+    return get_peft_model(base, config)
+
+
+def _logits_and_grads(model, ids):
+    model.zero_grad()
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.logits.detach(), grads
+
+
+def test_fused_model_matches_peft_outputs_and_gradients(tiny_model):
+    model = _peft_model(tiny_model, lora_dropout=0.0)
+    fused = copy.deepcopy(model)
+    routed = fuse_lora_layers(fused)
+    assert routed == sum(1 for n, _ in model.named_modules() if n.endswith("proj") and ".lora_" not in n) > 0
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    logits, grads = _logits_and_grads(model, ids)
+    fused_logits, fused_grads = _logits_and_grads(fused, ids)
+    torch.testing.assert_close(fused_logits, logits, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == fused_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(fused_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    # The adapter still switches off, and peft's merge still works on a routed layer.
+    with fused.disable_adapter():
+        with model.disable_adapter():
+            torch.testing.assert_close(fused(input_ids=ids).logits, model(input_ids=ids).logits)
+    fused.merge_adapter()
+    torch.testing.assert_close(fused(input_ids=ids).logits, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_dropout_trains_like_peft_in_expectation_and_is_off_in_eval(tiny_model):
+    model = _peft_model(tiny_model, lora_dropout=0.5)
+    fused = copy.deepcopy(model)
+    fuse_lora_layers(fused)
+    ids = torch.randint(0, model.config.vocab_size, (1, 16))
+    model.eval(), fused.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        fused.train()
+        torch.manual_seed(0)
+        first = fused(input_ids=ids).logits
+        torch.manual_seed(1)
+        second = fused(input_ids=ids).logits
+    assert not torch.allclose(first, second)  # dropout is drawn in training
+
+
+def test_dora_and_lora_bias_layers_keep_peft_forward(tiny_model):
+    for lora in ({"use_dora": True}, {"lora_bias": True}):
+        model = _peft_model(tiny_model, lora_dropout=0.0, **lora)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name and name.endswith("bias"):
+                    param.normal_()  # zero at initialisation: a fused branch that dropped it would still agree
+        fused = copy.deepcopy(model)
+        fuse_lora_layers(fused)
+        ids = torch.randint(0, model.config.vocab_size, (1, 12))
+        torch.testing.assert_close(fused(input_ids=ids).logits, model(input_ids=ids).logits, msg=str(lora))
+
+
+def test_training_routes_lora_and_not_other_methods(tiny_model, trained):
+    lora_run = trained("fused-lora", tiny_model(), method={"dropout": 0.1})
+    ia3_run = trained("fused-ia3", tiny_model(), method={"name": "ia3", "_replace": True,
+                                                           "targets": ["k_proj", "v_proj", "down_proj"],
+                                                           "feedforward_targets": ["down_proj"]})
+    lora_kernels = json.loads((lora_run / "run.json").read_text())["fast_path"]["kernels"]
+    ia3_kernels = json.loads((ia3_run / "run.json").read_text())["fast_path"]["kernels"]
+    assert "fused_lora_branch" in lora_kernels and "fused_lora_branch" not in ia3_kernels
