@@ -63,11 +63,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
 
+    from peftctl.train import fused_lora
     from peftctl.train.fused_lora import _fused_forward
+
+    calls = []  # proof that the routed forward took the fused branch rather than falling back to peft's
+    branch = fused_lora.lora_branch
+    fused_lora.lora_branch = lambda *a, **k: (calls.append(1), branch(*a, **k))[1]
 
     torch.manual_seed(0)
     totals = {"peft": 0.0, "fused": 0.0}
-    print(f"{'layer':<10} {'peft ms':>8} {'fused ms':>9} {'ratio':>6} {'max |diff| (no dropout)':>24}")
+    print(f"{'layer':<10} {'peft ms':>8} {'fused ms':>9} {'ratio':>6} {'rel. diff out / grad x / grad A':>32}"
+          f" {'fused calls':>11}")
     for name, (width_in, width_out) in SHAPES.items():
         layer = _layer(width_in, width_out, args.quant, args.dropout)
         x = torch.randn(args.tokens, width_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -88,14 +94,15 @@ def main() -> None:
                 out = forward(x)
             out.backward(grad)
             outputs.append((out.float(), x.grad.float(), layer.lora_A["default"].weight.grad.clone()))
-        diff = max((a - b).abs().max().item() / max(a.abs().max().item(), 1e-9)
-                   for a, b in zip(*outputs))
+        diffs = " / ".join(f"{(a - b).abs().max().item() / max(a.abs().max().item(), 1e-9):.1e}"
+                           for a, b in zip(*outputs))
         layer.lora_dropout["default"].train()
         peft_ms = _time(lambda: step(layer.forward), args.repeats)
+        calls.clear()
         fused_ms = _time(lambda: step(fused), args.repeats)
         totals["peft"] += peft_ms
         totals["fused"] += fused_ms
-        print(f"{name:<10} {peft_ms:8.3f} {fused_ms:9.3f} {peft_ms / fused_ms:6.2f} {diff:24.2e}")
+        print(f"{name:<10} {peft_ms:8.3f} {fused_ms:9.3f} {peft_ms / fused_ms:6.2f} {diffs:>32} {len(calls):>11}")
         torch.cuda.empty_cache()
     print(f"{'layer sum':<10} {totals['peft']:8.3f} {totals['fused']:9.3f} {totals['peft'] / totals['fused']:6.2f}"
           f"   ({args.quant}, {args.tokens} tokens, dropout {args.dropout}; forward + backward, median of "
