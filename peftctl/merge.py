@@ -134,7 +134,8 @@ def merge_adapter(adapter_dir, out_dir, *, base: str | None = None, dtype: str |
     base_ckpt = Checkpoint(base_folder)
     base_config = json.loads((base_folder / "config.json").read_text())
     # A base that needs its own code was trained with trust_remote_code; the adapter info records that choice.
-    model_config = AutoConfig.from_pretrained(str(base_folder), trust_remote_code=bool(info.get("trust_remote_code")))
+    trust = bool(info.get("trust_remote_code"))
+    model_config = AutoConfig.from_pretrained(str(base_folder), trust_remote_code=trust)
     if base_config.get("quantization_config"):
         raise InvalidInput(f"{base_folder} is a pre-quantised checkpoint; a merge needs the unquantised weights",
                            hint="pass --base with the original (bfloat16/float16/float32) model")
@@ -151,7 +152,7 @@ def merge_adapter(adapter_dir, out_dir, *, base: str | None = None, dtype: str |
                              else base_ckpt.dtype_name(base_config))
         quant = {**quant, "load_dtype": load_dtype}
         if from_quantized == "dequantized":
-            transform = weight_transform(quant, quantized_weights(model_config, quant))
+            transform = weight_transform(quant, quantized_weights(model_config, quant, trust_remote_code=trust))
             merge_report.notes.append(_quant_note(quant))
         else:
             merge_report.notes.append(f"merged onto the original weights, not the {quant['bits']}-bit ones the "
@@ -165,7 +166,8 @@ def merge_adapter(adapter_dir, out_dir, *, base: str | None = None, dtype: str |
         if verify:
             say("verifying: base + adapter against the merged shards, one layer at a time")
             merge_report.verification = verify_merge(base_ckpt, Checkpoint(tmp), adapter_dir, model_config,
-                                                     out_dtype_name, quant, transform, deltas)
+                                                     out_dtype_name, quant, transform, deltas,
+                                                     trust_remote_code=trust)
             merge_report.notes += merge_report.verification.pop("notes", [])
             check_verification(merge_report.verification, out_dir)
         merge_report.seconds = round(time.time() - t_start, 2)
@@ -451,8 +453,9 @@ def write_merged_shards(base: Checkpoint, out: Path, deltas: dict, transform, ou
 
 
 def write_model_files(out: Path, base_folder: Path, adapter_dir: Path, base_config: dict, dtype_name: str) -> None:
-    """config.json (with the output dtype), generation_config.json, and the tokenizer saved with the adapter (its
-    chat template included), else the base's."""
+    """config.json (with the output dtype), generation_config.json, the base's own Python files (a model whose
+    classes live in its folder, named by `auto_map`, loads only with them), and the tokenizer saved with the
+    adapter (its chat template included), else the base's."""
     config = {k: v for k, v in base_config.items() if k != "quantization_config"}
     config["dtype"] = dtype_name
     if "torch_dtype" in config:
@@ -460,6 +463,8 @@ def write_model_files(out: Path, base_folder: Path, adapter_dir: Path, base_conf
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if (base_folder / "generation_config.json").exists():
         shutil.copyfile(base_folder / "generation_config.json", out / "generation_config.json")
+    for code in sorted(base_folder.glob("*.py")):  # all of them: a modeling file imports its configuration file
+        shutil.copyfile(code, out / code.name)
     source = adapter_dir if any((adapter_dir / n).exists() for n in TOKENIZER_FILES) else base_folder
     for name in TOKENIZER_FILES:
         if (source / name).exists():
@@ -613,7 +618,7 @@ def _quant_note(quant: dict) -> str:
             "from the 8-bit base + adapter")
 
 
-def quantized_weights(config, quant: dict) -> dict[str, bool]:
+def quantized_weights(config, quant: dict, *, trust_remote_code: bool = False) -> dict[str, bool]:
     """checkpoint key -> stored transposed (Conv1D), for every weight bitsandbytes quantises when it loads this
     model: transformers' own module replacement, run on an empty (meta) model."""
     from transformers.quantizers import AutoHfQuantizer
@@ -621,7 +626,7 @@ def quantized_weights(config, quant: dict) -> dict[str, bool]:
     from peftctl.model import quantization_config
     from peftctl.recipe.schema import QuantizationSection
 
-    model = empty_model(config)
+    model = empty_model(config, trust_remote_code=trust_remote_code)
     section = QuantizationSection(**{k: v for k, v in quant.items() if k != "load_dtype"})
     quantizer = AutoHfQuantizer.from_config(quantization_config(section), pre_quantized=False)
     quantizer.preprocess_model(model, device_map={"": "cpu"})
@@ -669,7 +674,7 @@ def dequantized_weight(w, quant: dict):
 
 
 def verify_merge(base: Checkpoint, merged: Checkpoint, adapter_dir: Path, config, dtype_name: str, quant: dict | None,
-                 transform, deltas: dict) -> dict:
+                 transform, deltas: dict, *, trust_remote_code: bool = False) -> dict:
     """Logit differences, all computed in float32 on a few random token sequences, of the merged shards as written
     against base + adapter (peft's layers at run time) and against the base, both with the base in the output
     dtype; for a half-precision output, also of the merge arithmetic before rounding against base + adapter."""
@@ -678,7 +683,11 @@ def verify_merge(base: Checkpoint, merged: Checkpoint, adapter_dir: Path, config
     vocab = getattr(config, "vocab_size", None) or 1000
     ids = torch.randint(0, vocab, (VERIFY_SEQUENCES, VERIFY_TOKENS), generator=torch.Generator().manual_seed(0))
     notes: list[str] = []
-    reference = adapter_model(config, adapter_dir)
+    reference = adapter_model(config, adapter_dir, trust_remote_code=trust_remote_code)
+
+    def empty():
+        return empty_model(config, trust_remote_code=trust_remote_code)
+
     out_dtype = getattr(torch, dtype_name)
 
     def in_out_dtype(weights):
@@ -691,7 +700,7 @@ def verify_merge(base: Checkpoint, merged: Checkpoint, adapter_dir: Path, config
     with_adapter = stream_logits(reference, base, ids, in_out_dtype(transform), notes)
     with reference.disable_adapter():
         base_logits = stream_logits(reference, base, ids, in_out_dtype(transform), notes)
-    merged_logits = stream_logits(empty_model(config), merged, ids, None, notes)
+    merged_logits = stream_logits(empty(), merged, ids, None, notes)
     scale = with_adapter.abs().max().item() or 1.0
 
     def relative(a, b) -> float:
@@ -707,11 +716,12 @@ def verify_merge(base: Checkpoint, merged: Checkpoint, adapter_dir: Path, config
         def merged_in_float32(key, tensor):
             tensor = in_out_dtype(transform)(key, tensor)
             return apply_deltas(tensor, deltas[key]) if key in deltas else tensor
-        exact = stream_logits(empty_model(config), base, ids, merged_in_float32, notes)
+        exact = stream_logits(empty(), base, ids, merged_in_float32, notes)
         result["float32_relative_diff"] = relative(exact, with_adapter)
     if quant and transform is None:
         # What training saw: the quantised base + adapter. This merge drops that quantisation error on purpose.
-        trained_weights = in_out_dtype(weight_transform(quant, quantized_weights(config, quant)))
+        quantized = quantized_weights(config, quant, trust_remote_code=trust_remote_code)
+        trained_weights = in_out_dtype(weight_transform(quant, quantized))
         trained = stream_logits(reference, base, ids, trained_weights, notes)
         with reference.disable_adapter():
             quantized_base = stream_logits(reference, base, ids, trained_weights, notes)
@@ -749,13 +759,16 @@ def check_verification(result: dict, out_dir: Path) -> None:
             hint="merge in a wider dtype: --dtype float32")
 
 
-def empty_model(config):
-    """The model with every parameter on the meta device (no memory) and real buffers (rotary tables)."""
+def empty_model(config, *, trust_remote_code: bool = False):
+    """The model with every parameter on the meta device (no memory) and real buffers (rotary tables).
+
+    trust_remote_code: the consent recorded when the adapter was trained; without it transformers would ask on
+    stdin (or refuse) for a model whose classes live in its folder."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     model.eval()
     return model
 
@@ -778,14 +791,15 @@ def _parameters_on_meta():
         nn.Module.register_parameter = register
 
 
-def adapter_model(config, adapter_dir: Path):
+def adapter_model(config, adapter_dir: Path, *, trust_remote_code: bool = False):
     """peft's adapter layers around an empty base: the adapter tensors are real, the base weights stay on meta
     until `stream_logits` brings them in layer by layer."""
     from peft import PeftModel
     from safetensors.torch import load_file
     from torch import nn
 
-    model = PeftModel.from_pretrained(empty_model(config), str(adapter_dir), low_cpu_mem_usage=True)
+    model = PeftModel.from_pretrained(empty_model(config, trust_remote_code=trust_remote_code), str(adapter_dir),
+                                      low_cpu_mem_usage=True)
     saved = load_file(str(adapter_dir / "adapter_model.safetensors"), device="cpu")
     used = set()
     for module_name, module in model.named_modules():

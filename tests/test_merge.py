@@ -105,6 +105,56 @@ def test_merged_logits_equal_the_adapter(method, base, trained, tmp_path):
     assert recorded["base"] == str(base) and recorded["dtype"] == "float32" and recorded["from_quantized"] is None
 
 
+CUSTOM_CODE = """from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class TinyCustomConfig(LlamaConfig):
+    model_type = "peftctl-tiny-custom"
+
+
+class TinyCustomForCausalLM(LlamaForCausalLM):
+    config_class = TinyCustomConfig
+"""
+
+
+def test_a_base_with_its_own_code_merges_when_trusted(base, write_recipe, tmp_path):
+    """A model whose classes live in its folder (auto_map) trains with model.trust_remote_code and merges with the
+    same consent, recorded in the adapter: verification builds the model from that code too."""
+    import shutil
+
+    custom = tmp_path / "custom-base"
+    shutil.copytree(base, custom)
+    (custom / "custom_model.py").write_text(CUSTOM_CODE)
+    config = json.loads((custom / "config.json").read_text())
+    config.update(model_type="peftctl-tiny-custom", architectures=["TinyCustomForCausalLM"],
+                  auto_map={"AutoConfig": "custom_model.TinyCustomConfig",
+                            "AutoModelForCausalLM": "custom_model.TinyCustomForCausalLM"})
+    (custom / "config.json").write_text(json.dumps(config))
+    from peftctl.recipe.loader import load_recipe
+    from peftctl.train.loop import TrainOptions, train
+
+    recipe = write_recipe(custom, model={"trust_remote_code": True}, out=tmp_path / "run")
+    train(load_recipe(str(recipe), []), TrainOptions(quiet=True))
+    run = tmp_path / "run"
+    # In a fresh process, as users run it: training registered the custom classes in this one.
+    done = run_cli("merge", str(run), "--out", str(tmp_path / "merged"))
+    assert done.returncode == 0, done.stderr
+    verification = json.loads((tmp_path / "merged" / MERGE_INFO).read_text())["verification"]
+    assert verification["relative_diff"] < 1e-5 and verification["base_relative_diff"] > 1e-3
+    assert (tmp_path / "merged" / "custom_model.py").exists()  # the merged folder still loads with its code
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), trust_remote_code=True)
+    assert type(merged).__name__ == "TinyCustomForCausalLM"
+    # Verification built the base's own class: with the consent passed on, not left for transformers to ask.
+    from transformers import AutoConfig
+
+    from peftctl.merge import empty_model
+
+    assert type(empty_model(AutoConfig.from_pretrained(str(custom), trust_remote_code=True),
+                            trust_remote_code=True)).__name__ == "TinyCustomForCausalLM"
+
+
 def test_gpt2_conv1d_weights_merge_transposed(tiny_model, trained, tmp_path):
     """GPT-2 stores its projections as Conv1D (in, out): the delta is transposed (fan_in_fan_out)."""
     model = tiny_model("gpt2")
