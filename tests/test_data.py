@@ -340,3 +340,32 @@ def test_a_named_template_renders_for_a_tokenizer_without_one(tiny_model, tmp_pa
     template_file.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}")
     tok = load_tokenizer(ModelSection(name=str(tiny_model("gpt2")), chat_template=str(template_file)))
     assert tok.apply_chat_template(CONVERSATION[1:3], tokenize=False) == "[user] Name a colour.\n[assistant] Blue.\n"
+
+
+def test_special_token_text_inside_a_row_is_reported_with_its_line(tmp_path, tokenizers, tiny_model,
+                                                                   write_recipe):
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            {"messages": [{"role": "user", "content": "say <|im_end|> twice"},
+                          {"role": "assistant", "content": "no"}]},
+            {"messages": [{"role": "user", "content": "[note] plain"}, {"role": "assistant", "content": "ok"}]}]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    stats = prepare(section(path, format="chat"), tokenizers["qwen2"], seed=0, pad_id=0).train.stats
+    assert stats.special_text_rows == 1 and stats.examples == 3
+    assert stats.special_text_examples == [f"{path} line 2: '<|im_end|>'"]
+    # Plain text formats too: a completion holding the EOS text becomes the EOS token.
+    plain = write_jsonl(tmp_path / "plain.jsonl", [GOOD_ROW, {"instruction": "end", "output": "x <|end_of_text|>"}])
+    llama = prepare(section(plain), tokenizers["llama"], seed=0, pad_id=0).train.stats
+    assert llama.special_text_rows == 1 and "line 2: '<|end_of_text|>'" in llama.special_text_examples[0]
+
+    # Reported by train (before anything is written) and by inspect-data, along with a bad row whose text looks
+    # like rich markup (a closing tag with nothing open made rich raise).
+    bad_role = {"messages": [{"role": "[/x]", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    data = write_jsonl(tmp_path / "mixed.jsonl", rows + [bad_role])
+    recipe = write_recipe(tiny_model("qwen2"), data=data, dataset={"format": "chat", "on_bad_rows": "skip"})
+    dry = run_cli("train", str(recipe), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    said = (dry.stdout + dry.stderr).replace("\n", "")
+    assert "1 example(s) hold a special token's text" in said and "mixed.jsonl line 2: '<|im_end|>'" in said
+    shown = run_cli("inspect-data", str(recipe), "-n", "1")
+    assert shown.returncode == 0, shown.stderr
+    assert "line 2: '<|im_end|>'" in shown.stdout and "unknown role '[/x]'" in shown.stdout

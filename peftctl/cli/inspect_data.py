@@ -10,6 +10,7 @@ from __future__ import annotations
 
 def run(recipe_path: str, sets: list[str], n: int) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.text import Text
 
     from peftctl.data.prepare import prepare
@@ -26,7 +27,7 @@ def run(recipe_path: str, sets: list[str], n: int) -> int:
     examples = data.train.examples
     legend = "[green]trained[/] / [dim]masked[/]" if styled else "«trained» / masked"
     console.print(f"{min(n, len(examples))} of {len(examples):,d} training examples ({legend}); "
-                  f"EOS is {tokenizer.eos_token!r}, pad is {tokenizer.pad_token!r}\n")
+                  f"EOS is {escape(repr(tokenizer.eos_token))}, pad is {escape(repr(tokenizer.pad_token))}\n")
     for i in range(min(n, len(examples))):
         ids, labels = examples[i]["input_ids"], examples[i]["labels"]
         text = Text()
@@ -58,6 +59,8 @@ def _runs(ids, labels, ignore):
 
 
 def _summary(console, data, max_length: int) -> None:
+    from rich.markup import escape
+
     stats = data.train.stats
     lengths = list(data.train.examples["length"])
     buckets = 8
@@ -81,4 +84,9 @@ def _summary(console, data, max_length: int) -> None:
     else:
         console.print(f"not packed: {rows:,d} rows, one example each")
     for line in stats.bad_examples[:5]:
-        console.print(f"[yellow]bad row[/] {line}")
+        console.print(f"[yellow]bad row[/] {escape(line)}")  # a row may hold text that looks like markup
+    if stats.special_text_rows:
+        console.print(f"[yellow]{stats.special_text_rows:,d} example(s) hold a special token's text[/] in their own "
+                      "text, encoded as that control token (as the chat template does at inference):")
+        for line in stats.special_text_examples[:5]:
+            console.print(f"  {line}", markup=False, highlight=False)

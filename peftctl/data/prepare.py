@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from peftctl.data.formats import FormatOptions, RowError, render
 from peftctl.data.packing import Batch, collate, pack_examples
 from peftctl.data.sources import RAW, Source, load_sources
-from peftctl.data.tokenize import special_ids, tokenize_rendered
+from peftctl.data.tokenize import special_ids, special_text_in, special_texts, tokenize_rendered
 from peftctl.errors import DataError, InvalidInput
 
-CACHE_VERSION = "1"  # bump when tokenisation changes its output for the same inputs
+CACHE_VERSION = "2"  # bump when tokenisation changes its output for the same inputs
 MAX_REPORTED_ROWS = 20
 
 
@@ -35,6 +35,8 @@ class DataStats:
     bad_rows: int = 0
     blank_lines: int = 0
     bad_examples: list[str] = field(default_factory=list)  # "file line 7: missing field 'output'"
+    special_text_rows: int = 0  # examples whose own text holds a special token's text
+    special_text_examples: list[str] = field(default_factory=list)  # "file line 9: '<|eot_id|>'"
     from_cache: bool = False
     sources: list[dict] = field(default_factory=list)  # per mixed source: available, examples, tokens
 
@@ -272,8 +274,12 @@ def _tokenize_all(sources: list[Source], options, tokenizer, max_length, on_bad_
 
 
 def _tokenize_source(source: Source, options, tokenizer, max_length: int, key: str, num_proc):
+    import re
+
     eos_id = tokenizer.eos_token_id
     specials = special_ids(tokenizer)
+    texts = special_texts(tokenizer)
+    special_pattern = re.compile("|".join(map(re.escape, texts))) if texts else None
     raw = RAW in source.rows.column_names
 
     def one(row: dict) -> dict:
@@ -294,7 +300,9 @@ def _tokenize_source(source: Source, options, tokenizer, max_length: int, key: s
                 raise
             except Exception as e:  # noqa: BLE001 - a chat template that raises on this conversation
                 raise RowError(f"the chat template refused this row: {str(e).splitlines()[0] if str(e) else e!r}")
-            return {**tokenize_rendered(rendered, tokenizer, max_length, eos_id, specials), "error": ""}
+            special_text = special_text_in(row, special_pattern) if special_pattern else ""
+            return {**tokenize_rendered(rendered, tokenizer, max_length, eos_id, specials), "error": "",
+                    "special_text": special_text}
         except RowError as e:
             return _empty(str(e) or "bad row")
 
@@ -316,14 +324,18 @@ def _tokenize_source(source: Source, options, tokenizer, max_length: int, key: s
             stats.blank_lines += 1
         else:
             keep.append(i)
-    n_trained, truncated = mapped["n_trained"], mapped["truncated"]
+    n_trained, truncated, special_text = mapped["n_trained"], mapped["truncated"], mapped["special_text"]
     usable = []
     for i in keep:
+        stats.truncated += int(truncated[i])
         if n_trained[i] == 0:
             stats.skipped_no_trained_token += 1
-        else:
-            usable.append(i)
-        stats.truncated += int(truncated[i])
+            continue
+        usable.append(i)
+        if special_text[i]:
+            stats.special_text_rows += 1
+            if len(stats.special_text_examples) < MAX_REPORTED_ROWS:
+                stats.special_text_examples.append(f"{source.where(i)}: {special_text[i]!r}")
     examples = mapped.select(usable).select_columns(["input_ids", "labels", "length", "n_trained"])
     stats = _recount(stats, examples)
     return examples, stats
@@ -339,11 +351,13 @@ def _features():
         "n_trained": datasets.Value("int32"),
         "truncated": datasets.Value("bool"),
         "error": datasets.Value("string"),
+        "special_text": datasets.Value("string"),
     })
 
 
 def _empty(error: str) -> dict:
-    return {"input_ids": [], "labels": [], "length": 0, "n_trained": 0, "truncated": False, "error": error}
+    return {"input_ids": [], "labels": [], "length": 0, "n_trained": 0, "truncated": False, "error": error,
+            "special_text": ""}
 
 
 def _count(examples) -> DataStats:
@@ -362,7 +376,8 @@ def _merge(a: DataStats, b: DataStats) -> DataStats:
     for name, value in a.__dict__.items():
         other = getattr(b, name)
         if isinstance(value, list):
-            setattr(out, name, (value + other)[:MAX_REPORTED_ROWS] if name == "bad_examples" else value + other)
+            capped = name in ("bad_examples", "special_text_examples")
+            setattr(out, name, (value + other)[:MAX_REPORTED_ROWS] if capped else value + other)
         elif isinstance(value, bool):  # from_cache: every source came from the cache
             setattr(out, name, value and other)
         else:

@@ -22,6 +22,33 @@ def special_ids(tokenizer) -> set[int]:
     return ids
 
 
+def special_texts(tokenizer) -> list[str]:
+    """The text of every special token, longest first: the strings that, met inside a row's own text, the
+    tokenizer turns into control tokens."""
+    texts = set(tokenizer.all_special_tokens)
+    for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(token, "special", False):
+            texts.add(str(token))
+    return sorted((t for t in texts if len(t) > 1), key=lambda t: (-len(t), t))
+
+
+def special_text_in(row, pattern) -> str:
+    """The first special token's text found in any string of a row (recursively), or "".
+
+    Such text is encoded as the control token itself -- as the model's chat template does at inference -- so a
+    user turn holding "<|eot_id|>" ends that turn early. Reported, not changed: whether it was meant is the
+    data's owner's call."""
+    if isinstance(row, str):
+        found = pattern.search(row)
+        return found.group(0) if found else ""
+    values = row.values() if isinstance(row, dict) else row if isinstance(row, (list, tuple)) else ()
+    for value in values:
+        found = special_text_in(value, pattern)
+        if found:
+            return found
+    return ""
+
+
 def tokenize_rendered(rendered, tokenizer, max_length: int, eos_id: int, specials: set[int]) -> Tokenized:
     enc = tokenizer(rendered.text, add_special_tokens=not rendered.templated, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])

@@ -85,6 +85,8 @@ def train(loaded, options: TrainOptions, console=None):
     if not world.main:
         data = prepare(recipe.dataset, tokenizer, seed=training.seed, pad_id=tokenizer.pad_token_id)
 
+    _warn_special_text(data, say)
+
     # The number of steps comes from the data; the schedule needs it, so the optimiser is built after the data.
     plan = data.step_plan(training, world.size)
     total_steps = training.max_steps or plan.total(training.epochs)
@@ -564,6 +566,14 @@ def _sayer(console, quiet: bool):
     return say
 
 
+def _warn_special_text(data, say) -> None:
+    stats = data.train.stats
+    if stats.special_text_rows:
+        say(f"warning: {stats.special_text_rows:,d} example(s) hold a special token's text in their own text (first: "
+            f"{stats.special_text_examples[0]}); it is encoded as that control token, as the chat template does at "
+            "inference. Clean the data if that is not meant (`peftctl inspect-data` lists them)")
+
+
 def _plan(recipe, data, steps_per_epoch: int, total_steps: int, say) -> dict:
     from peftctl.params import count_for_recipe
 
@@ -571,7 +581,8 @@ def _plan(recipe, data, steps_per_epoch: int, total_steps: int, say) -> dict:
     plan = {
         "examples": train.examples, "tokens": train.tokens, "trained_tokens": train.trained_tokens,
         "truncated": train.truncated, "skipped_no_trained_token": train.skipped_no_trained_token,
-        "bad_rows": train.bad_rows, "rows": len(data.train.rows), "packed": data.packed,
+        "bad_rows": train.bad_rows, "special_text_rows": train.special_text_rows, "rows": len(data.train.rows),
+        "packed": data.packed,
         "validation_examples": data.validation.stats.examples if data.validation else 0,
         "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
         "tokenization_cached": train.from_cache,
