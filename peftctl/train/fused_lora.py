@@ -6,8 +6,8 @@ scaling and the sum each read or write a tensor as wide as the layer's output (1
 dropout keeps a masked copy of the input for every adapted layer, although q, k and v share the same input. Here:
 
 - forward: dropout (torch's own kernel), `h = dropped @ A^T` (a tokens x r tensor), then
-  `out = result + scaling * h @ B^T` in one GEMM whose epilogue does the sum (`addmm`): one read of `result`, one
-  write, where peft makes five passes.
+  `out = torch.addmm(result, h, B^T, alpha=scaling)`: the scaling and the sum inside one BLAS call (which reads
+  `result` as its C operand), where peft clones, writes B's output, scales it and sums, each a separate pass.
 - backward: the gradient of `result` is the incoming gradient itself (no copy); the scaling is applied to the
   small tensors; dropout's backward kernel masks x's gradient.
 - saved: what peft's layers save (the dropped input, dropout's mask, `h`), so memory, and the memory plan, stay as
