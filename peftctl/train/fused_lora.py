@@ -120,7 +120,14 @@ def fuse_lora_layers(model) -> int:
     fusable = _fusable_layer_types()
     routed = 0
     for module in model.modules():
-        if type(module) in fusable:
+        if type(module) in fusable and not _has_variant_or_bias(module):
             module.forward = types.MethodType(_fused_forward, module)
             routed += 1
     return routed
+
+
+def _has_variant_or_bias(module) -> bool:
+    """DoRA (a variant) or a LoRA bias: peft's forward would always be taken, so the layer is left alone."""
+    if getattr(module, "lora_variant", None) or any(getattr(module, "use_dora", {}).values()):
+        return True
+    return any(b.bias is not None for b in module.lora_B.values())
