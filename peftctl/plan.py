@@ -653,7 +653,7 @@ def remedies(shape: ModelShape, s: Setting, card: Card, method: str, spec,
             return steps
     if current.micro_batch_size > 1:
         rows = current.micro_batch_size * recipe.training.gradient_accumulation
-        for mbs in _smaller(current.micro_batch_size):
+        for mbs in _halvings(current.micro_batch_size, 1):
             candidate = replace(current, micro_batch_size=mbs)
             if plan(candidate).fits or mbs == 1:
                 current = candidate
@@ -664,7 +664,7 @@ def remedies(shape: ModelShape, s: Setting, card: Card, method: str, spec,
         if steps[-1][1].fits:
             return steps
     if current.max_length > 256:
-        for length in _shorter(current.max_length):
+        for length in _halvings(current.max_length, 256):
             candidate = replace(current, max_length=length)
             if plan(candidate).fits or length <= 256:
                 current = candidate
@@ -682,7 +682,7 @@ def remedies(shape: ModelShape, s: Setting, card: Card, method: str, spec,
         if steps[-1][1].fits:
             return steps
         if current.max_length > 256:
-            for length in _shorter(current.max_length):
+            for length in _halvings(current.max_length, 256):
                 if plan(replace(current, max_length=length)).fits or length <= 256:
                     break
             current = replace(current, max_length=length)
@@ -693,18 +693,11 @@ def remedies(shape: ModelShape, s: Setting, card: Card, method: str, spec,
     return steps
 
 
-def _smaller(n: int) -> list[int]:
+def _halvings(n: int, floor: int) -> list[int]:
+    """n // 2, n // 4, ... down to `floor` (included once); empty when n <= floor."""
     out, m = [], n
-    while m > 1:
-        m = max(1, m // 2)
-        out.append(m)
-    return out
-
-
-def _shorter(n: int) -> list[int]:
-    out, m = [], n
-    while m > 256:
-        m = max(256, m // 2)
+    while m > floor:
+        m = max(floor, m // 2)
         out.append(m)
     return out
 

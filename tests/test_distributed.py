@@ -21,6 +21,15 @@ STEPS = dict(micro_batch_size=2, learning_rate=1e-3, warmup_steps=0, lr_schedule
              eval_every=1000, save_every=1000)
 
 
+def torchrun(recipe, *args: str) -> None:
+    """`peftctl train RECIPE --quiet ARGS` in two ranks under torchrun (gloo on the CPU); fails the test unless 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "peftctl",
+                             "train", str(recipe), "--quiet", *args], capture_output=True, text=True, env=env,
+                            cwd=str(REPO), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_two_ranks_equal_one_process_with_twice_the_accumulation(tiny_model, write_recipe, tmp_path):
     model = tiny_model("llama")
     single = write_recipe(model, name="single.yaml", out=tmp_path / "single",
@@ -28,11 +37,7 @@ def test_two_ranks_equal_one_process_with_twice_the_accumulation(tiny_model, wri
     train(load_recipe(str(single)), TrainOptions(quiet=True))
     double = write_recipe(model, name="double.yaml", out=tmp_path / "double",
                           training={**STEPS, "max_steps": 4, "gradient_accumulation": 1})
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "peftctl",
-                             "train", str(double), "--quiet"], capture_output=True, text=True, env=env,
-                            cwd=str(REPO), timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun(double)
     one, two = (load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
                 for name in ("single", "double"))
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-6
@@ -84,11 +89,7 @@ def test_fsdp_shards_and_trains_the_same_adapter(tiny_model, write_recipe, tmp_p
     sharded = write_recipe(model, name="fsdp.yaml", out=tmp_path / "fsdp", dataset={"validation": 0.1},
                            training={**STEPS, "max_steps": 4, "gradient_accumulation": 1, "eval_every": 2,
                                      "save_every": 2, "distributed": "fsdp"})
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "peftctl",
-                             "train", str(sharded), "--quiet"], capture_output=True, text=True, env=env,
-                            cwd=str(REPO), timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun(sharded)
     one, two = (load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
                 for name in ("single", "fsdp"))
     assert one.keys() == two.keys()
@@ -103,10 +104,7 @@ def test_fsdp_shards_and_trains_the_same_adapter(tiny_model, write_recipe, tmp_p
     assert all(t.shape == one[k.replace(".default", "")].shape for k, t in state.items())  # full, not shards
 
     # Resume from step 2 (weights re-sharded, optimiser state set through torch.distributed.checkpoint).
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "peftctl",
-                             "train", str(sharded), "--quiet", "--resume", str(checkpoint)], capture_output=True,
-                            text=True, env=env, cwd=str(REPO), timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun(sharded, "--resume", str(checkpoint))
     resumed = load_file(str(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors"))
     assert max((one[k] - resumed[k]).abs().max().item() for k in one) < 1e-6
 

@@ -85,12 +85,11 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor):
 def _fused_forward(self, x, *args, **kwargs):
     active = [name for name in self.active_adapters if name in self.lora_A]
     plain = (not self.disable_adapters and not self.merged and not args and not kwargs and len(active) == 1
-             and active[0] not in getattr(self, "lora_variant", {}) and not self.use_dora.get(active[0], False))
+             and not _has_variant_or_bias(self))
     if plain:
         name = active[0]
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-        dtype = _compute_dtype(x, lora_a.weight)
-        plain = dtype is not None and lora_a.bias is None and lora_b.bias is None
+        plain = _compute_dtype(x, lora_a.weight) is not None
     if not plain:
         return type(self).forward(self, x, *args, **kwargs)
     dropout = self.lora_dropout[name]
@@ -127,7 +126,9 @@ def fuse_lora_layers(model) -> int:
 
 
 def _has_variant_or_bias(module) -> bool:
-    """DoRA (a variant) or a LoRA bias: peft's forward would always be taken, so the layer is left alone."""
+    """DoRA (a variant) or a LoRA bias on any of the layer's adapters: peft's forward computes those. Checked when
+    layers are routed (so run.json claims the fused branch only where it runs) and on every call (an adapter added
+    after routing)."""
     if getattr(module, "lora_variant", None) or any(getattr(module, "use_dora", {}).values()):
         return True
     return any(b.bias is not None for b in module.lora_B.values())
