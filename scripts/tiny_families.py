@@ -72,7 +72,7 @@ def family_config(family: str, vocab_size: int, token_ids: dict | None = None, *
 
 
 def make_family_model(family: str, out: str | Path, *, seed: int = 0, corpus=None, tokenizer=None,
-                      **overrides) -> Path:
+                      dtype: str = "float32", **overrides) -> Path:
     """Write a tiny `family` model folder (float32 random weights, tokenizer, generation config) at `out`."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -88,6 +88,8 @@ def make_family_model(family: str, out: str | Path, *, seed: int = 0, corpus=Non
     model.generation_config = GenerationConfig(
         bos_token_id=token_ids["bos_token_id"], pad_token_id=token_ids["pad_token_id"],
         eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in tokenizer_family.generation_eos])
+    model.to(getattr(torch, dtype))
+    model.config.dtype = dtype
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
