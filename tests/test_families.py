@@ -29,7 +29,7 @@ TASK = [
 ]
 NO_PACKING = {"gpt_oss": "sinks and sliding windows ignore per-example positions"}
 MERGE_NAMING = {  # merge.py assumes Llama's tensor names / no expert tensors (other branch)
-    "gpt_neox": "output head embed_out", "phi3": "fused qkv_proj", "falcon": "fused query_key_value",
+    "gpt_neox": "output head embed_out",
     **{f: "expert tensors (target_parameters)" for f in MOE_FAMILIES},
 }
 
@@ -153,3 +153,33 @@ def test_family_generates(family, runs):
     assert isinstance(text, str)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert 0 < len(ids) <= 12
+
+
+def test_qlora_on_moe_quantises_linear_layers_and_says_the_experts_stay(runs, tmp_path):
+    """bitsandbytes quantises Linear layers only: on a 4-bit base the routed experts stay at model.dtype, the
+    adapter trains on both, and a note says so."""
+    from peftctl.methods import runtime
+    from peftctl.methods.lora import LoraSection
+    from peftctl.methods.peft_common import AttachContext
+    from peftctl.model import load_model
+    from peftctl.recipe.loader import load_recipe
+
+    run = runs("mixtral")
+    recipe = yaml.safe_load(run["recipe_path"].read_text())
+    recipe["method"]["name"] = "qlora"
+    recipe["quantization"] = {"bits": 4, "compute_dtype": "float32"}
+    path = tmp_path / "qlora.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    import torch
+
+    loaded = load_recipe(str(path))
+    model = load_model(loaded.recipe, torch.device("cpu"))
+    model = runtime.attach(model, loaded.recipe.method, AttachContext(tokenizer_path=""))
+    kinds = {type(p).__name__ for n, p in model.named_parameters() if "q_proj.base_layer" in n}
+    assert "Params4bit" in kinds
+    assert any("routed experts" in note and "float32" in note for note in model.peftctl_notes), model.peftctl_notes
+    batch = _probe(run["model_dir"])
+    loss = model(**batch, labels=batch["input_ids"]).loss
+    loss.backward()
+    grads = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0]
+    assert any("experts" in n for n in grads) and any("q_proj" in n for n in grads)
