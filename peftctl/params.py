@@ -179,14 +179,22 @@ def check_targets(model, section, where: str = "") -> None:
     if not isinstance(targets, list):
         return
     names = [name for name, _ in model.named_modules() if name]
+    names += [name for name, p in model.named_parameters() if p.ndim == 3]  # fused MoE experts (methods/moe.py)
     unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if unmatched:
         prefix = f"{where}: " if where else ""
         which = ", ".join(unmatched)
         raise InvalidInput(f"{prefix}method.targets: {which} match{'es' if len(unmatched) == 1 else ''} no module "
                            f"of this model ({getattr(model.config, 'model_type', '?')})",
-                           hint=f"linear layers of this model: {', '.join(linear_layer_names(model))} "
-                           '(or targets: all-linear)')
+                           hint=f"linear layers of this model: {', '.join(linear_layer_names(model))}"
+                           f"{_expert_hint(model)} (or targets: all-linear)")
+
+
+def _expert_hint(model) -> str:
+    from peftctl.methods.moe import targets_param_names
+
+    names = targets_param_names(model)
+    return f"; expert tensors and routers: {', '.join(names)}" if names else ""
 
 
 # --- what a recipe trains ------------------------------------------------------------------------------------
@@ -223,15 +231,15 @@ def trainable_modules(model) -> list[dict]:
     instance), `parameters_each` (None where instances differ) and `parameters` (all of them).
     """
     units: dict[str, dict] = {}  # one adapted module (or prompt encoder, or bottleneck block) -> its tensors
+    claimed: set[str] = set()
     for name, module in model.named_modules():
         if is_tuner_layer(module):
             tensors = {_tensor_label(pname): tuple(p.shape) for pname, p in module.named_parameters()
                        if p.requires_grad and not pname.startswith("base_layer.")}
             if tensors:
-                units[name] = {"tensors": tensors, "in": getattr(module, "in_features", None),
-                               "out": getattr(module, "out_features", None)}
-    claimed = {f"{unit}.{pname}" for unit, module in ((u, model.get_submodule(u)) for u in units)
-               for pname, _ in module.named_parameters()}
+                units[_unit_name(name, module)] = {"tensors": tensors, "in": getattr(module, "in_features", None),
+                                                   "out": getattr(module, "out_features", None)}
+                claimed |= {f"{name}.{pname}" for pname, _ in module.named_parameters()}
     for name, p in model.named_parameters():
         if p.requires_grad and name not in claimed:
             unit, label = _unit_of(name)
@@ -251,6 +259,16 @@ def trainable_modules(model) -> list[dict]:
                      "tensors": {k: list(v) for k, v in first["tensors"].items()},
                      "parameters_each": sizes[0] if same else None, "parameters": sum(sizes)})
     return rows
+
+
+def _unit_name(name: str, module) -> str:
+    """A tuner layer's row path; for peft's LoRA on a parameter (MoE experts, nested as experts.base_layer...) the
+    unwrapped module path and the parameter: model.layers.0.mlp.experts.gate_up_proj."""
+    parameter = getattr(module, "parameter_name", None)
+    if parameter is None:
+        return name
+    path = ".".join(p for p in name.split(".") if p != "base_layer")
+    return path if parameter == "weight" else f"{path}.{parameter}"
 
 
 def is_tuner_layer(module) -> bool:
@@ -300,7 +318,7 @@ def _short_names(patterns: list[str]) -> dict[str, str]:
 
     out = {}
     for pattern in patterns:
-        n = 1
+        n = 2 if pattern.split(".")[-2:-1] == ["experts"] else 1  # experts.down_proj, a tensor named with its module
         while n < 8 and sum(tail(other, n) == tail(pattern, n) for other in patterns) > 1:
             n += 1
         out[pattern] = tail(pattern, n)

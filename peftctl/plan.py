@@ -143,6 +143,31 @@ class ModelShape:
     bottleneck: tuple[int, int] = (0, 0)  # (blocks, width) of our bottleneck adapter
     virtual_tokens: int = 0  # prompt/p-tuning: extra positions in every activation; prefix: extra keys/values
     prefix: bool = False
+    experts: tuple[int, int] = (0, 0)  # MoE: (experts per layer, routed per token); all resident, top-k active
+    expert_delta: int = 0  # MoE: elements of the adapted expert tensors of one layer (peft adds B @ A to each)
+    moe_layers: int = 0
+
+
+def _moe_shape(model, text) -> dict:
+    """What a mixture-of-experts model changes in the plan: every expert's weights are resident (counted with
+    the other weights), but a token's activations follow its top-k routed experts (and the shared ones), and
+    peft's parameter wrapper materialises W + B @ A of each adapted expert tensor at every forward, which the
+    grouped matmul keeps for the backward pass."""
+    experts = [(n, p) for n, p in model.named_parameters() if p.ndim == 3 and "lora_" not in n]
+    if not experts:
+        return {}
+    total = experts[0][1].shape[0]
+    top_k = _first(text, "num_experts_per_tok", "experts_per_token", "moe_topk", default=1) or 1
+    expert_width = _first(text, "moe_intermediate_size", "intermediate_size", default=0)
+    shared = ((_first(text, "n_shared_experts", default=0) or 0) * expert_width
+              + (_first(text, "shared_expert_intermediate_size", default=0) or 0))
+    adapted = [m.get_param() for m in model.modules() if getattr(m, "parameter_name", None) and
+               hasattr(m, "get_param")]
+    adapted = [p for p in adapted if p.ndim == 3]
+    layers = len({n.split(".experts")[0] for n, _ in experts})
+    delta = sum(p.numel() for p in adapted) // max(1, layers)
+    return {"intermediate": top_k * expert_width + shared, "experts": (total, top_k), "expert_delta": delta,
+            "moe_layers": layers}
 
 
 def model_shape(model, config, recipe) -> ModelShape:
@@ -190,6 +215,8 @@ def model_shape(model, config, recipe) -> ModelShape:
     activation = str(getattr(text, "hidden_act", None) or getattr(text, "activation_function", "") or "")
     mlp_saved = GATED_MLP_SAVED if gated else ACT_FN_SAVED.get(activation, 1)
 
+    moe = _moe_shape(model, text)
+    intermediate = moe.pop("intermediate", intermediate)
     method = recipe.method
     bottleneck = (0, 0)
     if hasattr(model, "bottleneck_adapters"):
@@ -208,7 +235,8 @@ def model_shape(model, config, recipe) -> ModelShape:
         linear_inputs=linear_inputs,
         other_params=other, embedding_params=embedding, adapted=adapted,
         trainable=sum(p.numel() for p in model.parameters() if p.requires_grad), bottleneck=bottleneck,
-        virtual_tokens=getattr(method, "num_virtual_tokens", 0) or 0, prefix=method.name == "prefix_tuning")
+        virtual_tokens=getattr(method, "num_virtual_tokens", 0) or 0, prefix=method.name == "prefix_tuning",
+        **moe)
 
 
 def _first(config, *names, default=0):
@@ -520,6 +548,12 @@ def estimate(shape: ModelShape, s: Setting, method_name: str = "") -> list[Compo
         out_f, in_f = max(shape.linear_weights, key=lambda w: w[0] * w[1])
         components.append(Component("dequantised weight", 2 * out_f * in_f, "the largest quantised layer, "
                                     "dequantised for its matmul"))
+    if shape.expert_delta:
+        kept_layers = 1 if s.checkpointing else shape.moe_layers
+        size = 2 if s.autocast or s.weights_dtype in ("bfloat16", "float16") else 4
+        components.append(Component("expert deltas", size * shape.expert_delta * kept_layers,
+                                    f"W + B @ A of the adapted expert tensors, {kept_layers} layer(s), kept for "
+                                    "backward (peft's parameter wrapper)"))
     dora = [m for m in shape.adapted if m.dora]
     if dora:
         largest = max(m.in_features * m.out_features for m in dora)
@@ -628,6 +662,9 @@ def plan_memory(recipe, counted=None, *, card: Card | None = None, checkpointing
     if s.attention == "sdpa" and s.attention_mask:
         chosen.notes.append("assumed: SDPA gets a mask (packed or padded rows); rows of one whole example need "
                             "less")
+    if shape.experts[0]:
+        chosen.notes.append(f"mixture of experts: all {shape.experts[0]} experts of each layer are resident (in the "
+                            f"base weights); activations follow the {shape.experts[1]} routed per token")
     if chosen.fits is False:
         chosen.remedies = remedies(shape, chosen.setting, card, method, spec, recipe)
     return chosen

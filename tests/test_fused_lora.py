@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from peftctl.train.fused_lora import _fused_forward, _LoraBranch, fuse_lora_layers, lora_branch
+from peftctl.train.fused_lora import _fused_forward, fuse_lora_layers, lora_branch
 
 
 def _eager(x, result, a, b, mask, p, scaling):
@@ -28,7 +28,7 @@ def test_branch_matches_the_eager_formula_for_a_given_mask(p):
     fused_in = [t.clone().requires_grad_() for t in leaves]
     eager_in = [t.clone().requires_grad_() for t in leaves]
     torch.manual_seed(1)
-    fused = _LoraBranch.apply(*fused_in, p, scaling)
+    fused = lora_branch(*fused_in, p, scaling)
     torch.manual_seed(1)  # torch's dropout kernel again, for the mask the fused branch drew
     mask = torch.native_dropout(leaves[0].reshape(-1, width_in), p, True)[1].reshape(*tokens, width_in) if p else None
     eager = _eager(*eager_in, mask, p, scaling)
@@ -38,6 +38,24 @@ def test_branch_matches_the_eager_formula_for_a_given_mask(p):
     (eager * weights).sum().backward()
     for name, f, e in zip(("x", "result", "A", "B"), fused_in, eager_in):
         torch.testing.assert_close(f.grad, e.grad, rtol=1e-10, atol=1e-10, msg=f"gradient of {name}")
+
+
+def test_output_may_be_modified_in_place_like_peft_s():
+    """Falcon adds to a projection's output in place; plain peft allows it, so the fused branch must too, with the
+    same gradients as the out-of-place sum."""
+    torch.manual_seed(0)
+    leaves = [torch.randn(2, 5, 12, dtype=torch.float64), torch.randn(2, 5, 7, dtype=torch.float64),
+              torch.randn(3, 12, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)]
+    extra = torch.randn(2, 5, 7, dtype=torch.float64)
+    grads = []
+    for in_place in (True, False):
+        inputs = [t.clone().requires_grad_() for t in leaves]
+        out = lora_branch(*inputs, 0.0, 1.5)
+        out = out.add_(extra) if in_place else out + extra
+        (out * out).sum().backward()
+        grads.append([t.grad for t in inputs])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)
 
 
 def test_branch_keeps_parameter_dtypes_and_computes_in_the_activations_dtype():

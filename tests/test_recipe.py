@@ -46,7 +46,7 @@ def test_good_recipe_gets_defaults():
     recipe = parse_recipe(GOOD, "recipe.yaml", Path.cwd()).recipe
     assert recipe.method.alpha == 32 and recipe.method.targets == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert recipe.training.learning_rate == 1e-4 and recipe.training.lr_scheduler == "cosine"
-    assert recipe.dataset.packing is True and recipe.quantization is None
+    assert recipe.dataset.packing == "auto" and recipe.quantization is None
 
 
 def test_misspelled_key_names_line_and_suggests():

@@ -75,6 +75,8 @@ def run(recipe_path: str | None, sets: list[str], *, model: str | None, method: 
         return 0
     print(counted.count.line(), flush=True)
     _print_modules(recipe, counted)
+    for note in getattr(counted.model, "peftctl_notes", []):
+        print(f"note: {note}")
     if plan is not None:
         _print_plan(plan)
     return 0

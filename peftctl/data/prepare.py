@@ -161,7 +161,7 @@ def prepare(dataset_section, tokenizer, *, seed: int, pad_id: int, packed: bool 
             num_proc: int | None = None) -> PreparedData:
     """Tokenise the training data (one source, or a weighted mix), split off a validation fraction (or tokenise
     the validation data of its own), and build rows."""
-    packed = dataset_section.packing if packed is None else packed
+    packed = bool(dataset_section.packing) if packed is None else packed  # auto packs; train may fall back
     max_length = dataset_section.max_length
     entries = dataset_section.sources()
     if any(e.format == "chat" for e in entries) and not getattr(tokenizer, "chat_template", None):

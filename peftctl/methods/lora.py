@@ -54,6 +54,69 @@ def peft_config(section: LoraSection, model_config=None, context=None):
                       modules_to_save=list(section.modules_to_save) or None)
 
 
+def adapt_to_model(model, section: LoraSection, config, context=None):
+    """The peft config for this model: on a mixture-of-experts model, the targets resolved to modules and expert
+    tensors (peftctl/methods/moe.py says what each name means), and dropout left to `after_attach`, since peft's
+    parameter wrapper refuses any. Returns (config, notes)."""
+    from peftctl.errors import InvalidInput
+    from peftctl.methods import moe
+
+    if not moe.is_moe(model):
+        return config, []
+    modules, parameters = moe.resolve_targets(model, section.targets)
+    notes = []
+    quantised = [p for p in parameters if p.endswith(".weight") and moe.is_quantised(model.get_parameter(p))]
+    if quantised:
+        parameters = [p for p in parameters if p not in quantised]
+        layers = sorted({q.rsplit(".", 2)[-2] for q in quantised})
+        notes.append(f"not adapted: {', '.join(layers)} ({len(quantised)} quantised Linear layers that peft would "
+                     "rename to expert tensors on this model type; train them on a bf16 base)")
+    where = f"{context.where}: " if context is not None and getattr(context, "where", "") else ""
+    if parameters and section.use_dora:
+        raise InvalidInput(f"{where}method.use_dora: DoRA cannot adapt the fused expert tensors of "
+                           f"{model.config.model_type} (peft's parameter wrapper has no DoRA)",
+                           hint="set method.use_dora: false, or list attention layers only in method.targets")
+    if not modules and not parameters:
+        raise InvalidInput(f"{where}method.targets: nothing left to adapt on {model.config.model_type}",
+                           hint="name attention layers (q_proj, ...) or expert tensors (gate_up_proj, down_proj)")
+    config.target_modules = modules or None
+    config.target_parameters = parameters or None
+    if parameters:
+        config.lora_dropout = 0.0
+    return config, notes
+
+
+def after_attach(model, section: LoraSection) -> list[str]:
+    """Dropout on the Linear LoRA layers of an MoE model (peft built them with none), and a note of where there is
+    none; notes for what the 4-bit base leaves in full precision."""
+    from torch import nn
+
+    from peftctl.methods import moe
+    from peftctl.train.fused_lora import is_param_wrapper
+
+    notes = []
+    wrapped = [m for m in model.modules() if is_param_wrapper(m)]
+    if wrapped and section.dropout > 0:
+        for module in model.modules():
+            dropouts = getattr(module, "lora_dropout", None)
+            if isinstance(dropouts, nn.ModuleDict) and not is_param_wrapper(module) and hasattr(module, "lora_A"):
+                for name in list(dropouts):
+                    dropouts[name] = nn.Dropout(p=section.dropout)
+        from peftctl.params import _unit_name
+
+        kinds = sorted({".".join(_unit_name(n, m).split(".")[-2:]) for n, m in model.named_modules()
+                        if is_param_wrapper(m)})
+        notes.append(f"method.dropout {section.dropout} applies to the Linear layers only: peft cannot drop out "
+                     f"on fused expert tensors ({', '.join(kinds)}); set method.dropout: 0 to silence this")
+    experts = [p for n, p in model.named_parameters() if p.ndim == 3 and "lora_" not in n]
+    if experts and any(moe.is_quantised(p) for p in model.parameters()):
+        size = sum(p.numel() * p.element_size() for p in experts)
+        notes.append(f"4-bit quantisation covers the Linear layers only: the routed experts ({size / 2 ** 30:.2f} "
+                     f"GiB) stay in {experts[0].dtype} (bitsandbytes quantises nn.Linear, not fused expert "
+                     "tensors); count-params --memory counts them so")
+    return notes
+
+
 def parameter_groups(model, learning_rate: float, weight_decay: float, ratio: float | None) -> list[dict]:
     """Optimiser groups, for every method. LoRA+ gives every B matrix `ratio` x the learning rate; A matrices, 1-D
     parameters (DoRA magnitudes) and LoRA embedding factors keep the base rate -- unlike peft's helper, which moves

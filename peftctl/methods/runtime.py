@@ -21,7 +21,14 @@ def attach(model, section, context: peft_common.AttachContext):
     spec = METHODS[section.name]
     impl = spec.implementation()
     if spec.peft_type:
-        return peft_common.attach(model, impl.peft_config(section, model.config, context), context)
+        config, notes = impl.peft_config(section, model.config, context), []
+        if hasattr(impl, "adapt_to_model"):  # LoRA on mixture-of-experts models
+            config, notes = impl.adapt_to_model(model, section, config, context)
+        model = peft_common.attach(model, config, context)
+        if hasattr(impl, "after_attach"):
+            notes += impl.after_attach(model, section)
+        model.peftctl_notes = notes  # what the run should tell the user (train prints them)
+        return model
     return impl.attach(model, section, context)
 
 

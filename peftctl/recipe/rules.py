@@ -114,7 +114,7 @@ def apply(recipe: Recipe) -> tuple[Recipe, list[str]]:
     if spec.name == "qlora" and quant is None:
         quant = QuantizationSection(bits=4, quant_type="nf4", double_quant=True)
     checkpointing = training.gradient_checkpointing if spec.can_checkpoint else False
-    packing = dataset.packing and spec.can_pack
+    packing = dataset.packing if spec.can_pack else False  # True, False or auto (decided at start-up)
     if training.max_steps is not None and training.explicitly_set("epochs"):
         warnings.append(f"training.max_steps ({training.max_steps}) is set, so training.epochs is ignored")
     recipe = recipe.model_copy(update={

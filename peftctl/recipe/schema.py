@@ -83,8 +83,11 @@ class DatasetSection(Section):
                             "Longer examples are cut on the right and counted; one left with no trained token "
                             "is skipped and counted.")
     train_on_prompt: bool = Field(False, description="false: loss only on responses / assistant turns.")
-    packing: bool = Field(True, description="Put several examples in one row, each attending only to itself. "
-                          "Off by default for prefix/prompt/p_tuning, which cannot pack.")
+    packing: bool | Literal["auto"] = Field(
+        "auto", description="Put several examples in one row, each attending only to itself. auto: pack where "
+        "the model keeps packed examples apart (checked at start-up; gpt-oss's sinks and sliding windows do not), "
+        "else one example a row, with a note; true: pack or stop with exit 2. Off for prefix/prompt/p_tuning, "
+        "which cannot pack.")
     on_bad_rows: Literal["error", "skip"] = Field("error", description="error: stop at the first bad row "
                                                   "(file and row named); skip: skip and count them.")
     system_prompt: str | None = Field(None, description="System message for chat rows that have none.")

@@ -35,25 +35,24 @@ class _LoraBranch(torch.autograd.Function):
     """out = result + scaling * (dropout_p(x) @ A^T) @ B^T, with dropout's own kernels (p = 0: no dropout)."""
 
     @staticmethod
-    def forward(ctx, x, result, weight_a, weight_b, p: float, scaling: float):
-        dtype = x.dtype
-        x2 = x.reshape(-1, x.shape[-1])
+    def forward(ctx, x2, result2, weight_a, weight_b, p: float, scaling: float):
+        dtype = x2.dtype
         if p > 0:
             dropped, mask = torch.native_dropout(x2, p, True)
         else:
             dropped, mask = x2, None
         h = dropped @ weight_a.to(dtype).t()
-        out = torch.addmm(result.reshape(-1, result.shape[-1]).to(dtype), h, weight_b.to(dtype).t(), alpha=scaling)
+        out = torch.addmm(result2.to(dtype), h, weight_b.to(dtype).t(), alpha=scaling)
         ctx.save_for_backward(dropped, mask, h, weight_a, weight_b)
-        ctx.p, ctx.scaling, ctx.x_shape = p, scaling, x.shape
-        return out.reshape(*result.shape[:-1], out.shape[-1])
+        ctx.p, ctx.scaling = p, scaling
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         dropped, mask, h, weight_a, weight_b = ctx.saved_tensors
         needs_x, needs_result, needs_a, needs_b = ctx.needs_input_grad[:4]
         dtype = dropped.dtype
-        g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+        g = grad_out.to(dtype)
         grad_x = grad_a = grad_b = None
         if needs_b:
             grad_b = (g.t() @ h).mul_(ctx.scaling).to(weight_b.dtype)
@@ -65,13 +64,18 @@ class _LoraBranch(torch.autograd.Function):
                 grad_x = grad_h @ weight_a.to(dtype)
                 if mask is not None:
                     grad_x = torch.ops.aten.native_dropout_backward(grad_x, mask, 1.0 / (1.0 - ctx.p))
-                grad_x = grad_x.reshape(ctx.x_shape)
         return grad_x, (grad_out if needs_result else None), grad_a, grad_b, None, None
 
 
 def lora_branch(x, result, weight_a, weight_b, p: float, scaling: float):
-    """`result + scaling * B(A(dropout_p(x)))`; pass p = 0 outside training."""
-    return _LoraBranch.apply(x, result, weight_a, weight_b, p, scaling)
+    """`result + scaling * B(A(dropout_p(x)))`; pass p = 0 outside training.
+
+    The reshapes to 2-D and back happen out here, not inside the Function: a view created inside a custom Function
+    may not be modified in place, and some models add to a projection's output in place (Falcon's attention), which
+    plain peft allows. A view of a Function's plain output may be modified in place like any other tensor."""
+    out = _LoraBranch.apply(x.reshape(-1, x.shape[-1]), result.reshape(-1, result.shape[-1]), weight_a, weight_b,
+                            p, scaling)
+    return out.reshape(*result.shape[:-1], out.shape[-1])
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor):
@@ -123,6 +127,11 @@ def fuse_lora_layers(model) -> int:
             module.forward = types.MethodType(_fused_forward, module)
             routed += 1
     return routed
+
+
+def is_param_wrapper(module) -> bool:
+    """peft's LoRA on a parameter (fused MoE experts): not a Linear layer, never routed here."""
+    return type(module).__name__ == "ParamWrapper" and hasattr(module, "parameter_name")
 
 
 def _has_variant_or_bias(module) -> bool:

@@ -99,15 +99,29 @@ def train(loaded, options: TrainOptions, console=None):
     model = load_model(recipe, device, gradient_checkpointing=checkpointing)
     if data.packed:
         isolated, difference, contamination = check_packing_isolation(model, device, len(tokenizer))
-        if not isolated:
+        if not isolated and recipe.dataset.packing == "auto":
+            # Unpacked rows train the same examples; only packing's speed is lost.
+            say(f"note: {model.config.model_type}'s attention does not keep packed examples apart: one example "
+                "a row (dataset.packing: auto)")
+            unpacked = recipe.dataset.model_copy(update={"packing": False})
+            data = dist.on_main(world, lambda: prepare(unpacked, tokenizer, seed=training.seed,
+                                                       pad_id=tokenizer.pad_token_id))
+            if not world.main:
+                data = prepare(unpacked, tokenizer, seed=training.seed, pad_id=tokenizer.pad_token_id)
+            plan = data.step_plan(training, world.size)
+            total_steps = training.max_steps or plan.total(training.epochs)
+        elif not isolated:
             raise InvalidInput(f"{model.config.model_type}: this model's attention does not keep packed examples "
                                f"apart (difference {difference:.3g} against {contamination:.3g} unpacked)",
-                               hint="set dataset.packing: false, or model.attn_implementation to sdpa or eager")
+                               hint="set dataset.packing: auto (falls back to one example a row) or false, or model.attn_implementation "
+                                    "to sdpa or eager")
     kernels = apply_fast_kernels(model, device)  # before the adapter: peft then wraps the patched layers as usual
     check_targets(model, recipe.method, loaded.where("method.targets"))  # peft skips a name that matches nothing
     model = runtime.attach(model, recipe.method, AttachContext(tokenizer_path=recipe.model.name,
                                                                tokenizer_revision=recipe.model.revision,
                                                                where=loaded.where("method.targets")))
+    for note in getattr(model, "peftctl_notes", []):
+        say(f"note: {note}")
     if recipe.method.init_from:
         runtime.initialise_from(model, recipe.method, recipe.method.init_from)
         say(f"starting from the adapter in {recipe.method.init_from}")
