@@ -102,6 +102,29 @@ def test_chat_trains_assistant_turns_and_their_end_of_turn_token(tokenizers, arc
     assert tok.convert_tokens_to_ids(eot) in [t for t, label in zip(ex["input_ids"], ex["labels"]) if label != IGNORE]
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_conversation_opening_with_the_assistant_trains_only_its_reply(tokenizers, arch):
+    # The opening reply's start is found as every later one's: its header (and Llama 3's BOS) stay untrained.
+    tok = tokenizers[arch]
+    messages = [{"role": "assistant", "content": "Hello, how can I help?"}, *CONVERSATION[1:]]
+    ex = tokenize_row(tok, {"messages": messages}, "chat")
+    first_trained = next(i for i, label in enumerate(ex["labels"]) if label != IGNORE)
+    assert tok.decode(ex["input_ids"][first_trained:]).startswith("Hello, how can I help?")
+    assert "assistant" not in tok.decode(ex["input_ids"][first_trained:first_trained + 3])
+    header = tok.decode(ex["input_ids"][:first_trained])
+    assert header.endswith({"llama": "<|start_header_id|>assistant<|end_header_id|>\n\n",
+                            "qwen2": "<|im_start|>assistant\n"}[arch])
+    assert trained_text(tok, ex).startswith("Hello, how can I help?" + END_OF_TURN[arch])
+
+
+def test_chat_reply_after_a_space_keeps_the_space_in_its_first_token(tokenizers):
+    # Mistral writes "[/INST] reply</s>": the space belongs to the reply's first token, which must be trained.
+    tok = tokenizers["mistral"]
+    ex = tokenize_row(tok, {"messages": CONVERSATION[1:]}, "chat")
+    assert trained_text(tok, ex).lstrip().startswith("Blue.")
+    assert "Green, like grass." in trained_text(tok, ex)
+
+
 def test_chat_needs_a_template(tmp_path, tokenizers):
     from peftctl.data.templates import BUILTIN_TEMPLATES
     from peftctl.errors import InvalidInput
