@@ -78,6 +78,7 @@ def _model(name: str):
 def _adapter_on_base(adapter_dir: Path):
     from types import SimpleNamespace
 
+    from peftctl.generation_config import load_saved
     from peftctl.methods import runtime
     from peftctl.model import load_model, pick_device
     from peftctl.recipe.schema import ModelSection, QuantizationSection
@@ -99,6 +100,7 @@ def _adapter_on_base(adapter_dir: Path):
                            trust_remote_code=bool(info.get("trust_remote_code"))),
         quantization=QuantizationSection(**quant) if quant else None)
     model = runtime.load(load_model(recipe, pick_device()), adapter_dir)
+    model.generation_config = load_saved(adapter_dir) or model.generation_config  # the stop tokens it learned
     has_tokenizer = (adapter_dir / "tokenizer_config.json").exists()
     return model.eval(), _tokenizer(str(adapter_dir) if has_tokenizer else base, recipe.model.revision)
 
@@ -115,11 +117,10 @@ def generation_config(model, tokenizer, max_new_tokens: int, temperature: float)
     config or the tokenizer knows (Llama 3 ends a turn with <|eot_id|>, which is not its EOS)."""
     from transformers import GenerationConfig
 
+    from peftctl.generation_config import stop_ids
+
     own = getattr(model, "generation_config", None)
-    eos = getattr(own, "eos_token_id", None)
-    stops = [eos] if isinstance(eos, int) else list(eos or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
-        stops.append(tokenizer.eos_token_id)
+    stops = stop_ids(getattr(own, "eos_token_id", None), tokenizer)  # an adapter saved before its own config
     sampling = {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None} if temperature > 0 \
         else {"do_sample": False}
     return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stops or None, use_cache=True,

@@ -380,6 +380,7 @@ def evaluate(model, data, micro_batch_size: int, device, autocast_dtype, loss_fn
 def save_adapter(model, spec, recipe, tokenizer, run: RunFolder, *, loraplus=None, weights=None) -> None:
     import json
 
+    from peftctl.generation_config import save_for_adapter as save_generation_config
     from peftctl.methods import runtime
 
     quant = recipe.quantization
@@ -389,6 +390,7 @@ def save_adapter(model, spec, recipe, tokenizer, run: RunFolder, *, loraplus=Non
     with staged_dir(run.adapter) as tmp:
         runtime.save(model, spec, tmp, state_dict=weights)
         tokenizer.save_pretrained(str(tmp))
+        save_generation_config(model, tokenizer, tmp)  # the chat template's end-of-turn among the stop tokens
         (tmp / ADAPTER_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
 
