@@ -50,6 +50,7 @@ def train(loaded, options: TrainOptions, console=None):
     from peftctl.methods.peft_common import AttachContext
     from peftctl.model import check_packing_isolation, load_model, load_tokenizer, pick_device
     from peftctl.params import check_targets, count_parameters
+    from peftctl.serving import serving_check
     from peftctl.train.fused_lora import fuse_lora_layers
     from peftctl.train.kernels import apply_fast_kernels, skip_adapter_input_casts
     from peftctl.train.loss import build_loss
@@ -302,7 +303,8 @@ def train(loaded, options: TrainOptions, console=None):
     if world.main:
         save_adapter(model, spec, recipe, tokenizer, run, loraplus=getattr(recipe.method, "loraplus_lr_ratio", None),
                      weights=weights)
-        serving = serving_check(recipe)
+        serving = serving_check(run.adapter, getattr(model.config, "architectures", None),
+                                recipe.quantization.model_dump() if recipe.quantization else None)
         for note in serving["notes"]:
             say(f"note: {note}")
         finish("completed", 0, final={"train_loss": last_loss, "eval_loss": last_eval},
@@ -392,27 +394,6 @@ def save_adapter(model, spec, recipe, tokenizer, run: RunFolder, *, loraplus=Non
         tokenizer.save_pretrained(str(tmp))
         save_generation_config(model, tokenizer, tmp)  # the chat template's end-of-turn among the stop tokens
         (tmp / ADAPTER_INFO).write_text(json.dumps(info, indent=2) + "\n")
-
-
-def serving_check(recipe) -> dict:
-    """Whether a LoRA adapter fits common serving limits (vLLM's default max_lora_rank of 16, no DoRA), so nobody
-    finds out at deployment."""
-    method = recipe.method
-    notes = []
-    if method.name in ("lora", "qlora"):
-        if method.r > 16:
-            notes.append(f"rank {method.r} is above vLLM's default max_lora_rank of 16: serve with "
-                         f"--max-lora-rank {method.r} or higher, or merge the adapter (`peftctl merge`)")
-        if method.use_dora:
-            notes.append("DoRA adapters are not served as LoRA by vLLM: merge it (`peftctl merge`) to serve it")
-        if method.modules_to_save:
-            notes.append(f"modules_to_save ({', '.join(method.modules_to_save)}) are full copies that vLLM's LoRA "
-                         "serving does not load: serve it with peft")
-    elif METHODS[method.name].can_merge:
-        notes.append(f"{method.name} adapters are not served as adapters by vLLM: merge it (`peftctl merge`)")
-    else:
-        notes.append(f"{method.name} adapters cannot be merged; serve them with the base through peft")
-    return {"vllm_lora_ready": not notes, "notes": notes}
 
 
 def _merge(run: RunFolder, recipe, say) -> None:
