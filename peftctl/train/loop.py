@@ -163,6 +163,8 @@ def train(loaded, options: TrainOptions, console=None):
     def finish(status: str, exit_code: int, **extra) -> None:
         if not world.main:
             return
+        metrics.final({"status": status, "exit_code": exit_code, "run_dir": str(run.path), "steps_done": state.step,
+                       **({"error": extra["error"]} if "error" in extra else {})})
         metrics.close(status)
         plot_loss(metrics.records, run.loss_plot)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
