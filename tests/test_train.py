@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -244,3 +246,27 @@ def test_demo_recipe_loss_falls(tiny_model, tmp_path):
     result = train(loaded, TrainOptions(quiet=True))
     values = losses(tmp_path / "run")
     assert falls(values) and result.eval_loss < values[0] - 1.5, (values, result.eval_loss)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_run_folder_files_follow_the_umask(tmp_path, umask):
+    from peftctl.train.run_folder import atomic_write_text, staged_dir
+
+    previous = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "run.json", "{}")
+        with staged_dir(tmp_path / "adapter") as tmp:
+            (tmp / "weights").write_bytes(b"x")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "run.json").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "adapter").stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((tmp_path / "adapter" / "weights").stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_trained_run_folder_has_one_mode_for_files_and_one_for_folders(tiny_model, trained):
+    run = trained("modes", tiny_model("llama"))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {(p.is_dir(), stat.S_IMODE(p.stat().st_mode)) for p in [run, *run.rglob("*")]}
+    assert modes == {(True, 0o777 & ~umask), (False, 0o666 & ~umask)}, modes

@@ -138,6 +138,8 @@ def train(loaded, options: TrainOptions, console=None):
     trainable = [p for p in model.parameters() if p.requires_grad]
     manifest = _manifest(recipe, spec, data, counts, device, total_steps, checkpointing, world, engine)
     manifest["fast_path"] = {"kernels": kernels, "loss": loss_name, "autocast": str(autocast_dtype)}
+    if resume_from is not None and world.main:
+        manifest["resume"] = _resume_record(run, resume_from, state.step)
     metrics = None
     if world.main:
         run.write_manifest({**manifest, "status": "running"})
@@ -172,7 +174,9 @@ def train(loaded, options: TrainOptions, console=None):
                             "steps_done": state.step, "tokens_seen": state.tokens_seen,
                             "timings": {"total_s": round(time.time() - t_start, 2), "train_s": round(train_s, 2),
                                         "setup_s": round(t_loop - t_start, 2),
-                                        "first_step_s": round(first_step_s, 2) if first_step_s else None},
+                                        "first_step_s": round(first_step_s, 2) if first_step_s else None,
+                                        "train_s_all_attempts": round(train_s + manifest.get("resume", {}).get(
+                                            "earlier_train_s", 0), 2)},
                             "peak_memory_bytes": peak, "nonfinite_skipped": state.nonfinite_skipped})
 
     train_s, last_loss, last_eval, nonfinite_in_a_row, first_step_s = 0.0, None, None, 0, None
@@ -420,6 +424,19 @@ def _resume_point(run: RunFolder, requested: str | None, say):
     return path
 
 
+def _resume_record(run: RunFolder, checkpoint, step: int) -> dict:
+    """run.json's account of a resume: the checkpoint and step, and the earlier attempts with their timings (this
+    attempt's timings cover only itself; `train_s_all_attempts` adds theirs)."""
+    prior = run.read_manifest()
+    earlier = list(prior.get("resume", {}).get("earlier", []))
+    if prior:
+        earlier.append({"started_at": prior.get("started_at"), "status": prior.get("status"),
+                        "steps_done": prior.get("steps_done"), "timings": prior.get("timings")})
+    earlier_train_s = sum((e.get("timings") or {}).get("train_s") or 0 for e in earlier)
+    return {"checkpoint": str(checkpoint), "step": step, "earlier": earlier,
+            "earlier_train_s": round(earlier_train_s, 2)}
+
+
 def _resume(path, model, optimizer, scheduler, recipe, data_fingerprint: str, world, say, *, engine=None):
     old_recipe = yaml.safe_load((path / "recipe.yaml").read_text())
     trained, cadence = ckpt.recipe_differences(old_recipe, recipe.model_dump(mode="json"))
@@ -591,7 +608,7 @@ def _summary(result: RunResult, data, console, options: TrainOptions) -> None:
     table.add_row("steps", str(result.steps))
     table.add_row("final train loss", f"{result.train_loss:.4f}" if result.train_loss is not None else "-")
     table.add_row("final eval loss", f"{result.eval_loss:.4f}" if result.eval_loss is not None else "-")
-    table.add_row("tokens/s", f"{result.tokens_per_s:,.0f}")
+    table.add_row("tokens/s (run average)", f"{result.tokens_per_s:,.0f}")
     table.add_row("examples", f"{data.train.stats.examples:,d} ({data.train.stats.truncated} truncated, "
                   f"{data.train.stats.bad_rows} bad rows skipped)")
     console.print(table)
