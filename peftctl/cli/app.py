@@ -172,7 +172,12 @@ def generate(
     prompt: Optional[str] = typer.Argument(None, help="The prompt (default: one prompt per line of stdin; a blank "
                                            "line gives a blank line). Output: one line per prompt, with newlines "
                                            "written as \\n and backslashes as \\\\."),
-    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the chat template."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the chat template (same as --format chat)."),
+    prompt_format: Optional[str] = typer.Option(None, "--format", metavar="alpaca|chat|raw",
+                                                help="How to wrap each prompt: Alpaca's preamble, the chat template, "
+                                                "or as it is (default: the format the adapter was trained on)."),
+    jsonl: bool = typer.Option(False, "--jsonl", help="stdin lines are JSON strings or {\"prompt\": ...} (prompts "
+                               "may hold newlines); each answer is printed as one JSON string."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy."),
 ) -> None:
@@ -180,7 +185,7 @@ def generate(
     from peftctl.cli import generate as command
 
     _exit(run_guarded(lambda: command.run(source, prompt, chat=chat, max_new_tokens=max_new_tokens,
-                                          temperature=temperature)))
+                                          temperature=temperature, prompt_format=prompt_format, jsonl=jsonl)))
 
 
 @app.command(cls=PlainHelpCommand)

@@ -394,7 +394,8 @@ def save_adapter(model, spec, recipe, tokenizer, run: RunFolder, *, loraplus=Non
     quant = recipe.quantization
     info = {"method": spec.name, "base_model": recipe.model.name, "revision": recipe.model.revision,
             "trust_remote_code": recipe.model.trust_remote_code, "dtype": recipe.model.dtype, "quantization": quant.model_dump() if quant else None,
-            "loraplus_lr_ratio": loraplus, "can_merge": spec.can_merge}
+            "loraplus_lr_ratio": loraplus, "can_merge": spec.can_merge,
+            "prompt_format": recipe.dataset.sources()[0].format}  # what `peftctl generate` wraps prompts in
     with staged_dir(run.adapter) as tmp:
         runtime.save(model, spec, tmp, state_dict=weights)
         tokenizer.save_pretrained(str(tmp))
