@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Callable
 
 from peftctl.errors import EXIT_SIGTERM, InvalidInput, ModelNotFound, PeftctlError
+from peftctl.generation_config import write_into_merged as write_generation_config
 
 MERGE_INFO = "peftctl_merge.json"
 ADAPTER_INFO = "peftctl_adapter.json"  # written by train/loop.py beside peft's files
@@ -163,6 +164,7 @@ def merge_adapter(adapter_dir, out_dir, *, base: str | None = None, dtype: str |
         merge_report.shards, merge_report.tensors_merged = write_merged_shards(
             base_ckpt, tmp, deltas, transform, out_dtype, shard_limit, say)
         write_model_files(tmp, base_folder, adapter_dir, base_config, out_dtype_name)
+        write_generation_config(tmp, adapter_dir)  # the adapter's stop tokens and pad id over the base's
         if verify:
             say("verifying: base + adapter against the merged shards, one layer at a time")
             merge_report.verification = verify_merge(base_ckpt, Checkpoint(tmp), adapter_dir, model_config,

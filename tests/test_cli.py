@@ -146,3 +146,20 @@ def test_out_of_memory_is_exit_3(capsys):
 
     assert run_guarded(oom) == 3
     assert "micro_batch_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [[], ["train"], ["generate"], ["validate"], ["merge"], ["count-params"]])
+def test_help_names_values_without_type_placeholders(args):
+    """typer 0.29 renders `--dry-run <bool>` and `{recipe}`: flags take no value and arguments have names."""
+    from typer.testing import CliRunner
+
+    from peftctl.cli.app import app
+
+    result = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "150", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    assert "<bool>" not in result.output and "<str>" not in result.output and "{" not in result.output
+    usage = next(line for line in result.output.splitlines() if "Usage:" in line)
+    if args == ["train"]:
+        assert usage.strip().endswith("[OPTIONS] RECIPE") and "auto|PATH" in result.output
+    if args == ["generate"]:
+        assert usage.strip().endswith("ADAPTER_OR_MODEL [PROMPT]")

@@ -102,6 +102,29 @@ def test_chat_trains_assistant_turns_and_their_end_of_turn_token(tokenizers, arc
     assert tok.convert_tokens_to_ids(eot) in [t for t, label in zip(ex["input_ids"], ex["labels"]) if label != IGNORE]
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_conversation_opening_with_the_assistant_trains_only_its_reply(tokenizers, arch):
+    # The opening reply's start is found as every later one's: its header (and Llama 3's BOS) stay untrained.
+    tok = tokenizers[arch]
+    messages = [{"role": "assistant", "content": "Hello, how can I help?"}, *CONVERSATION[1:]]
+    ex = tokenize_row(tok, {"messages": messages}, "chat")
+    first_trained = next(i for i, label in enumerate(ex["labels"]) if label != IGNORE)
+    assert tok.decode(ex["input_ids"][first_trained:]).startswith("Hello, how can I help?")
+    assert "assistant" not in tok.decode(ex["input_ids"][first_trained:first_trained + 3])
+    header = tok.decode(ex["input_ids"][:first_trained])
+    assert header.endswith({"llama": "<|start_header_id|>assistant<|end_header_id|>\n\n",
+                            "qwen2": "<|im_start|>assistant\n"}[arch])
+    assert trained_text(tok, ex).startswith("Hello, how can I help?" + END_OF_TURN[arch])
+
+
+def test_chat_reply_after_a_space_keeps_the_space_in_its_first_token(tokenizers):
+    # Mistral writes "[/INST] reply</s>": the space belongs to the reply's first token, which must be trained.
+    tok = tokenizers["mistral"]
+    ex = tokenize_row(tok, {"messages": CONVERSATION[1:]}, "chat")
+    assert trained_text(tok, ex).lstrip().startswith("Blue.")
+    assert "Green, like grass." in trained_text(tok, ex)
+
+
 def test_chat_needs_a_template(tmp_path, tokenizers):
     from peftctl.data.templates import BUILTIN_TEMPLATES
     from peftctl.errors import InvalidInput
@@ -369,3 +392,31 @@ def test_special_token_text_inside_a_row_is_reported_with_its_line(tmp_path, tok
     shown = run_cli("inspect-data", str(recipe), "-n", "1")
     assert shown.returncode == 0, shown.stderr
     assert "line 2: '<|im_end|>'" in shown.stdout and "unknown role '[/x]'" in shown.stdout
+
+
+def test_max_length_that_cuts_every_answer_says_so_and_inspect_data_still_shows_them(tmp_path, tokenizers,
+                                                                                     tiny_model, write_recipe,
+                                                                                     capsys):
+    from peftctl.cli import inspect_data
+    from peftctl.cli.errors import run_guarded
+
+    tok = tokenizers["llama"]
+    rows = [{"instruction": "Describe this in a few words: " + "word " * (20 + i), "output": "A short answer."}
+            for i in range(6)]
+    path = write_jsonl(tmp_path / "long_prompts.jsonl", rows)
+    with pytest.raises(DataError) as err:
+        prepare(section(path, max_length=32), tok, seed=0, pad_id=tok.pad_token_id)
+    message, hint = err.value.message, err.value.hint
+    assert "max_length 32 cut every answer token of 6 example(s)" in message
+    assert "dataset.format" not in hint and "--set dataset.max_length=" in hint
+    # The numbers are right: the max_length the message names for "a token of every answer" keeps every example.
+    keeps = int(message.split("; max_length ")[1].split(" keeps")[0].replace(",", ""))
+    data = prepare(section(path, max_length=keeps), tok, seed=0, pad_id=tok.pad_token_id)
+    assert data.train.stats.examples == 6 and data.train.stats.skipped_no_trained_token == 0
+    one_less = prepare(section(path, max_length=keeps - 1), tok, seed=0, pad_id=tok.pad_token_id)
+    assert one_less.train.stats.skipped_no_trained_token == 1  # the longest prompt's answer is cut away
+
+    recipe = write_recipe(tiny_model("llama"), data=path, dataset={"max_length": 32})
+    code = run_guarded(lambda: inspect_data.run(str(recipe), [], 2))
+    out = capsys.readouterr().out
+    assert code == 0 and "example 1: 32 tokens, 0 trained" in out and "cut every answer token" in out

@@ -55,18 +55,19 @@ def expected(run: Path, prompts: list[str], chat: bool = False) -> list[str]:
     return answers
 
 
-def generate(source, prompt=None, *, stdin: str | None = None, chat=False, monkeypatch=None, capsys=None):
+def generate(source, prompt=None, *, stdin: str | None = None, chat=False, monkeypatch=None, capsys=None,
+             prompt_format="raw", jsonl=False):
     """Run the command in-process: (exit code, stdout lines, stderr)."""
     if stdin is not None:
         monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
     code = run_guarded(lambda: command.run(str(source), prompt, chat=chat, max_new_tokens=NEW_TOKENS,
-                                           temperature=0.0))
+                                           temperature=0.0, prompt_format=prompt_format, jsonl=jsonl))
     captured = capsys.readouterr()
     return code, captured.out.splitlines(), captured.err
 
 
 def test_cli_continues_each_stdin_line_of_a_trained_adapter(lora_run):
-    done = run_cli("generate", str(lora_run), "--max-new-tokens", str(NEW_TOKENS),
+    done = run_cli("generate", str(lora_run), "--max-new-tokens", str(NEW_TOKENS), "--format", "raw",
                    input=f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.split("\n")
@@ -138,3 +139,23 @@ def test_sources_that_cannot_generate_exit_2(tiny_model, tmp_path, capsys):
 
 def test_outputs_stay_one_line_each():
     assert command.escape_line("a\nb\\n\r") == "a\\nb\\\\n\\r"
+
+
+def test_prompts_get_the_format_the_adapter_was_trained_with(lora_run, capsys):
+    assert command.recorded_format(str(lora_run)) == "alpaca"  # trained on the alpaca demo data
+    wrapped = command.wrap_prompt(PROMPTS[1], "alpaca")
+    assert wrapped.startswith("Below is an instruction") and wrapped.endswith("### Response:\n")
+    code, lines, err = generate(lora_run, PROMPTS[1], capsys=capsys, prompt_format=None)
+    assert code == 0, err
+    assert lines == expected(lora_run, [wrapped]) != expected(lora_run, PROMPTS[1:])
+
+
+def test_jsonl_stdin_carries_prompts_with_newlines(lora_run, monkeypatch, capsys):
+    multi = "First line.\nSecond line."
+    stdin = json.dumps({"prompt": multi}) + "\n" + json.dumps(PROMPTS[0]) + "\n"
+    code, lines, err = generate(lora_run, stdin=stdin, monkeypatch=monkeypatch, capsys=capsys, jsonl=True)
+    assert code == 0, err
+    answers = [command.escape_line(json.loads(line)) for line in lines]
+    assert answers == expected(lora_run, [multi, PROMPTS[0]])
+    code, _, err = generate(lora_run, stdin="not json\n", monkeypatch=monkeypatch, capsys=capsys, jsonl=True)
+    assert code == 2 and "stdin line 1: not JSON" in err

@@ -502,3 +502,20 @@ def test_encoder_adapters_serve_but_cannot_continue_training(method, tiny_model,
     with pytest.raises(InvalidInput, match="training cannot continue from it"):
         runtime.load(_tiny_base(model_dir), tmp_path / "adapter", trainable=True)
     runtime.load(_tiny_base(model_dir), tmp_path / "adapter")
+
+
+def test_saved_adapter_config_names_the_recipes_base_and_sorts_its_targets(tiny_model, tmp_path):
+    """Reproducible files: the same training writes the same adapter_config.json (peft writes target_modules from a
+    set), and the base is named as the recipe named it -- a hub id, not the folder its weights were read from."""
+    from peftctl.methods import runtime
+    from peftctl.methods.lora import LoraSection
+    from peftctl.methods.peft_common import AttachContext
+    from peftctl.methods.registry import METHODS
+
+    targets = ["v_proj", "up_proj", "q_proj", "o_proj", "k_proj", "gate_proj", "down_proj"]
+    model = runtime.attach(_tiny_base(tiny_model("llama")), LoraSection(**{**LORA, "targets": targets}),
+                           AttachContext(tokenizer_path="example-org/tiny-llama", tokenizer_revision="abc123"))
+    runtime.save(model, METHODS["lora"], tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["target_modules"] == sorted(targets)
+    assert config["base_model_name_or_path"] == "example-org/tiny-llama" and config["revision"] == "abc123"

@@ -114,9 +114,8 @@ def test_serving_check_at_the_end(tiny_model, write_recipe, tmp_path):
     recipe = write_recipe(tiny_model("llama"), method={"r": 32, "alpha": 64})
     train(load_recipe(str(recipe)), TrainOptions(quiet=True))
     serving = json.loads((tmp_path / "run" / "run.json").read_text())["serving"]
-    assert serving["vllm_lora_ready"] is False and "max_lora_rank" in serving["notes"][0]
-    small = loop.serving_check(load_recipe(str(write_recipe(tiny_model("llama"), name="small.yaml"))).recipe)
-    assert small == {"vllm_lora_ready": True, "notes": []}
+    assert serving["vllm_lora_ready"] is True and serving["vllm_max_lora_rank"] == 32
+    assert "--max-lora-rank 32" in serving["notes"][0]
 
 
 def test_modules_to_save_trains_the_embeddings_and_counts_their_size(tiny_model, write_recipe, tmp_path):

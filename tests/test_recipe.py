@@ -343,3 +343,17 @@ def test_chat_data_on_a_base_model_without_template_is_refused_at_validation(tmp
     assert parse_recipe(named, "r.yaml", tmp_path).recipe.model.chat_template == "chatml"
     (model / "chat_template.jinja").write_text("{{ messages }}")
     assert parse_recipe(text, "r.yaml", tmp_path)
+
+
+def test_init_from_must_be_an_adapter_folder(tmp_path):
+    text = GOOD.replace("  r: 16", "  r: 16\n  init_from: /nope")
+    p = one_problem(text)
+    assert p.key == "method.init_from" and "no such adapter folder: /nope" in p.message
+    assert str(p).startswith("recipe.yaml:6:")  # file and line of the key
+    (tmp_path / "not-an-adapter").mkdir()
+    problems = problems_of(GOOD.replace("  r: 16", "  r: 16\n  init_from: not-an-adapter"), base=tmp_path)
+    assert len(problems) == 1 and "not an adapter folder" in problems[0].message
+    (tmp_path / "prev" / "adapter").mkdir(parents=True)
+    (tmp_path / "prev" / "adapter" / "adapter_config.json").write_text("{}")
+    loaded = parse_recipe(GOOD.replace("  r: 16", "  r: 16\n  init_from: prev/adapter"), "r.yaml", tmp_path)
+    assert loaded.recipe.method.init_from == str((tmp_path / "prev" / "adapter").resolve())  # relative to the recipe

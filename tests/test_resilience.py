@@ -78,6 +78,13 @@ def test_sigterm_checkpoints_and_resume_is_exact(tiny_model, write_recipe, refer
     result = run_cli("train", str(recipe), "--resume", "auto", "--quiet")
     assert result.returncode == 0, result.stderr
     assert losses(run) == losses(reference_run)  # the same loss at every step, to the last digit logged
+    resumed_manifest = json.loads((run / "run.json").read_text())
+    resume = resumed_manifest["resume"]  # run.json records the resume and the interrupted attempt's timings
+    assert resume["step"] == stopped_at and resume["checkpoint"].endswith(ckpt.name_for(stopped_at))
+    assert [e["status"] for e in resume["earlier"]] == ["stopped"]
+    timings = resumed_manifest["timings"]
+    assert timings["train_s_all_attempts"] == pytest.approx(timings["train_s"] + resume["earlier_train_s"], abs=0.02)
+    assert resume["earlier_train_s"] == manifest["timings"]["train_s"] > 0
     resumed, reference = adapter_weights(run), adapter_weights(reference_run)
     assert resumed.keys() == reference.keys()
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)  # bitwise, on the CPU

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -148,7 +150,65 @@ def test_json_log_format_prints_one_object_per_step(tiny_model, write_recipe):
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert all(r["type"] == "step" for r in records if "loss" in r)
+    final = records[-1]  # the last line says how the run ended
+    assert final["type"] == "final" and final["status"] == "completed" and final["exit_code"] == 0
+    assert final["run_dir"].endswith("run") and final["steps_done"] == 4
     assert "trainable params:" in result.stderr
+
+
+def test_metrics_records_say_step_or_eval(tmp_path, capsys):
+    from peftctl.train.metrics import Metrics
+
+    metrics = Metrics(tmp_path / "metrics.jsonl", total_steps=2, log_format="json")
+    metrics.log({"step": 1, "loss": 2.0, "lr": 1e-3})
+    metrics.log({"step": 1, "eval_loss": 1.5, "eval_ppl": 4.5})
+    metrics.final({"status": "failed", "exit_code": 1, "run_dir": str(tmp_path)})
+    metrics.close("failed")
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["type"] for r in printed] == ["step", "eval", "final"]
+    saved = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in saved] == ["step", "eval"]  # the final record is for the console only
+
+
+def test_loss_curve_is_smoothed_and_titled(tmp_path):
+    from peftctl.train.metrics import plot_loss, smooth
+
+    assert smooth([2.0] * 5) == pytest.approx([2.0] * 5)  # debiased: no dip towards 0 at the start
+    noisy = [3.0 + (0.5 if i % 2 else -0.5) - i * 0.01 for i in range(100)]
+    smoothed = smooth(noisy)
+    wiggle = lambda xs: sum(abs(a - b) for a, b in zip(xs[50:], xs[51:]))  # noqa: E731
+    assert wiggle(smoothed) < wiggle(noisy) / 5 and smoothed[-1] == pytest.approx(3 - 0.99, abs=0.3)  # the trend
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    titles = []
+    real_savefig = plt.Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        titles.append(fig.axes[0].get_title())
+        labels = [line.get_label() for line in fig.axes[0].get_lines()]
+        assert "train (smoothed)" in labels
+        return real_savefig(fig, *args, **kwargs)
+
+    (tmp_path / "my-run").mkdir()
+    plt.Figure.savefig = savefig
+    try:
+        assert plot_loss([{"step": i + 1, "loss": v} for i, v in enumerate(noisy)], tmp_path / "my-run" / "loss.png")
+    finally:
+        plt.Figure.savefig = real_savefig
+    assert titles == ["my-run: loss"] and (tmp_path / "my-run" / "loss.png").exists()
+
+
+def test_dry_run_plan_goes_to_stdout(tiny_model, write_recipe, capsys):
+    from peftctl.cli import train as command
+    from peftctl.cli.errors import run_guarded
+
+    recipe = write_recipe(tiny_model("llama"))
+    code = run_guarded(lambda: command.run(str(recipe), [], dry_run=True, resume=None, force=False, quiet=False,
+                                           log_format="text", gpus=None))
+    out, err = capsys.readouterr()
+    assert code == 0 and "plan (dry run" in out and "total steps" in out and "plan (dry run" not in err
 
 
 def test_an_existing_run_is_not_overwritten(tiny_model, write_recipe):
@@ -186,3 +246,27 @@ def test_demo_recipe_loss_falls(tiny_model, tmp_path):
     result = train(loaded, TrainOptions(quiet=True))
     values = losses(tmp_path / "run")
     assert falls(values) and result.eval_loss < values[0] - 1.5, (values, result.eval_loss)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_run_folder_files_follow_the_umask(tmp_path, umask):
+    from peftctl.train.run_folder import atomic_write_text, staged_dir
+
+    previous = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "run.json", "{}")
+        with staged_dir(tmp_path / "adapter") as tmp:
+            (tmp / "weights").write_bytes(b"x")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "run.json").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "adapter").stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((tmp_path / "adapter" / "weights").stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_trained_run_folder_has_one_mode_for_files_and_one_for_folders(tiny_model, trained):
+    run = trained("modes", tiny_model("llama"))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {(p.is_dir(), stat.S_IMODE(p.stat().st_mode)) for p in [run, *run.rglob("*")]}
+    assert modes == {(True, 0o777 & ~umask), (False, 0o666 & ~umask)}, modes

@@ -12,9 +12,11 @@ import typer
 
 from peftctl import __version__
 from peftctl.cli.errors import run_guarded
+from peftctl.cli.help_style import PlainHelpCommand, PlainHelpGroup
 
 app = typer.Typer(
     name="peftctl",
+    cls=PlainHelpGroup,
     help="Parameter-efficient fine-tuning of language models from YAML recipes.",
     no_args_is_help=True,
     add_completion=True,
@@ -42,7 +44,7 @@ def _root(version: bool = typer.Option(False, "--version", "-V", callback=_versi
     """Parameter-efficient fine-tuning of language models from YAML recipes."""
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 def validate(
     recipes: List[str] = typer.Argument(..., metavar="RECIPE...", help="Recipe files ('-' reads standard input)."),
     sets: Optional[List[str]] = SetOption,
@@ -54,7 +56,7 @@ def validate(
     _exit(run_guarded(lambda: command.run(recipes, sets or [], json_output)))
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 def init(
     method: str = typer.Option("lora", "--method", "-m", help="lora, qlora, prefix_tuning, prompt_tuning, "
                                "p_tuning, ia3 or adapter."),
@@ -66,7 +68,7 @@ def init(
     _exit(run_guarded(lambda: command.run(method, model)))
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 def schema() -> None:
     """Print the recipe's JSON Schema (for editors' YAML language servers)."""
     from peftctl.cli import schema as command
@@ -74,19 +76,19 @@ def schema() -> None:
     _exit(run_guarded(command.run))
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 def train(
     recipe: str = typer.Argument(..., help="Recipe file ('-' reads standard input)."),
     sets: Optional[List[str]] = SetOption,
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate, load the tokenizer and data, print the plan; "
                                  "load no weights and train nothing."),
-    resume: Optional[str] = typer.Option(None, "--resume", help="'auto' (the newest good checkpoint of "
+    resume: Optional[str] = typer.Option(None, "--resume", metavar="auto|PATH", help="'auto' (the newest good checkpoint of "
                                          "output.dir) or a checkpoint folder."),
     force: bool = typer.Option(False, "--force", help="Replace a run already in output.dir."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary; errors only."),
-    log_format: str = typer.Option("text", "--log-format", help="text, or json: one JSON object per step on "
+    log_format: str = typer.Option("text", "--log-format", metavar="text|json", help="text, or json: one JSON object per step on "
                                    "stdout."),
-    gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="Start this many processes on this machine "
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=1, metavar="N", help="Start this many processes on this machine "
                                        "(one per GPU)."),
 ) -> None:
     """Train the recipe's adapter and write the run folder."""
@@ -96,7 +98,7 @@ def train(
                                           quiet=quiet, log_format=log_format, gpus=gpus)))
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 def merge(
     adapter_dir: str = typer.Argument(..., help="An adapter folder (RUN/adapter) or a run folder."),
     out: str = typer.Option(..., "--out", "-o", help="Folder to write the merged model to."),
@@ -122,7 +124,7 @@ def merge(
                                           force=force)))
 
 
-@app.command("count-params")
+@app.command("count-params", cls=PlainHelpCommand)
 def count_params(
     recipe: Optional[str] = typer.Argument(None, help="Recipe file ('-' reads standard input)."),
     sets: Optional[List[str]] = SetOption,
@@ -151,7 +153,7 @@ def count_params(
                                           json_output=json_output, memory=memory, gpu_memory=gpu_memory)))
 
 
-@app.command("inspect-data")
+@app.command("inspect-data", cls=PlainHelpCommand)
 def inspect_data(
     recipe: str = typer.Argument(..., help="Recipe file ('-' reads standard input)."),
     sets: Optional[List[str]] = SetOption,
@@ -163,14 +165,19 @@ def inspect_data(
     _exit(run_guarded(lambda: command.run(recipe, sets or [], n)))
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 def generate(
     source: str = typer.Argument(..., metavar="ADAPTER_OR_MODEL", help="An adapter folder, run folder or a merged "
                                  "model folder."),
     prompt: Optional[str] = typer.Argument(None, help="The prompt (default: one prompt per line of stdin; a blank "
                                            "line gives a blank line). Output: one line per prompt, with newlines "
                                            "written as \\n and backslashes as \\\\."),
-    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the chat template."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the chat template (same as --format chat)."),
+    prompt_format: Optional[str] = typer.Option(None, "--format", metavar="alpaca|chat|raw",
+                                                help="How to wrap each prompt: Alpaca's preamble, the chat template, "
+                                                "or as it is (default: the format the adapter was trained on)."),
+    jsonl: bool = typer.Option(False, "--jsonl", help="stdin lines are JSON strings or {\"prompt\": ...} (prompts "
+                               "may hold newlines); each answer is printed as one JSON string."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy."),
 ) -> None:
@@ -178,10 +185,10 @@ def generate(
     from peftctl.cli import generate as command
 
     _exit(run_guarded(lambda: command.run(source, prompt, chat=chat, max_new_tokens=max_new_tokens,
-                                          temperature=temperature)))
+                                          temperature=temperature, prompt_format=prompt_format, jsonl=jsonl)))
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 def fetch(
     recipe: str = typer.Argument(..., help="Recipe file ('-' reads standard input)."),
     sets: Optional[List[str]] = SetOption,
@@ -192,7 +199,7 @@ def fetch(
     _exit(run_guarded(lambda: command.run(recipe, sets or [])))
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 def push(
     run_dir: str = typer.Argument(..., help="A finished run folder."),
     repo_id: str = typer.Argument(..., help="owner/name on the hub."),

@@ -22,18 +22,67 @@ from peftctl.errors import InvalidInput, ModelNotFound
 ADAPTER_FILES = ("adapter_config.json", "bottleneck_config.json")
 
 
-def run(source: str, prompt: str | None, *, chat: bool, max_new_tokens: int, temperature: float) -> int:
+PROMPT_FORMATS = ("alpaca", "chat", "raw")
+
+
+def run(source: str, prompt: str | None, *, chat: bool, max_new_tokens: int, temperature: float,
+        prompt_format: str | None = None, jsonl: bool = False) -> int:
+    if prompt_format is not None and prompt_format not in PROMPT_FORMATS:
+        raise InvalidInput(f"--format {prompt_format}: expected one of {', '.join(PROMPT_FORMATS)}")
+    fmt = "chat" if chat else prompt_format or recorded_format(source)
     model, tokenizer = load_for_generation(source)
-    if chat and not tokenizer.chat_template:
+    if fmt == "chat" and not tokenizer.chat_template:
         raise InvalidInput(f"{source}: the tokenizer has no chat template, so --chat cannot be applied",
                            hint="drop --chat, or train with model.chat_template set (it is saved with the adapter)")
     config = generation_config(model, tokenizer, max_new_tokens, temperature)
-    prompts = [prompt] if prompt is not None else (line.rstrip("\r\n") for line in sys.stdin)
+    prompts = [prompt] if prompt is not None else _stdin_prompts(jsonl)
     for text in prompts:
-        answer = generate_one(model, tokenizer, text, chat=chat, config=config) if text else ""
-        sys.stdout.write(escape_line(answer) + "\n")
+        answer = generate_one(model, tokenizer, wrap_prompt(text, fmt), chat=fmt == "chat", config=config) \
+            if text else ""
+        sys.stdout.write((json.dumps(answer, ensure_ascii=False) if jsonl else escape_line(answer)) + "\n")
         sys.stdout.flush()
     return 0
+
+
+def recorded_format(source: str) -> str:
+    """The prompt format an adapter was trained with (run.json's dataset format, saved beside the adapter): alpaca
+    prompts get Alpaca's preamble, chat ones the chat template; anything else, and a merged model, is raw."""
+    path = Path(source)
+    for folder in (path, path / "adapter"):
+        try:
+            recorded = json.loads((folder / "peftctl_adapter.json").read_text()).get("prompt_format")
+        except (OSError, ValueError):
+            continue
+        return recorded if recorded in ("alpaca", "chat") else "raw"
+    return "raw"
+
+
+def wrap_prompt(text: str, fmt: str) -> str:
+    """The prompt as training rendered it up to where the answer starts (chat is wrapped by the template later)."""
+    if fmt != "alpaca":
+        return text
+    from peftctl.data.formats import ALPACA_PREAMBLE
+
+    return f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{text}\n\n### Response:\n"
+
+
+def _stdin_prompts(jsonl: bool):
+    """One prompt per line; with --jsonl each line is a JSON string or {"prompt": ...}, so a prompt may hold
+    newlines."""
+    for number, line in enumerate(sys.stdin, start=1):
+        line = line.rstrip("\r\n")
+        if not jsonl or not line.strip():
+            yield line if not jsonl else ""
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError as e:
+            raise InvalidInput(f"stdin line {number}: not JSON ({e})",
+                               hint='with --jsonl each line is a JSON string or {"prompt": "..."}') from None
+        value = value.get("prompt") if isinstance(value, dict) else value
+        if not isinstance(value, str):
+            raise InvalidInput(f"stdin line {number}: expected a JSON string or an object with a \"prompt\" string")
+        yield value
 
 
 def escape_line(text: str) -> str:
@@ -78,6 +127,7 @@ def _model(name: str):
 def _adapter_on_base(adapter_dir: Path):
     from types import SimpleNamespace
 
+    from peftctl.generation_config import load_saved
     from peftctl.methods import runtime
     from peftctl.model import load_model, pick_device
     from peftctl.recipe.schema import ModelSection, QuantizationSection
@@ -99,6 +149,7 @@ def _adapter_on_base(adapter_dir: Path):
                            trust_remote_code=bool(info.get("trust_remote_code"))),
         quantization=QuantizationSection(**quant) if quant else None)
     model = runtime.load(load_model(recipe, pick_device()), adapter_dir)
+    model.generation_config = load_saved(adapter_dir) or model.generation_config  # the stop tokens it learned
     has_tokenizer = (adapter_dir / "tokenizer_config.json").exists()
     return model.eval(), _tokenizer(str(adapter_dir) if has_tokenizer else base, recipe.model.revision)
 
@@ -115,11 +166,10 @@ def generation_config(model, tokenizer, max_new_tokens: int, temperature: float)
     config or the tokenizer knows (Llama 3 ends a turn with <|eot_id|>, which is not its EOS)."""
     from transformers import GenerationConfig
 
+    from peftctl.generation_config import stop_ids
+
     own = getattr(model, "generation_config", None)
-    eos = getattr(own, "eos_token_id", None)
-    stops = [eos] if isinstance(eos, int) else list(eos or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
-        stops.append(tokenizer.eos_token_id)
+    stops = stop_ids(getattr(own, "eos_token_id", None), tokenizer)  # an adapter saved before its own config
     sampling = {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None} if temperature > 0 \
         else {"do_sample": False}
     return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stops or None, use_cache=True,

@@ -21,7 +21,9 @@ def run(recipe_path: str, sets: list[str], n: int) -> int:
     loaded = load_recipe(recipe_path, sets)
     recipe = loaded.recipe
     tokenizer = load_tokenizer(recipe.model, base_dir=loaded.base_dir)
-    data = prepare(recipe.dataset, tokenizer, seed=recipe.training.seed, pad_id=tokenizer.pad_token_id)
+    # Examples left with no trained token are shown too (training skips them): seeing them is how one finds out why.
+    data = prepare(recipe.dataset, tokenizer, seed=recipe.training.seed, pad_id=tokenizer.pad_token_id,
+                   keep_untrained=True)
     console = Console(highlight=False, soft_wrap=True)
     styled = console.is_terminal
     examples = data.train.examples
@@ -75,7 +77,7 @@ def _summary(console, data, max_length: int) -> None:
         console.print(f"  {b * width + 1:>6}-{min(max_length, (b + 1) * width):<6} {count:>7,d} {bar}")
     rows = len(data.train.rows)
     console.print(f"examples {stats.examples:,d} · tokens {stats.tokens:,d} (trained {stats.trained_tokens:,d}) · "
-                  f"truncated {stats.truncated:,d} · skipped with no trained token "
+                  f"truncated {stats.truncated:,d} · with no trained token (training skips them) "
                   f"{stats.skipped_no_trained_token:,d} · bad rows {stats.bad_rows:,d}")
     if data.packed:
         fill = stats.tokens / max(1, rows * max_length)
@@ -83,6 +85,9 @@ def _summary(console, data, max_length: int) -> None:
                       f"examples per row, {100 * fill:.1f}% filled")
     else:
         console.print(f"not packed: {rows:,d} rows, one example each")
+    cut = stats.cut_note(max_length)
+    if cut:
+        console.print(f"[yellow]{escape(cut)}[/] (training skips them)")
     for line in stats.bad_examples[:5]:
         console.print(f"[yellow]bad row[/] {escape(line)}")  # a row may hold text that looks like markup
     if stats.special_text_rows:

@@ -38,8 +38,8 @@ def run(recipe_path: str, sets: list[str], *, dry_run: bool, resume: str | None,
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     options = TrainOptions(resume=resume, force=force, quiet=quiet, log_format=log_format, dry_run=dry_run)
     result = train(loaded, options, console=console)
-    if dry_run:
-        _print_plan(result, console, log_format == "json")
+    if dry_run:  # the plan is the command's data: stdout (talk stays on stderr), so `> plan.txt` captures it
+        _print_plan(result, Console(highlight=False, soft_wrap=True), log_format == "json")
     return 0
 
 

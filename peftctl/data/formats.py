@@ -109,13 +109,15 @@ def messages_of(row: dict, options: FormatOptions) -> list[dict]:
     return out
 
 
+# Stands in for a reply while locating where the template puts it; no real text holds it.
+_REPLY_MARK = "\x00peftctl-reply\x00"
+
+
 def render_chat(messages: list[dict], tokenizer, train_on_prompt: bool = False) -> Rendered:
-    """Render through the chat template; an assistant span runs from the end of the generation prompt before it
-    to the end of its own rendering, so it includes the template's end-of-turn token."""
-    def apply(msgs, generation_prompt=False) -> str:
-        if not msgs:
-            return ""
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+    """Render through the chat template; an assistant span runs from where the template puts the reply (after the
+    turn's header) to the end of the turn's rendering, so it includes the template's end-of-turn token."""
+    def apply(msgs) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False)
 
     text = apply(messages)
     if train_on_prompt:
@@ -124,9 +126,10 @@ def render_chat(messages: list[dict], tokenizer, train_on_prompt: bool = False) 
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = apply(messages[:i], generation_prompt=True)
         through = apply(messages[: i + 1])
-        if text.startswith(through) and through.startswith(before) and len(through) > len(before):
+        before = _reply_start(apply, messages[:i])
+        if before is not None and text.startswith(through) and through.startswith(before) \
+                and len(through) > len(before):
             spans.append((len(before), len(through)))
             cursor = len(through)
             continue
@@ -142,6 +145,17 @@ def render_chat(messages: list[dict], tokenizer, train_on_prompt: bool = False) 
         spans.append((start, end))
         cursor = end
     return Rendered(text, spans, templated=True)
+
+
+def _reply_start(apply, history: list[dict]) -> str | None:
+    """The rendering up to where the template writes the next assistant reply: the same for every turn, the first
+    included (the render of no messages is empty, so a generation prompt cannot place a conversation's opening
+    reply -- its header, and Llama 3's BOS, would be trained). A space just before the reply stays with it: BPE
+    and sentencepiece vocabularies ("Ġword", "▁word") carry it in the reply's first token. None when the template
+    drops the reply."""
+    rendered = apply([*history, {"role": "assistant", "content": _REPLY_MARK}])
+    at = rendered.find(_REPLY_MARK)
+    return None if at < 0 else rendered[:at].rstrip(" ")
 
 
 def _end_tokens(tokenizer) -> list[str]:

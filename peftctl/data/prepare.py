@@ -20,8 +20,9 @@ from peftctl.data.sources import RAW, Source, load_sources
 from peftctl.data.tokenize import special_ids, special_text_in, special_texts, tokenize_rendered
 from peftctl.errors import DataError, InvalidInput
 
-CACHE_VERSION = "2"  # bump when tokenisation changes its output for the same inputs
+CACHE_VERSION = "3"  # bump when tokenisation changes its output for the same inputs
 MAX_REPORTED_ROWS = 20
+MAX_CUT_LENGTHS = 100_000  # (prompt, full) token lengths kept of examples that max_length left untrained
 
 
 @dataclass
@@ -39,9 +40,22 @@ class DataStats:
     special_text_examples: list[str] = field(default_factory=list)  # "file line 9: '<|eot_id|>'"
     from_cache: bool = False
     sources: list[dict] = field(default_factory=list)  # per mixed source: available, examples, tokens
+    cut_lengths: list[tuple[int, int]] = field(default_factory=list)  # (prompt, full) of examples cut untrained
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        out = {k: v for k, v in self.__dict__.items() if k != "cut_lengths"}
+        out["cut_untrained"] = len(self.cut_lengths)
+        return out
+
+    def cut_note(self, max_length: int) -> str:
+        """What max_length cut away, with the lengths seen and the max_length that keeps them ("" when nothing)."""
+        if not self.cut_lengths:
+            return ""
+        prompts = sorted(p for p, _ in self.cut_lengths)
+        longest = max(f for _, f in self.cut_lengths)
+        return (f"dataset.max_length {max_length} cut every answer token of {len(prompts):,d} example(s): their "
+                f"prompts are {prompts[0]:,d}-{prompts[-1]:,d} tokens (median {prompts[len(prompts) // 2]:,d}); "
+                f"max_length {prompts[-1] + 1:,d} keeps a token of every answer, {longest:,d} keeps them whole")
 
 
 @dataclass
@@ -158,9 +172,10 @@ class StepPlan:
 
 
 def prepare(dataset_section, tokenizer, *, seed: int, pad_id: int, packed: bool | None = None,
-            num_proc: int | None = None) -> PreparedData:
+            num_proc: int | None = None, keep_untrained: bool = False) -> PreparedData:
     """Tokenise the training data (one source, or a weighted mix), split off a validation fraction (or tokenise
-    the validation data of its own), and build rows."""
+    the validation data of its own), and build rows. `keep_untrained` keeps the examples left with no trained
+    token (inspect-data shows them), which training skips."""
     packed = bool(dataset_section.packing) if packed is None else packed  # auto packs; train may fall back
     max_length = dataset_section.max_length
     entries = dataset_section.sources()
@@ -174,7 +189,7 @@ def prepare(dataset_section, tokenizer, *, seed: int, pad_id: int, packed: bool 
     for entry in entries:
         options = _options(entry, dataset_section)
         parts.append(_tokenize_all(load_sources(entry.path, entry.split), options, tokenizer, max_length,
-                                   dataset_section.on_bad_rows, num_proc))
+                                   dataset_section.on_bad_rows, num_proc, keep_untrained))
     if len(parts) == 1:
         examples, stats, fingerprint = parts[0]
     else:
@@ -199,12 +214,22 @@ def prepare(dataset_section, tokenizer, *, seed: int, pad_id: int, packed: bool 
         stats = _recount(stats, examples)
     if len(examples) == 0:
         where = dataset_section.path or ", ".join(e.path for e in entries)
+        if stats.cut_lengths:
+            raise DataError(f"{where}: no usable training examples: {stats.cut_note(max_length)}",
+                            hint=f"raise dataset.max_length (--set dataset.max_length={_round_up(stats)}) or "
+                                 "shorten the prompts; `peftctl inspect-data RECIPE` shows the examples as cut")
         raise DataError(f"{where}: no usable training examples ({stats.rows_read} rows read, "
                         f"{stats.bad_rows} bad, {stats.skipped_no_trained_token} with no trained token)",
                         hint="check dataset.format and dataset.fields against the file's columns "
                              "(`peftctl inspect-data RECIPE`)")
     train = Split(examples, _rows(examples, packed, max_length), stats)
     return PreparedData(train, validation, fingerprint, pad_id, packed, max_length)
+
+
+def _round_up(stats: DataStats) -> int:
+    """A max_length that keeps every answer whole, rounded up to a multiple of 64 (kernels like round shapes)."""
+    longest = max(f for _, f in stats.cut_lengths)
+    return -(-longest // 64) * 64
 
 
 def _options(entry, section) -> FormatOptions:
@@ -252,7 +277,8 @@ def _rows(examples, packed: bool, max_length: int) -> list[list[int]]:
     return pack_examples(list(examples["length"]), max_length)
 
 
-def _tokenize_all(sources: list[Source], options, tokenizer, max_length, on_bad_rows, num_proc):
+def _tokenize_all(sources: list[Source], options, tokenizer, max_length, on_bad_rows, num_proc,
+                  keep_untrained: bool = False):
     import datasets
 
     parts, stats, fingerprints = [], DataStats(from_cache=True), []
@@ -260,7 +286,7 @@ def _tokenize_all(sources: list[Source], options, tokenizer, max_length, on_bad_
                 tokenizer_fingerprint(tokenizer))
     for source in sources:
         part, part_stats = _tokenize_source(source, options, tokenizer, max_length, _hash(key, source.fingerprint),
-                                            num_proc)
+                                            num_proc, keep_untrained)
         stats = _merge(stats, part_stats)
         parts.append(part)
         fingerprints.append(source.fingerprint)
@@ -273,7 +299,8 @@ def _tokenize_all(sources: list[Source], options, tokenizer, max_length, on_bad_
     return examples, stats, _hash(*fingerprints)
 
 
-def _tokenize_source(source: Source, options, tokenizer, max_length: int, key: str, num_proc):
+def _tokenize_source(source: Source, options, tokenizer, max_length: int, key: str, num_proc,
+                     keep_untrained: bool = False):
     import re
 
     eos_id = tokenizer.eos_token_id
@@ -325,12 +352,16 @@ def _tokenize_source(source: Source, options, tokenizer, max_length: int, key: s
         else:
             keep.append(i)
     n_trained, truncated, special_text = mapped["n_trained"], mapped["truncated"], mapped["special_text"]
+    prompt_lengths, full_lengths = mapped["prompt_length"], mapped["full_length"]
     usable = []
     for i in keep:
         stats.truncated += int(truncated[i])
         if n_trained[i] == 0:
             stats.skipped_no_trained_token += 1
-            continue
+            if truncated[i] and prompt_lengths[i] < full_lengths[i] and len(stats.cut_lengths) < MAX_CUT_LENGTHS:
+                stats.cut_lengths.append((prompt_lengths[i], full_lengths[i]))
+            if not keep_untrained:
+                continue
         usable.append(i)
         if special_text[i]:
             stats.special_text_rows += 1
@@ -352,12 +383,14 @@ def _features():
         "truncated": datasets.Value("bool"),
         "error": datasets.Value("string"),
         "special_text": datasets.Value("string"),
+        "prompt_length": datasets.Value("int32"),
+        "full_length": datasets.Value("int32"),
     })
 
 
 def _empty(error: str) -> dict:
     return {"input_ids": [], "labels": [], "length": 0, "n_trained": 0, "truncated": False, "error": error,
-            "special_text": ""}
+            "special_text": "", "prompt_length": 0, "full_length": 0}
 
 
 def _count(examples) -> DataStats:

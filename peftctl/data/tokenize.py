@@ -11,7 +11,8 @@ IGNORE = -100
 
 
 class Tokenized(dict):
-    """input_ids, labels, length, n_trained, truncated."""
+    """input_ids, labels, length, n_trained, truncated; prompt_length (tokens before the first trained one, before
+    truncation) and full_length (before truncation) say what a shorter max_length cut."""
 
 
 def special_ids(tokenizer) -> set[int]:
@@ -65,12 +66,15 @@ def tokenize_rendered(rendered, tokenizer, max_length: int, eos_id: int, special
         ids.append(eos_id)
         labels.append(eos_id)
 
+    full_length = len(ids)
+    prompt_length = next((i for i, label in enumerate(labels) if label != IGNORE and i > 0), full_length)
     truncated = len(ids) > max_length
     ids, labels = ids[:max_length], labels[:max_length]
     if labels:
         labels[0] = IGNORE  # nothing predicts the first token; also keeps packed documents from predicting across
     n_trained = sum(1 for label in labels if label != IGNORE)
-    return Tokenized(input_ids=ids, labels=labels, length=len(ids), n_trained=n_trained, truncated=truncated)
+    return Tokenized(input_ids=ids, labels=labels, length=len(ids), n_trained=n_trained, truncated=truncated,
+                     prompt_length=prompt_length, full_length=full_length)
 
 
 def _trained(offset, spans) -> bool:

@@ -13,7 +13,7 @@ from peftctl.errors import InvalidInput
 class AttachContext:
     """What a method may need beyond its recipe section."""
 
-    tokenizer_path: str  # for prompt tuning initialised from text
+    tokenizer_path: str  # model.name as the recipe gives it: for prompt tuning's init text, and the saved base name
     where: str = ""  # the recipe position of method.targets, for error messages
     tokenizer_revision: str | None = None  # model.revision: the tokenizer prompt tuning reads its init text with
 
@@ -23,7 +23,7 @@ def attach(model, peft_config, context: AttachContext):
 
     keep_int8_scales(model)
     try:
-        return get_peft_model(model, peft_config)
+        peft_model = get_peft_model(model, peft_config)
     except ValueError as e:
         text = str(e)
         if "not found in the base model" in text or "Target module" in text or "target_modules" in text:
@@ -33,11 +33,30 @@ def attach(model, peft_config, context: AttachContext):
             raise InvalidInput(f"{where}method.targets: {text.splitlines()[0]}",
                                hint=f"linear layers of this model: {', '.join(linear_layer_names(model))}") from None
         raise
+    # peft records the folder the weights came from; the recipe's name is what llama.cpp's converter and the hub's
+    # model cards read (a hub id stays a hub id, with its revision).
+    for config in peft_model.peft_config.values():
+        config.base_model_name_or_path = context.tokenizer_path or config.base_model_name_or_path
+        config.revision = context.tokenizer_revision or config.revision
+    return peft_model
 
 
 def save(model, out_dir: Path, *, state_dict: dict | None = None) -> None:
     kwargs = {"state_dict": state_dict} if state_dict is not None else {}
     model.save_pretrained(str(out_dir), safe_serialization=True, **kwargs)
+    _sort_target_modules(Path(out_dir) / "adapter_config.json")
+
+
+def _sort_target_modules(path: Path) -> None:
+    """peft writes target_modules from a set, in an order that changes from run to run: sort it, so the same
+    training writes the same file."""
+    import json
+
+    config = json.loads(path.read_text())
+    for key in ("target_modules", "feedforward_modules", "modules_to_save"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load(base_model, adapter_dir: Path, *, trainable: bool = False):

@@ -182,6 +182,7 @@ def resolve_paths(recipe: Recipe, marks: Marks, base_dir: Path, *, check_exists:
         problems.append(Problem(marks.of_value(key), ".".join(map(str, key)),
                                 f"chat data needs a chat template, and {model_path} has none (a base model); name "
                                 f"one with model.chat_template: {', '.join(BUILTIN_TEMPLATES)}, or a Jinja file"))
+    method = _resolve_init_from(recipe.method, marks, base_for(("method", "init_from")), problems, check_exists)
     out = recipe.output.dir
     out_abs = Path(os.path.expanduser(out))
     out_abs = out_abs if out_abs.is_absolute() else base_for(("output", "dir")) / out_abs
@@ -190,8 +191,28 @@ def resolve_paths(recipe: Recipe, marks: Marks, base_dir: Path, *, check_exists:
         "dataset": dataset.model_copy(update={"path": data_path or dataset.path, "validation": validation,
                                               "mix": mix}),
         "output": recipe.output.model_copy(update={"dir": str(out_abs.resolve())}),
+        "method": method,
     })
     return recipe, problems
+
+
+ADAPTER_CONFIGS = ("adapter_config.json", "bottleneck_config.json")
+
+
+def _resolve_init_from(method, marks: Marks, base: Path, problems: list, check_exists: bool):
+    """method.init_from is always a local adapter folder: absolute, and checked before anything loads."""
+    value = getattr(method, "init_from", None)
+    if not value:
+        return method
+    folder = Path(os.path.expanduser(value))
+    folder = folder if folder.is_absolute() else base / folder
+    mark = marks.of_value(("method", "init_from"))
+    if check_exists and not folder.is_dir():
+        problems.append(Problem(mark, "method.init_from", f"no such adapter folder: {folder}"))
+    elif check_exists and not any((folder / name).exists() for name in ADAPTER_CONFIGS):
+        problems.append(Problem(mark, "method.init_from", f"{folder} is not an adapter folder (no "
+                                f"{' or '.join(ADAPTER_CONFIGS)}); pass RUN/adapter of an earlier run"))
+    return method.model_copy(update={"init_from": str(folder.resolve() if folder.exists() else folder)})
 
 
 def lacks_chat_template(folder: Path) -> bool:

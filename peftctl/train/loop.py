@@ -50,6 +50,7 @@ def train(loaded, options: TrainOptions, console=None):
     from peftctl.methods.peft_common import AttachContext
     from peftctl.model import check_packing_isolation, load_model, load_tokenizer, pick_device
     from peftctl.params import check_targets, count_parameters
+    from peftctl.serving import serving_check
     from peftctl.train.fused_lora import fuse_lora_layers
     from peftctl.train.kernels import apply_fast_kernels, skip_adapter_input_casts
     from peftctl.train.loss import build_loss
@@ -151,6 +152,8 @@ def train(loaded, options: TrainOptions, console=None):
     trainable = [p for p in model.parameters() if p.requires_grad]
     manifest = _manifest(recipe, spec, data, counts, device, total_steps, checkpointing, world, engine)
     manifest["fast_path"] = {"kernels": kernels, "loss": loss_name, "autocast": str(autocast_dtype)}
+    if resume_from is not None and world.main:
+        manifest["resume"] = _resume_record(run, resume_from, state.step)
     metrics = None
     if world.main:
         run.write_manifest({**manifest, "status": "running"})
@@ -176,6 +179,8 @@ def train(loaded, options: TrainOptions, console=None):
     def finish(status: str, exit_code: int, **extra) -> None:
         if not world.main:
             return
+        metrics.final({"status": status, "exit_code": exit_code, "run_dir": str(run.path), "steps_done": state.step,
+                       **({"error": extra["error"]} if "error" in extra else {})})
         metrics.close(status)
         plot_loss(metrics.records, run.loss_plot)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -183,7 +188,9 @@ def train(loaded, options: TrainOptions, console=None):
                             "steps_done": state.step, "tokens_seen": state.tokens_seen,
                             "timings": {"total_s": round(time.time() - t_start, 2), "train_s": round(train_s, 2),
                                         "setup_s": round(t_loop - t_start, 2),
-                                        "first_step_s": round(first_step_s, 2) if first_step_s else None},
+                                        "first_step_s": round(first_step_s, 2) if first_step_s else None,
+                                        "train_s_all_attempts": round(train_s + manifest.get("resume", {}).get(
+                                            "earlier_train_s", 0), 2)},
                             "peak_memory_bytes": peak, "nonfinite_skipped": state.nonfinite_skipped})
 
     train_s, last_loss, last_eval, nonfinite_in_a_row, first_step_s = 0.0, None, None, 0, None
@@ -316,7 +323,8 @@ def train(loaded, options: TrainOptions, console=None):
     if world.main:
         save_adapter(model, spec, recipe, tokenizer, run, loraplus=getattr(recipe.method, "loraplus_lr_ratio", None),
                      weights=weights)
-        serving = serving_check(recipe)
+        serving = serving_check(run.adapter, getattr(model.config, "architectures", None),
+                                recipe.quantization.model_dump() if recipe.quantization else None)
         for note in serving["notes"]:
             say(f"note: {note}")
         finish("completed", 0, final={"train_loss": last_loss, "eval_loss": last_eval},
@@ -394,37 +402,19 @@ def evaluate(model, data, micro_batch_size: int, device, autocast_dtype, loss_fn
 def save_adapter(model, spec, recipe, tokenizer, run: RunFolder, *, loraplus=None, weights=None) -> None:
     import json
 
+    from peftctl.generation_config import save_for_adapter as save_generation_config
     from peftctl.methods import runtime
 
     quant = recipe.quantization
     info = {"method": spec.name, "base_model": recipe.model.name, "revision": recipe.model.revision,
             "trust_remote_code": recipe.model.trust_remote_code, "dtype": recipe.model.dtype, "quantization": quant.model_dump() if quant else None,
-            "loraplus_lr_ratio": loraplus, "can_merge": spec.can_merge}
+            "loraplus_lr_ratio": loraplus, "can_merge": spec.can_merge,
+            "prompt_format": recipe.dataset.sources()[0].format}  # what `peftctl generate` wraps prompts in
     with staged_dir(run.adapter) as tmp:
         runtime.save(model, spec, tmp, state_dict=weights)
         tokenizer.save_pretrained(str(tmp))
+        save_generation_config(model, tokenizer, tmp)  # the chat template's end-of-turn among the stop tokens
         (tmp / ADAPTER_INFO).write_text(json.dumps(info, indent=2) + "\n")
-
-
-def serving_check(recipe) -> dict:
-    """Whether a LoRA adapter fits common serving limits (vLLM's default max_lora_rank of 16, no DoRA), so nobody
-    finds out at deployment."""
-    method = recipe.method
-    notes = []
-    if method.name in ("lora", "qlora"):
-        if method.r > 16:
-            notes.append(f"rank {method.r} is above vLLM's default max_lora_rank of 16: serve with "
-                         f"--max-lora-rank {method.r} or higher, or merge the adapter (`peftctl merge`)")
-        if method.use_dora:
-            notes.append("DoRA adapters are not served as LoRA by vLLM: merge it (`peftctl merge`) to serve it")
-        if method.modules_to_save:
-            notes.append(f"modules_to_save ({', '.join(method.modules_to_save)}) are full copies that vLLM's LoRA "
-                         "serving does not load: serve it with peft")
-    elif METHODS[method.name].can_merge:
-        notes.append(f"{method.name} adapters are not served as adapters by vLLM: merge it (`peftctl merge`)")
-    else:
-        notes.append(f"{method.name} adapters cannot be merged; serve them with the base through peft")
-    return {"vllm_lora_ready": not notes, "notes": notes}
 
 
 def _merge(run: RunFolder, recipe, say) -> None:
@@ -447,6 +437,19 @@ def _resume_point(run: RunFolder, requested: str | None, say):
                            hint="start again with --force")
     say(f"resuming from {path}")
     return path
+
+
+def _resume_record(run: RunFolder, checkpoint, step: int) -> dict:
+    """run.json's account of a resume: the checkpoint and step, and the earlier attempts with their timings (this
+    attempt's timings cover only itself; `train_s_all_attempts` adds theirs)."""
+    prior = run.read_manifest()
+    earlier = list(prior.get("resume", {}).get("earlier", []))
+    if prior:
+        earlier.append({"started_at": prior.get("started_at"), "status": prior.get("status"),
+                        "steps_done": prior.get("steps_done"), "timings": prior.get("timings")})
+    earlier_train_s = sum((e.get("timings") or {}).get("train_s") or 0 for e in earlier)
+    return {"checkpoint": str(checkpoint), "step": step, "earlier": earlier,
+            "earlier_train_s": round(earlier_train_s, 2)}
 
 
 def _resume(path, model, optimizer, scheduler, recipe, data_fingerprint: str, world, say, *, engine=None):
@@ -620,7 +623,7 @@ def _summary(result: RunResult, data, console, options: TrainOptions) -> None:
     table.add_row("steps", str(result.steps))
     table.add_row("final train loss", f"{result.train_loss:.4f}" if result.train_loss is not None else "-")
     table.add_row("final eval loss", f"{result.eval_loss:.4f}" if result.eval_loss is not None else "-")
-    table.add_row("tokens/s", f"{result.tokens_per_s:,.0f}")
+    table.add_row("tokens/s (run average)", f"{result.tokens_per_s:,.0f}")
     table.add_row("examples", f"{data.train.stats.examples:,d} ({data.train.stats.truncated} truncated, "
                   f"{data.train.stats.bad_rows} bad rows skipped)")
     console.print(table)

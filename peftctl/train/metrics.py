@@ -43,7 +43,9 @@ class Metrics:
             self._task = self._progress.add_task("train", total=total_steps, completed=resume_step, info="")
 
     def log(self, record: dict) -> None:
-        record = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
+        # "type" tells steps from evaluations for whoever reads metrics.jsonl or the JSON lines.
+        kind = {"type": "eval" if "eval_loss" in record else "step"} if "type" not in record else {}
+        record = {**kind, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}}
         self.records.append(record)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -54,12 +56,19 @@ class Metrics:
             sys.stdout.flush()
         if self._progress is not None:
             if "loss" in record:
+                # This step's rate: the summary at the end gives the run's average, labelled as such.
                 self._last_text = (f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                                   f"{record.get('tokens_per_s', 0):,.0f} tok/s")
+                                   f"{record.get('tokens_per_s', 0):,.0f} tok/s (last step)")
             if "eval_loss" in record:
                 self._progress.console.print(f"step {record['step']}: eval loss {record['eval_loss']:.4f}  "
                                              f"perplexity {record['eval_ppl']:.2f}")
             self._progress.update(self._task, completed=record["step"], info=self._last_text)
+
+    def final(self, record: dict) -> None:
+        """The last JSON line of --log-format json: how the run ended (status, run folder, exit code)."""
+        if self.log_format == "json":
+            sys.stdout.write(json.dumps({"type": "final", **record}, default=str) + "\n")
+            sys.stdout.flush()
 
     def close(self, status: str = "completed") -> None:
         if self._progress is not None:
@@ -80,6 +89,17 @@ def _read(path: Path) -> list[dict]:
     return out
 
 
+def smooth(values, weight: float | None = None) -> list[float]:
+    """An exponential moving average, debiased at the start (as TensorBoard draws it); the weight grows with the
+    number of points so a long run is smoothed as much as a short one, relatively."""
+    weight = weight if weight is not None else min(0.95, 1 - 5 / max(len(values), 10))
+    out, average = [], 0.0
+    for i, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight ** i))
+    return out
+
+
 def plot_loss(records: list[dict], out: Path) -> bool:
     """loss.png: training loss per step and evaluation loss; False when matplotlib is missing or nothing to plot."""
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
@@ -95,9 +115,13 @@ def plot_loss(records: list[dict], out: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
-        ax.plot(*zip(*train), label="train", linewidth=1)
+        ax.plot(*zip(*train), label="train", linewidth=1, alpha=0.35 if len(train) > 2 else 1.0)
+        if len(train) > 2:  # the per-step loss is noisy; the trend is what one reads
+            steps, losses = zip(*train)
+            ax.plot(steps, smooth(losses), label="train (smoothed)", linewidth=1.8)
     if evals:
         ax.plot(*zip(*evals), "o-", label="validation", linewidth=1.5)
+    ax.set_title(f"{Path(out).absolute().parent.name}: loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)

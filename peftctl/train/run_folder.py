@@ -21,6 +21,13 @@ RUN_FILES = ("adapter", "merged", "checkpoints", "recipe.yaml", "run.json", "met
              "tensorboard")
 
 
+def current_umask() -> int:
+    """The process umask (reading it means setting it; it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(str(path), os.O_RDONLY)
@@ -39,6 +46,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 0600; files follow the umask, as other tools'
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -55,6 +63,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def follow_umask(path: Path) -> None:
+    """Give a staged folder and what was written into it the modes the umask asks for: mkdtemp makes folders 0700
+    and some writers (safetensors) make files 0600, so a run folder would mix modes other tools do not."""
+    mask = current_umask()
+    os.chmod(path, 0o777 & ~mask)
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def sync_tree(path: Path) -> None:
@@ -80,6 +100,7 @@ def staged_dir(final: Path, label: str = "tmp"):
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{label}-{os.getpid()}-", dir=str(final.parent)))
     try:
         yield tmp
+        follow_umask(tmp)
         sync_tree(tmp)
         old = None
         if final.exists():
