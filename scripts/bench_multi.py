@@ -222,7 +222,8 @@ def run_reference(ctx: Context, label: str, case: MultiCase, data: Path, steps: 
     outcome = run_process(label, cmd, work=ctx.work, logs=ctx.logs, timeout=ctx.timeout(ctx.args.run_timeout),
                           on_line=lambda _t, line: log(line))
     result = _read_json(result_path) or {"steps": []}
-    result.update(side="reference", gpus=gpus, total_s=round(outcome.seconds, 1), log=str(outcome.log_path),
+    result.update(side="reference", gpus=gpus, rows_per_gpu=spec["batch_size"], total_s=round(outcome.seconds, 1),
+                  log=str(outcome.log_path),
                   status="completed" if outcome.returncode == 0 and result.get("steps") else (
                       "timed out" if outcome.timed_out else f"exit {outcome.returncode}"))
     result.setdefault("memory_per_rank", [{"rank": 0, "peak_memory_bytes": result.get("peak_memory_bytes")}])
