@@ -133,3 +133,25 @@ def test_tiny_two_process_bench_end_to_end(tmp_path):
     table = (out / "bench.md").read_text()
     assert "| ddp | ddp-reference-2gpu | 2 | 4 |" in table and "--resume auto -> exit 0" in table
     assert Path(out / "runs" / "ddp-peftctl-2gpu" / "run.json").exists()
+
+
+@pytest.mark.gpu
+def test_two_gpu_bench_records_every_ranks_peak_beside_the_plan(tmp_path):
+    """On a machine of 2+ GPUs (`python -m pytest -m gpu tests/test_bench_multi.py`): the harness end to end on the
+    tiny shape, DDP and FSDP2, both sides; every rank's peak is measured and planned."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--gpus", "2", "--tiny", "--cases",
+                           "ddp,fsdp", "--out", str(out)], capture_output=True, text=True, timeout=900, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = json.loads((out / "bench.json").read_text())
+    for name in ("ddp", "fsdp"):
+        runs = report["cases"][name]["runs"]
+        many = runs[f"{name}-peftctl-2gpu"]
+        assert many["distributed"] == name
+        assert all(r["loop_peak_memory_bytes"] > 0 and r["plan_error"] is not None for r in many["memory_per_rank"])
+        assert len(many["memory_per_rank"]) == 2
+    reference = report["cases"]["ddp"]["runs"]["ddp-reference-2gpu"]
+    assert [r["peak_memory_bytes"] > 0 for r in reference["memory_per_rank"]] == [True, True]
