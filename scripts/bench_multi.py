@@ -145,6 +145,15 @@ def recipe_for(ctx: Context, case: MultiCase, data: Path, run_dir: Path, steps: 
     return recipe
 
 
+STAMP = time.strftime("%Y%m%d-%H%M%S")
+
+
+def run_folder(ctx: Context, label: str) -> Path:
+    """This invocation's output.dir for a run: a reused --work keeps earlier runs, which peftctl would not
+    overwrite (and this harness does not delete)."""
+    return ctx.work / f"runs-{STAMP}" / label
+
+
 def rows_per_gpu(ctx: Context, case: MultiCase, gpus: int) -> int:
     return (ctx.args.rows_per_gpu or case.base.rows_per_step) if gpus > 1 else case.base.rows_per_step
 
@@ -255,7 +264,7 @@ def run_scaling(ctx: Context, case: MultiCase, entry: dict) -> None:
     for gpus in ([] if args.no_single else [1]) + [n]:
         if "peftctl" in args.sides:
             label = f"{case.name}-peftctl-{gpus}gpu"
-            recipe = recipe_for(ctx, case, data, ctx.work / "runs" / label, steps, gpus)
+            recipe = recipe_for(ctx, case, data, run_folder(ctx, label), steps, gpus)
             side = run_peftctl(ctx, label, recipe, gpus)
             entry["runs"][label] = finish_side(ctx, side, entry)
             plan.append((label, ctx.work / f"{label}.yaml", gpus, case.engine if gpus > 1 else None,
@@ -374,11 +383,11 @@ def run_resume(ctx: Context, case: MultiCase, entry: dict) -> None:
     steps = args.warmup + args.steps
     stop_after = args.stop_after or max(2, steps // 4)
     data = case_data(ctx, case, steps)
-    whole = run_peftctl(ctx, "resume-whole", recipe_for(ctx, case, data, ctx.work / "runs" / "resume-whole", steps,
+    whole = run_peftctl(ctx, "resume-whole", recipe_for(ctx, case, data, run_folder(ctx, "resume-whole"), steps,
                                                         n), n)
     entry["runs"]["resume-whole"] = finish_side(ctx, whole, entry)
     write_report(ctx)
-    recipe = recipe_for(ctx, case, data, ctx.work / "runs" / "resume-cut", steps, n)
+    recipe = recipe_for(ctx, case, data, run_folder(ctx, "resume-cut"), steps, n)
     cut = run_peftctl(ctx, "resume-cut", recipe, n, stop_after=stop_after)
     entry["runs"]["resume-cut"] = cut
     write_report(ctx)
