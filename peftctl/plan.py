@@ -22,6 +22,9 @@ skip_adapter_input_casts), so adapted layers that read the same input (q/k/v, ga
 The peak falls at the start of a backward pass: everything the forward pass kept is alive, this micro-batch's
 gradients do not exist yet.
 
+Several GPUs (train/distributed.py): `plan_memory(..., world_size=N, engine="ddp"|"fsdp")` plans one GPU's share
+(per_gpu below); activations are never divided, since every rank computes its own micro-batches.
+
 `peak` is what `torch.cuda.max_memory_allocated()` reports; `needed` is what the card must hold. Every constant
 sits in the block below with where it came from; `scripts/measure_memory.py` measures real peaks on a GPU to
 calibrate them (bytes per token per layer are printed beside each estimate for that purpose).
@@ -332,12 +335,15 @@ class Setting:
     attention_mask: bool = True  # SDPA gets a dense mask: packed rows of several examples, or padded rows (rows
     #                              of one whole example get none, and keep key/value heads unrepeated): assumed
     device: str = "cuda"  # the plan is for CUDA; "cpu" reproduces CPU kernels for tests (dropout, LayerNorm)
+    world_size: int = 1  # processes (GPUs) of a distributed run; the plan is then per GPU
+    engine: str | None = None  # None (one process), ddp or fsdp (train/distributed.py)
 
     def describe(self) -> str:
         base = {4: "4-bit nf4", 8: "8-bit"}.get(self.bits, self.weights_dtype)
         fast = ", liger fast path" if self.fast_kernels or self.fused_loss else ""
+        per_gpu = f", {self.engine.upper()} over {self.world_size} GPUs (per GPU)" if self.engine else ""
         return (f"{self.micro_batch_size} x {self.max_length} tokens per micro-batch, {base} base, gradient "
-                f"checkpointing {'on' if self.checkpointing else 'off'}{fast}")
+                f"checkpointing {'on' if self.checkpointing else 'off'}{fast}{per_gpu}")
 
 
 def setting_for(recipe, shape: ModelShape, checkpointing: bool, *, fast_path: bool | None = None) -> Setting:
@@ -560,7 +566,31 @@ def estimate(shape: ModelShape, s: Setting, method_name: str = "") -> list[Compo
         components.append(Component("DoRA weight norm", 4 * largest, "B @ A of the largest DoRA layer in fp32, "
                                     "for its weight norm"))
     components.append(Component("workspace", WORKSPACE, "cuBLAS workspaces"))
+    if s.engine in ("ddp", "fsdp") and s.world_size > 1:
+        components = per_gpu(components, shape, s)
     return components
+
+
+def per_gpu(components: list[Component], shape: ModelShape, s: Setting) -> list[Component]:
+    """One GPU's share of a distributed run (train/distributed.py). Every rank computes its own micro-batches, so
+    activations and the loss are one process's. DDP keeps everything else too, plus its flat fp32 gradient
+    buckets (allocated when it wraps the model). FSDP2 (each decoder layer sharded, then the rest) keeps 1/N of the
+    base, adapter, gradients and AdamW states, plus what is unsharded at the peak: the root's parameters
+    (embeddings, final norm, head: FSDP2 does not reshard the root after forward) and two decoder layers (the one
+    the backward pass starts in and the one prefetched). Autocast's copies are of unsharded weights: not divided.
+    NCCL's own buffers are outside PyTorch's allocator (like the CUDA context)."""
+    n, p = s.world_size, shape.trainable
+    if s.engine == "ddp":
+        return components + [Component("DDP gradient buckets", GRADIENT_BYTES * p, f"{p:,d} fp32, all ranks")]
+    sharded = ("base weights", "adapter weights", "gradients", "AdamW states")
+    out = [replace(c, bytes=c.bytes // n, detail=f"1/{n} of {c.bytes / GiB:.2f} GiB ({c.detail})")
+           if c.name in sharded else c for c in components]
+    weights = weight_bytes(shape, s)
+    root = shape.embedding_params * DTYPE_BYTES[s.weights_dtype] + shape.hidden * DTYPE_BYTES[s.weights_dtype]
+    layer = (weights - root) / max(1, shape.layers) + ADAPTER_BYTES * p / max(1, shape.layers)
+    out.append(Component("FSDP unsharded", int(root + 2 * layer), f"the root's {root / GiB:.2f} GiB (embeddings, "
+                         f"head) + 2 decoder layers of {layer / GiB:.2f} GiB, all-gathered"))
+    return out
 
 
 def _weights_detail(shape: ModelShape, s: Setting) -> str:
@@ -623,10 +653,11 @@ class MemoryPlan:
 
 
 def plan_memory(recipe, counted=None, *, card: Card | None = None, checkpointing: bool | None = None,
-                fast_path: bool | None = None) -> MemoryPlan:
+                fast_path: bool | None = None, world_size: int = 1, engine: str | None = None) -> MemoryPlan:
     """The plan for a recipe. `counted` is params.count_for_recipe's result (its meta model is reused); the card
     defaults to the local GPU; checkpointing defaults to the recipe's setting, `auto` resolved by this plan;
-    fast_path (liger-kernel on the training machine) defaults to whether liger can be imported here."""
+    fast_path (liger-kernel on the training machine) defaults to whether liger can be imported here; world_size
+    and engine (ddp or fsdp) plan one GPU of a distributed run."""
     from peftctl.methods.registry import METHODS
     from peftctl.params import count_for_recipe
 
@@ -638,6 +669,7 @@ def plan_memory(recipe, counted=None, *, card: Card | None = None, checkpointing
     method = recipe.method.name
 
     def make(s: Setting) -> MemoryPlan:
+        s = replace(s, world_size=world_size, engine=engine if world_size > 1 else None)
         return MemoryPlan(s, estimate(shape, s, method), card)
 
     off = make(setting_for(recipe, shape, False, fast_path=fast_path))

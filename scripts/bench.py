@@ -3,6 +3,7 @@
     export PYTHONPATH=$PWD/.gpu-site:$PWD PYTHONUNBUFFERED=1; python scripts/bench.py --cases 1,2 --out $OUT
     export PYTHONPATH=$PWD/.gpu-site:$PWD PYTHONUNBUFFERED=1; python scripts/bench.py --cases 3,4 --out $OUT
     python scripts/bench.py --cases 1 --tiny --out /tmp/bench        # CPU smoke run on a tiny model (the tests)
+    python scripts/bench.py --gpus 2 --cases ddp --out $OUT          # 1 and 2 GPUs: scripts/bench_multi.py
 
 Cases (both sides: same model, data, optimiser and LoRA settings; BENCHMARKS.md has the method):
   1  bf16 LoRA r16 on q,k,v,o, 4 x 2048 tokens of fixed length
@@ -135,9 +136,10 @@ class Outcome:
     log_path: Path
 
 
-def run_process(name: str, cmd: list[str], *, work: Path, logs: Path, timeout: float, on_line=None) -> Outcome:
+def run_process(name: str, cmd: list[str], *, work: Path, logs: Path, timeout: float, on_line=None,
+                on_start=None) -> Outcome:
     """Run `cmd` in its own process group; hand each stdout line (with its arrival time) to on_line; stderr and
-    stdout go to logs/NAME.log. Killed (the group) after `timeout` seconds."""
+    stdout go to logs/NAME.log. Killed (the group) after `timeout` seconds. on_start gets the Popen (to signal it)."""
     log_path = logs / f"{name}.log"
     with open(log_path, "a", encoding="utf-8") as log_file:
         log_file.write(f"$ {' '.join(cmd)}\n")
@@ -145,6 +147,8 @@ def run_process(name: str, cmd: list[str], *, work: Path, logs: Path, timeout: f
         launched = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(work), stdout=subprocess.PIPE, stderr=log_file,
                                 text=True, bufsize=1, start_new_session=True)
+        if on_start is not None:
+            on_start(proc)
         lines: queue.Queue = queue.Queue()
 
         def pump():
@@ -816,6 +820,11 @@ def run_worker(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--gpus" or a.startswith("--gpus=") for a in argv):  # several GPUs: issues 20 and 22
+        import bench_multi
+
+        return bench_multi.main(argv)
     args = parse_args(argv)
     if args.worker:
         return run_worker(args)

@@ -10,9 +10,12 @@ timestamps it (a step's time is the interval between two step ends, so it holds 
 step, data included), the real (non-padding) tokens of each batch as the collator built it, and the peak
 allocated memory at the end.
 
-bench.py runs it in its own process, so that peak memory is this run's alone:
+bench.py runs it in its own process, so that peak memory is this run's alone; on several GPUs (bench.py --gpus N,
+scripts/bench_multi.py) under torchrun with DDP, as users run the Trainer (each rank's model on its own GPU; a
+step's tokens are every rank's, its time rank 0's; every rank's peak is recorded):
 
     python scripts/bench_reference.py SPEC.json      # SPEC: written by bench.py; RESULT json path inside
+    torchrun --nproc-per-node N scripts/bench_reference.py SPEC.json
 
 bench_gates.py imports `build_model`, `tokenize` and `PadToLongest`, so the gates check this very code.
 """
@@ -20,6 +23,7 @@ bench_gates.py imports `build_model`, `tokenize` and `PadToLongest`, so the gate
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -91,8 +95,8 @@ def build_model(model_dir: str, *, quantized: bool, targets, r: int = 16, alpha:
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if on_gpu else torch.float32
     kwargs = {"dtype": dtype, "attn_implementation": "sdpa"}
-    if on_gpu:
-        kwargs["device_map"] = {"": 0}
+    if on_gpu:  # each torchrun rank on its own GPU, as the docs show for DDP (one process: GPU 0)
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     if quantized:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -167,7 +171,8 @@ def run(spec: dict) -> dict:
     from transformers import AutoTokenizer, Trainer, TrainingArguments
 
     def say(message: str) -> None:
-        print(f"[reference case {spec['case']}] {message}", flush=True)
+        if int(os.environ.get("RANK", "0")) == 0:  # one voice under torchrun (step lines: rank 0's batch)
+            print(f"[reference case {spec['case']}] {message}", flush=True)
 
     t_start = time.time()
     on_gpu = torch.cuda.is_available()
@@ -193,6 +198,7 @@ def run(spec: dict) -> dict:
         warmup_steps=0,
         weight_decay=0.0,
         bf16=on_gpu,
+        use_cpu=not on_gpu,  # on a CPU (the smoke test) accelerate runs torchrun's ranks as DDP over gloo only so
         gradient_checkpointing=True,
         logging_steps=1,
         save_strategy="no",
@@ -212,6 +218,12 @@ def run(spec: dict) -> dict:
 
     peak = torch.cuda.max_memory_allocated() if on_gpu else None
     first = timer.logs[0] if timer.logs else {}
+    ranks = _gather_ranks({"rank": trainer.args.process_index, "peak_memory_bytes": peak,
+                           "tokens": [s["tokens"] for s in timer.steps],
+                           "padded_tokens": [s["padded_tokens"] for s in timer.steps]})
+    for i, step in enumerate(timer.steps):  # a step's tokens: every rank's batch (rank 0's timing: DDP syncs them)
+        step["tokens"] = sum(r["tokens"][i] for r in ranks if i < len(r["tokens"]))
+        step["padded_tokens"] = sum(r["padded_tokens"][i] for r in ranks if i < len(r["padded_tokens"]))
     return {
         "side": "reference",
         "case": spec["case"],
@@ -220,6 +232,8 @@ def run(spec: dict) -> dict:
         "first_step_s": timer.steps[0]["seconds"] if timer.steps else None,
         "first_step_from_launch_s": (timer.first_step_at - spec["launched_at"]) if timer.first_step_at else None,
         "peak_memory_bytes": peak,
+        "world_size": len(ranks),
+        "memory_per_rank": [{"rank": r["rank"], "peak_memory_bytes": r["peak_memory_bytes"]} for r in ranks],
         "first_loss": first.get("loss"),
         "first_grad_norm": first.get("grad_norm"),
         "adapter_dtype": str(trainable[0].dtype).replace("torch.", ""),
@@ -229,6 +243,17 @@ def run(spec: dict) -> dict:
     }
 
 
+def _gather_ranks(mine: dict) -> list[dict]:
+    """Every rank's record under torchrun (the Trainer leaves the process group up); [mine] in one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [mine]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
@@ -236,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     spec = json.loads(Path(argv[0]).read_text())
     result = run(spec)
-    Path(spec["result"]).write_text(json.dumps(result, indent=2) + "\n")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 writes for all
+        Path(spec["result"]).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -45,6 +45,7 @@ def test_two_ranks_equal_one_process_with_twice_the_accumulation(tiny_model, wri
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     manifest = json.loads((tmp_path / "double" / "run.json").read_text())
     assert manifest["world_size"] == 2 and manifest["distributed"] == "ddp"
+    assert [r["rank"] for r in manifest["memory_per_rank"]] == [0, 1]  # every rank's peak, gathered at the end
 
 
 def test_sigterm_to_the_launcher_checkpoints_every_rank_and_resume_continues(tiny_model, write_recipe, tmp_path):

@@ -183,7 +183,7 @@ def train(loaded, options: TrainOptions, console=None):
                        **({"error": extra["error"]} if "error" in extra else {})})
         metrics.close(status)
         plot_loss(metrics.records, run.loss_plot)
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        peak = _peak_since(device, setup_peak)
         run.write_manifest({**manifest, **extra, "status": status, "exit_code": exit_code,
                             "steps_done": state.step, "tokens_seen": state.tokens_seen,
                             "timings": {"total_s": round(time.time() - t_start, 2), "train_s": round(train_s, 2),
@@ -194,6 +194,7 @@ def train(loaded, options: TrainOptions, console=None):
                             "peak_memory_bytes": peak, "nonfinite_skipped": state.nonfinite_skipped})
 
     train_s, last_loss, last_eval, nonfinite_in_a_row, first_step_s = 0.0, None, None, 0, None
+    setup_peak = _start_loop_peak(device)
     t_loop = time.time()
     batches = StepBatches(data, plan, world, pin=device.type == "cuda")
     try:
@@ -320,6 +321,8 @@ def train(loaded, options: TrainOptions, console=None):
         ckpt.load_adapter_weights(run.checkpoints / ckpt.name_for(state.best_step), model)
         adapter_step = state.best_step
     weights = dist.full_trainable_state(model)  # gathered on every rank under FSDP
+    # Every rank's peak, not rank 0's alone: ranks differ (FSDP shards, rank 0 also evaluates and saves).
+    memory_per_rank = dist.gather_objects(world, _rank_memory(device, setup_peak, world.rank))
     if world.main:
         save_adapter(model, spec, recipe, tokenizer, run, loraplus=getattr(recipe.method, "loraplus_lr_ratio", None),
                      weights=weights)
@@ -330,7 +333,7 @@ def train(loaded, options: TrainOptions, console=None):
         finish("completed", 0, final={"train_loss": last_loss, "eval_loss": last_eval},
                tokens_per_s=round(tokens_per_s), adapter_step=adapter_step,
                best={"step": state.best_step, "eval_loss": state.best_eval_loss},
-               stopped_early=state.step < total_steps, serving=serving)
+               stopped_early=state.step < total_steps, serving=serving, memory_per_rank=memory_per_rank)
     dist.barrier(world)
     dist.close(world)
     if recipe.output.merge and world.main:
@@ -517,6 +520,33 @@ def _autocast_dtype(recipe, device):
     if recipe.quantization is not None:
         return names.get(recipe.quantization.compute_dtype)
     return names.get(recipe.model.dtype)
+
+
+def _start_loop_peak(device) -> int | None:
+    """The peak of the setup (under FSDP every rank loads the whole base before sharding it), then a fresh
+    high-water mark, so that the loop's own peak can be told apart from the load's."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
+def _peak_since(device, setup_peak: int | None, *, loop_only: bool = False) -> int | None:
+    """The peak of the whole run (setup included), or of the loop alone."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    loop_peak = torch.cuda.max_memory_allocated(device)
+    return loop_peak if loop_only else max(loop_peak, setup_peak or 0)
+
+
+def _rank_memory(device, setup_peak: int | None, rank: int) -> dict:
+    return {"rank": rank, "peak_memory_bytes": _peak_since(device, setup_peak),
+            "loop_peak_memory_bytes": _peak_since(device, setup_peak, loop_only=True)}
 
 
 def _seed_everything(seed: int) -> None:
