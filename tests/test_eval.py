@@ -228,8 +228,7 @@ def test_cli_prints_the_table(parity_run, files):
     done = run_cli("eval", "base", str(parity_run), "--data", str(files["test"]), "--limit", "6",
                    "--max-new-tokens", str(NEW_TOKENS), "--metrics", "exact_match,loss")
     assert done.returncode == 0, done.stderr
-    assert "exact match" in done.stdout and "difference to base" in done.stdout and str(parity_run)[-20:] in \
-        done.stdout.replace("\n", "")
+    assert "exact match" in done.stdout and "difference to base" in done.stdout
 
 
 def test_normalisation_and_text_metrics():
@@ -253,3 +252,37 @@ def test_paired_bootstrap():
     assert paired_difference(a, noisy, "m")["ci"][0] < paired_difference(a, noisy, "m")["difference"]
     loss_a = Per({}, np.array([2.0, 4.0]), np.array([1, 3]))
     assert loss_a.value("loss") == pytest.approx(1.5)
+
+
+def test_train_evaluates_the_adapter_at_the_end(base, files, write_recipe, tmp_path, capsys):
+    from peftctl.cli import train as train_command
+
+    parity = {"path": str(files["train"]), "format": "prompt_completion", "max_length": 32}
+    recipe = write_recipe(base, dataset=parity, training={"max_steps": 2},
+                          evaluation={"data": str(files["test"]), "limit": 6, "max_new_tokens": NEW_TOKENS,
+                                      "metrics": ["exact_match", "loss"]})
+    code = run_guarded(lambda: train_command.run(str(recipe), [], dry_run=False, resume=None, force=False,
+                                                 quiet=False, log_format="text", gpus=None))
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert code == 0, out
+    manifest = json.loads((tmp_path / "run" / "run.json").read_text())
+    evaluation = manifest["evaluation"]
+    assert manifest["status"] == "completed"
+    assert [t["label"] for t in evaluation["targets"]] == ["base", str(tmp_path / "run" / "adapter")]
+    assert evaluation["data"]["examples"] == 6 and evaluation["metrics"] == ["exact_match", "loss"]
+    assert "exact match" in out and "difference to base" in out  # the summary shows the table
+
+
+def test_bad_evaluation_data_stops_the_run_before_training(base, files, write_recipe, tmp_path, capsys):
+    from peftctl.cli import train as train_command
+
+    bad = write_jsonl(tmp_path / "held_out.jsonl", parity_rows(3, 5))
+    bad.write_text(bad.read_text() + '{"prompt": "is 3 odd?", "completion": 7}\n')
+    parity = {"path": str(files["train"]), "format": "prompt_completion", "max_length": 32}
+    recipe = write_recipe(base, dataset=parity, training={"max_steps": 2}, evaluation={"data": "held_out.jsonl"})
+    code = run_guarded(lambda: train_command.run(str(recipe), [], dry_run=False, resume=None, force=False,
+                                                 quiet=True, log_format="text", gpus=None))
+    err = capsys.readouterr().err
+    assert code == 2 and f"{bad} line 4" in err and "must be text" in err
+    assert not (tmp_path / "run" / "adapter").exists()
