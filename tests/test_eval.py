@@ -286,3 +286,40 @@ def test_bad_evaluation_data_stops_the_run_before_training(base, files, write_re
     err = capsys.readouterr().err
     assert code == 2 and f"{bad} line 4" in err and "must be text" in err
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+@pytest.mark.slow
+def test_eval_benchmark_smoke_run(tmp_path):
+    """scripts/bench_eval.py shrunk on the CPU: both sides run and report examples/s for the same examples."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_eval.py"), "--shrink", "--device", "cpu",
+                           "--quant", "none", "--examples", "6", "--plain-examples", "2", "--max-new-tokens", "8",
+                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=str(REPO), timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "bench_eval.json").read_text())
+    assert report["peftctl"]["generated_tokens"] == 6 * 8  # random weights never stop early
+    assert report["peftctl"]["examples_per_s"] > 0 and report["plain"]["examples"] == 2
+    assert report["speedup"] == pytest.approx(report["peftctl"]["examples_per_s"] / report["plain"]["examples_per_s"],
+                                              rel=0.01)
+    assert "examples/s  peftctl eval" in done.stdout
+
+
+@pytest.mark.gpu
+def test_eval_benchmark_on_the_gpu_with_a_4bit_base(tmp_path):
+    """The benchmark's 4-bit path on a GPU, shrunk: the QLoRA adapter is evaluated on its 4-bit base, batched."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_eval.py"), "--shrink", "--examples", "64",
+                           "--plain-examples", "8", "--max-new-tokens", "16", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=str(REPO), timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "bench_eval.json").read_text())
+    assert report["quantization"] == "4bit" and report["peftctl"]["generated_tokens"] == 64 * 16
+    assert report["speedup"] > 1  # 64 prompts per call against one at a time
