@@ -128,7 +128,7 @@ def plain_loop(run: Path, rows: list[dict]):
         full = enc["input_ids"] + [eos]
         mask = [start >= len(row["prompt"]) for start, _ in enc["offset_mapping"]] + [True]
         with torch.no_grad():
-            logits = model(input_ids=torch.tensor([full])).logits[0, :-1]
+            logits = model(input_ids=torch.tensor([full])).logits[0, -len(full):-1]  # past any virtual tokens
         target = torch.tensor(full[1:])
         losses = torch.nn.functional.cross_entropy(logits.float(), target, reduction="none")
         keep = torch.tensor(mask[1:])
@@ -147,6 +147,18 @@ def test_numbers_equal_a_plain_transformers_loop(together, parity_run, files):
     references = [r["completion"] for r in rows]
     assert metrics["exact_match"] == pytest.approx(np.mean([M.exact_match(p, r) for p, r in zip(predictions,
                                                                                              references)]))
+
+
+@pytest.mark.slow
+def test_a_prompt_tuning_adapter_batched_with_left_padding_equals_the_plain_loop(base, trained, files):
+    """Virtual tokens in front of left-padded prompts: the batched path still predicts what one-at-a-time does."""
+    run = trained("prompt", base, method={"name": "prompt_tuning", "num_virtual_tokens": 4, "_replace": True},
+                  dataset={"path": str(files["train"]), "format": "prompt_completion", "max_length": 32,
+                           "packing": False}, training={"max_steps": 4, "learning_rate": 1e-1})
+    result = evaluate([str(run)], options(files, limit=16, metrics=["exact_match", "loss"]))
+    predictions, loss = plain_loop(run, read_jsonl(files["test"])[:16])
+    assert result.predictions[str(run)] == predictions
+    assert result.summary["targets"][0]["metrics"]["loss"] == pytest.approx(loss, rel=1e-4)
 
 
 def test_a_user_metric_is_loaded_and_applied(parity_run, files, tmp_path, monkeypatch):
