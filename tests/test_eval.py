@@ -178,8 +178,8 @@ def test_a_user_metric_is_loaded_and_applied(parity_run, files, tmp_path, monkey
 
 
 def run_eval(targets, data, capsys, **kw):
-    args = dict(format="prompt_completion", fields=[], metrics=[], max_new_tokens=NEW_TOKENS, batch_size=4, max_length=None,
-                limit=None, json_output=True, out=None, force=False, bootstrap=200, seed=0)
+    args = dict(format="prompt_completion", fields=[], metrics=[], max_new_tokens=NEW_TOKENS, batch_size=4,
+                max_length=None, limit=None, json_output=True, out=None, force=False, bootstrap=200, seed=0)
     args.update(kw)
     code = run_guarded(lambda: command.run([str(t) for t in targets], data=str(data), **args))
     captured = capsys.readouterr()
@@ -223,6 +223,9 @@ def test_json_on_stdout_and_each_examples_predictions_in_out(parity_run, files, 
     out = tmp_path / "predictions.jsonl"
     code, stdout, err = run_eval(["base", parity_run], files["test"], capsys, limit=8, metrics=["exact_match,loss"],
                                  out=str(out))
+    loss_only = tmp_path / "loss_only.jsonl"
+    assert run_eval([parity_run], files["test"], capsys, limit=2, metrics=["loss"], out=str(loss_only))[0] == 0
+    assert all(r["predictions"][str(parity_run)] is not None for r in read_jsonl(loss_only))  # --out asks for them
     assert code == 0, err
     summary = json.loads(stdout)
     assert summary["metrics"] == ["exact_match", "loss"] and summary["data"]["examples"] == 8

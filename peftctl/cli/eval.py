@@ -23,7 +23,7 @@ def run(targets: list[str], *, data: str, format: str | None, fields: list[str],
     out_path = check_out_path(out, force) if out else None  # before any model loads
     options = EvalOptions(data=data, format=format, fields=parse_fields(fields), metrics=metrics or None,
                           max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length, limit=limit,
-                          bootstrap=bootstrap, seed=seed)
+                          bootstrap=bootstrap, seed=seed, predictions=out is not None)
     err = Console(stderr=True, highlight=False)
     result = evaluate(targets, options, report=lambda line: err.print(line, markup=False))
     if out_path is not None:

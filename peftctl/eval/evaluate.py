@@ -33,6 +33,7 @@ class EvalOptions:
     bootstrap: int = 1000
     confidence: float = 0.95
     seed: int = 0
+    predictions: bool = False  # generate even when no text metric needs it (for --out)
 
 
 @dataclass
@@ -61,12 +62,13 @@ def evaluate(target_specs: list[str], options: EvalOptions, *, report=None, targ
     data = read_eval_data(options.data, fmt, tokenizer, max_length=options.max_length, limit=options.limit,
                           split=options.split)
     text_metrics = [n for n in names if n not in M.LOSS_METRICS]
+    generate = bool(text_metrics) or (options.predictions and data.generative)
     if text_metrics and not data.generative:
         raise InvalidInput(f"{options.data}: {options.format} rows have no prompt and reference answer, so "
                            f"{', '.join(text_metrics)} cannot be measured", hint="use --metrics loss,perplexity")
     settings = Settings(max_new_tokens=options.max_new_tokens, batch_size=options.batch_size,
                         max_length=options.max_length, loss=any(n in M.LOSS_METRICS for n in names),
-                        generate=bool(text_metrics))
+                        generate=generate)
     measured = evaluate_groups(plan_groups(targets), data, tokenizer, settings, report=report)
     return _summarise(targets, names, data, measured, options, settings)
 
