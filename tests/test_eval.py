@@ -338,3 +338,37 @@ def test_eval_benchmark_on_the_gpu_with_a_4bit_base(tmp_path):
     report = json.loads((tmp_path / "bench_eval.json").read_text())
     assert report["quantization"] == "4bit" and report["peftctl"]["generated_tokens"] == 64 * 16
     assert report["speedup"] > 1  # 64 prompts per call against one at a time
+
+
+def test_eval_data_is_tokenised_and_masked_as_training_does(base, tmp_path):
+    """Every example's tokens and labels equal those of training's own pass; prompts and references split where
+    the trained span starts (alpaca) or at the last assistant turn (chat)."""
+    from conftest import DEMO_DATA
+
+    from peftctl.data.formats import FormatOptions
+    from peftctl.data.prepare import _tokenize_all
+    from peftctl.data.sources import load_sources
+    from peftctl.eval.data import read_eval_data
+    from peftctl.model import load_tokenizer
+    from peftctl.recipe.schema import ModelSection
+
+    tokenizer = load_tokenizer(ModelSection(name=str(base)))
+    chat = write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Colour of snow?"},
+                      {"role": "assistant", "content": "White."}]}])
+    for path, fmt in ((DEMO_DATA, "alpaca"), (chat, "chat")):
+        options = FormatOptions(fmt, {})
+        ours = read_eval_data(str(path), options, tokenizer, max_length=64)
+        theirs, _, _ = _tokenize_all(load_sources(str(path)), options, tokenizer, 64, "error", None)
+        assert [e.input_ids for e in ours.examples] == [list(x) for x in theirs["input_ids"]]
+        assert [e.labels for e in ours.examples] == [list(x) for x in theirs["labels"]]
+    rows = read_jsonl(DEMO_DATA)
+    first = read_eval_data(str(DEMO_DATA), FormatOptions("alpaca", {}), tokenizer, max_length=512).examples[0]
+    assert first.reference == rows[0]["output"] and first.prompt.endswith("### Response:\n")
+    assert rows[0]["input"] in first.prompt and first.where == f"{DEMO_DATA} line 1"
+    example = ours.examples[0]
+    messages = read_jsonl(chat)[0]["messages"]
+    assert example.reference == "White."
+    assert example.prompt == tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    assert example.prompt_ids == tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
