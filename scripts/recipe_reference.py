@@ -19,7 +19,7 @@ def reference() -> str:
     sections = [("model", SECTIONS["model"]), ("quantization", QuantizationSection)]
     sections += [(f"method ({name})", spec.section) for name, spec in METHODS.items() if name != "qlora"]
     sections += [("dataset", SECTIONS["dataset"]), ("dataset.mix[] (each source of a mix)", DatasetSource)]
-    sections += [(name, SECTIONS[name]) for name in ("training", "output")]
+    sections += [(name, SECTIONS[name]) for name in ("training", "output", "evaluation")]
     for title, cls in sections:
         lines += [f"**{title}**", "", "| key | default | meaning |", "| --- | --- | --- |"]
         for key, info in cls.model_fields.items():

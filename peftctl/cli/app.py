@@ -188,6 +188,41 @@ def generate(
                                           temperature=temperature, prompt_format=prompt_format, jsonl=jsonl)))
 
 
+@app.command("eval", cls=PlainHelpCommand)
+def eval_(
+    targets: List[str] = typer.Argument(..., metavar="TARGET...", help="Run folders, adapter folders, model folders, "
+                                        "base:MODEL, or base (the first adapter's base, loaded as it was trained)."),
+    data: str = typer.Option(..., "--data", "-d", help="Held-out data: a file or folder (jsonl, json, csv, parquet) "
+                             "or hub dataset id."),
+    format: Optional[str] = typer.Option(None, "--format", "-f", help="alpaca, chat, completion or "
+                                         "prompt_completion (default: the first run folder's, else alpaca)."),
+    fields: Optional[List[str]] = typer.Option(None, "--field", metavar="NAME=COLUMN", help="Map a format name "
+                                               "to a column, e.g. --field output=answer (repeatable)."),
+    metrics: Optional[List[str]] = typer.Option(None, "--metrics", "-m", help="Comma-separated: loss, perplexity, "
+                                                "exact_match, token_f1, rouge_l (default: all), or your function "
+                                                "as module:function -- which runs your code."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts per batched generation."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=8, help="Tokens per example for the loss, "
+                                             "as dataset.max_length (default: the run's, else 2048)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate the first N examples only."),
+    json_output: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Write each example's prompt, reference and "
+                                      "predictions to this JSON Lines file."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", min=0, help="Bootstrap resamples for the intervals."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
+) -> None:
+    """Evaluate base and adapters side by side on held-out data: loss, exact match, F1, ROUGE-L, with intervals."""
+    from peftctl.cli import eval as command
+
+    _exit(run_guarded(lambda: command.run(targets, data=data, format=format, fields=fields or [],
+                                          metrics=metrics or [], max_new_tokens=max_new_tokens,
+                                          batch_size=batch_size, max_length=max_length, limit=limit,
+                                          json_output=json_output, out=out, force=force, bootstrap=bootstrap,
+                                          seed=seed)))
+
+
 @app.command(cls=PlainHelpCommand)
 def fetch(
     recipe: str = typer.Argument(..., help="Recipe file ('-' reads standard input)."),

@@ -312,15 +312,9 @@ def _tokenize_source(source: Source, options, tokenizer, max_length: int, key: s
     def one(row: dict) -> dict:
         try:
             if raw:
-                text = row[RAW]
-                if not text.strip():
+                row = parse_raw_row(row[RAW])
+                if row is None:
                     return _empty("")
-                try:
-                    row = json.loads(text)
-                except ValueError as e:
-                    raise RowError(f"not valid JSON ({e})") from None
-                if not isinstance(row, dict):
-                    raise RowError(f"expected a JSON object with the format's fields, got {type(row).__name__}")
             try:
                 rendered = render(row, options, tokenizer)
             except RowError:
@@ -370,6 +364,19 @@ def _tokenize_source(source: Source, options, tokenizer, max_length: int, key: s
     examples = mapped.select(usable).select_columns(["input_ids", "labels", "length", "n_trained"])
     stats = _recount(stats, examples)
     return examples, stats
+
+
+def parse_raw_row(text: str) -> dict | None:
+    """One JSON Lines row as a dict; None for a blank line; RowError for anything else."""
+    if not text.strip():
+        return None
+    try:
+        row = json.loads(text)
+    except ValueError as e:
+        raise RowError(f"not valid JSON ({e})") from None
+    if not isinstance(row, dict):
+        raise RowError(f"expected a JSON object with the format's fields, got {type(row).__name__}")
+    return row
 
 
 def _features():

@@ -193,6 +193,9 @@ def resolve_paths(recipe: Recipe, marks: Marks, base_dir: Path, *, check_exists:
         "output": recipe.output.model_copy(update={"dir": str(out_abs.resolve())}),
         "method": method,
     })
+    if recipe.evaluation is not None:
+        data = local(("evaluation", "data"), recipe.evaluation.data, data=True) or recipe.evaluation.data
+        recipe = recipe.model_copy(update={"evaluation": recipe.evaluation.model_copy(update={"data": data})})
     return recipe, problems
 
 

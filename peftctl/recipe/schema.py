@@ -150,6 +150,23 @@ class OutputSection(Section):
     tags: list[str] = Field([], description="Tracker tags.")
 
 
+class EvaluationSection(Section):
+    data: str = Field(min_length=1, description="Held-out data (a file or folder, or a hub dataset id) evaluated "
+                      "at the end of training as `peftctl eval base RUN --data ...` would, with results in run.json "
+                      "and the summary.")
+    format: Literal["alpaca", "chat", "completion", "prompt_completion"] | None = Field(
+        None, description="Row format of the data (default: dataset.format).")
+    fields: dict[str, str] | None = Field(None, description="Rename columns to the format's names (default: "
+                                          "dataset.fields when the format is dataset.format).")
+    metrics: list[str] | None = Field(None, description="loss, perplexity, exact_match, token_f1, rouge_l (default: "
+                                      "all), or module:function -- your own metric, which runs your code.")
+    max_new_tokens: int = Field(128, ge=1, description="Tokens generated per example (greedy).")
+    batch_size: int = Field(16, ge=1, description="Prompts per batched generation.")
+    limit: int | None = Field(None, ge=1, description="Evaluate the first this many examples only.")
+    compare_base: bool = Field(True, description="Also evaluate the base model, with the adapter's difference "
+                               "to it and a bootstrap interval.")
+
+
 class Recipe(Section):
     model: ModelSection = Field(description="The base model.")
     quantization: QuantizationSection | None = Field(None, description="Quantise the frozen base; omit for none.")
@@ -157,6 +174,8 @@ class Recipe(Section):
     dataset: DatasetSection = Field(description="Training data.")
     training: TrainingSection = Field(TrainingSection(), description="The training loop.")
     output: OutputSection = Field(description="Where the run is written.")
+    evaluation: EvaluationSection | None = Field(None, description="Evaluate the adapter on held-out data at the "
+                                                 "end (`peftctl eval`); omit for none.")
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -165,4 +184,5 @@ SECTIONS: dict[str, type[Section]] = {
     "dataset": DatasetSection,
     "training": TrainingSection,
     "output": OutputSection,
+    "evaluation": EvaluationSection,
 }

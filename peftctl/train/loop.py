@@ -40,6 +40,7 @@ class RunResult:
     eval_loss: float | None
     tokens_per_s: float
     counts: dict = field(default_factory=dict)
+    evaluation: dict | None = None  # the recipe's evaluation: section, as `peftctl eval --json` prints it
 
 
 def train(loaded, options: TrainOptions, console=None):
@@ -87,6 +88,10 @@ def train(loaded, options: TrainOptions, console=None):
         data = prepare(recipe.dataset, tokenizer, seed=training.seed, pad_id=tokenizer.pad_token_id)
 
     _warn_special_text(data, say)
+    if recipe.evaluation is not None and world.main:
+        from peftctl.eval.in_training import check_before_training
+
+        check_before_training(recipe, tokenizer)  # bad evaluation data stops the run now, not after training
 
     # The number of steps comes from the data; the schedule needs it, so the optimiser is built after the data.
     plan = data.step_plan(training, world.size)
@@ -338,8 +343,14 @@ def train(loaded, options: TrainOptions, console=None):
     dist.close(world)
     if recipe.output.merge and world.main:
         _merge(run, recipe, say)
+    evaluation = None
+    if recipe.evaluation is not None and world.main:
+        from peftctl.eval.in_training import evaluate_run
+
+        evaluation = evaluate_run(recipe, run, say)
+        run.write_manifest({**run.read_manifest(), "evaluation": evaluation})
     result = RunResult(str(run.path), state.step, last_loss, last_eval, tokens_per_s,
-                       {"trainable": counts.trainable, "total": counts.total})
+                       {"trainable": counts.trainable, "total": counts.total}, evaluation)
     if world.main:
         _summary(result, data, console, options)
     return result
@@ -657,3 +668,7 @@ def _summary(result: RunResult, data, console, options: TrainOptions) -> None:
     table.add_row("examples", f"{data.train.stats.examples:,d} ({data.train.stats.truncated} truncated, "
                   f"{data.train.stats.bad_rows} bad rows skipped)")
     console.print(table)
+    if result.evaluation:
+        from peftctl.eval.report import table as evaluation_table
+
+        console.print(evaluation_table(result.evaluation))
