@@ -91,3 +91,141 @@ def test_remote_code_from_a_hub_id_needs_a_pinned_revision(trained, tiny_model, 
                                             trust_remote_code=True))
     err = capsys.readouterr().err
     assert code == 2 and "no pinned revision" in err, err
+
+
+# --- the run folder: only ours is written, only ours is deleted, one run at a time ------------------------------
+
+
+def _train_in_process(recipe: Path, capsys=None, **options) -> int:
+    from peftctl.cli import train
+
+    opts = dict(dry_run=False, resume=None, force=False, quiet=True, log_format="text", gpus=None)
+    opts.update(options)
+    code = run_guarded(lambda: train.run(str(recipe), [], **opts))
+    if capsys is not None:
+        _train_in_process.err = capsys.readouterr().err
+    return code
+
+
+def test_a_run_never_overwrites_files_it_did_not_write(tiny_model, tmp_path, capsys):
+    """output.dir: . beside the recipe, with a data file named like a run file: refused, both files intact."""
+    import yaml
+
+    from conftest import DEMO_DATA, recipe_dict
+
+    folder = tmp_path / "experiment"
+    folder.mkdir()
+    data = folder / "metrics.jsonl"
+    data.write_text(DEMO_DATA.read_text())
+    recipe = folder / "recipe.yaml"
+    text = "# my notes\n" + yaml.safe_dump(recipe_dict(tiny_model("llama"), data="metrics.jsonl", out="."))
+    recipe.write_text(text)
+    for force in (False, True):
+        code = _train_in_process(recipe, capsys, force=force)
+        assert code == 2, _train_in_process.err
+        assert "output.dir" in _train_in_process.err
+        assert recipe.read_text() == text and data.read_text() == DEMO_DATA.read_text()
+    # Without the data inside, the foreign run-named file itself is named in the refusal.
+    recipe.write_text(yaml.safe_dump(recipe_dict(tiny_model("llama"), out=".")))
+    code = _train_in_process(recipe, capsys, force=True)
+    assert code == 2 and str(folder / "recipe.yaml") in _train_in_process.err.replace("\n", "")
+
+
+def test_force_deletes_only_what_the_previous_run_wrote(tiny_model, write_recipe, tmp_path, capsys):
+    from peftctl.train.run_folder import RunFolder
+
+    run = tmp_path / "run"
+    recipe = write_recipe(tiny_model("llama"), training={"max_steps": 2, "save_every": 1})
+    assert _train_in_process(recipe, capsys) == 0, _train_in_process.err
+    mine = tmp_path / "run" / "notes.txt"
+    mine.write_text("keep me")
+    first = json.loads((run / "run.json").read_text())["started_at"]
+    # A new run that fails validation deletes nothing of the old one.
+    bad = write_recipe(tiny_model("llama"), name="bad.yaml", dataset={"path": str(tmp_path / "missing.jsonl")})
+    assert _train_in_process(bad, capsys, force=True) == 2
+    assert (run / "checkpoints").is_dir() and (run / "adapter").is_dir()
+    assert json.loads((run / "run.json").read_text())["started_at"] == first
+    assert _train_in_process(recipe, capsys, force=True) == 0, _train_in_process.err
+    assert mine.read_text() == "keep me"
+    assert "run_files" in json.loads((run / "run.json").read_text())
+    # A folder of another tool with run-named folders: refused even with --force, nothing deleted.
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "tensorboard").mkdir()
+    with pytest.raises(Exception) as refused:
+        RunFolder(other).claim(resume=False, force=True)
+    assert "checkpoints" in str(refused.value) and (other / "checkpoints").is_dir()
+    RunFolder(other).release()
+
+
+def test_force_refuses_a_folder_that_holds_the_model(tiny_model, tmp_path, capsys):
+    import yaml
+
+    from conftest import recipe_dict
+
+    folder = tmp_path / "out"
+    shutil.copytree(tiny_model("llama"), folder / "base")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_dict(folder / "base", out=folder)))
+    assert _train_in_process(recipe, capsys, force=True) == 2
+    assert "own input" in _train_in_process.err
+    assert (folder / "base" / "config.json").exists()
+
+
+def test_a_second_run_into_a_locked_folder_is_refused(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from peftctl.errors import InvalidInput
+    from peftctl.train.run_folder import LOCK_FILE, RunFolder
+
+    folder = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, sys.argv[2]); from peftctl.train.run_folder import RunFolder;"
+        "RunFolder(sys.argv[1]).claim(resume=False, force=False); print('held', flush=True); time.sleep(60)"),
+        str(folder), str(Path(__file__).resolve().parents[1])], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(InvalidInput) as refused:
+            RunFolder(folder).claim(resume=False, force=False)
+        assert f"pid {holder.pid}" in refused.value.message and "in use" in refused.value.message
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died: its lock is stale and the folder can be claimed.
+    lock = json.loads((folder / LOCK_FILE).read_text())
+    assert lock["pid"] == holder.pid
+    run = RunFolder(folder)
+    run.claim(resume=False, force=False)
+    assert json.loads((folder / LOCK_FILE).read_text())["pid"] == os.getpid()
+    run.release()
+
+
+@pytest.mark.parametrize("kind", ["nul", "loop", "under_a_file"])
+def test_an_output_dir_that_cannot_be_created_exits_2(kind, tmp_path):
+    from peftctl.errors import InvalidInput
+    from peftctl.train.run_folder import RunFolder
+
+    if kind == "nul":
+        path = str(tmp_path / "a\0b")
+    elif kind == "loop":
+        (tmp_path / "loop").symlink_to(tmp_path / "loop")
+        path = str(tmp_path / "loop" / "run")
+    else:
+        (tmp_path / "file").write_text("x")
+        path = str(tmp_path / "file" / "run")
+    with pytest.raises(InvalidInput):
+        RunFolder(path).claim(resume=False, force=False)
+
+
+def test_resume_auto_on_a_completed_run_says_so(tiny_model, write_recipe, tmp_path, capsys):
+    recipe = write_recipe(tiny_model("llama"), training={"max_steps": 3, "save_every": 2})
+    assert _train_in_process(recipe, capsys) == 0
+    before = (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
+    code = _train_in_process(recipe, capsys, resume="auto", quiet=False)
+    assert code == 0 and "complete" in _train_in_process.err
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes() == before
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_000002"
+    assert _train_in_process(recipe, capsys, resume=str(checkpoint)) == 2
+    assert "complete" in _train_in_process.err
