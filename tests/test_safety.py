@@ -229,3 +229,73 @@ def test_resume_auto_on_a_completed_run_says_so(tiny_model, write_recipe, tmp_pa
     checkpoint = tmp_path / "run" / "checkpoints" / "step_000002"
     assert _train_in_process(recipe, capsys, resume=str(checkpoint)) == 2
     assert "complete" in _train_in_process.err
+
+
+# --- exits that tell the truth ------------------------------------------------------------------------------------
+
+
+def test_a_closed_stdout_stops_training_with_exit_1_and_a_checkpoint(tiny_model, write_recipe, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    recipe = write_recipe(tiny_model("llama"), training={"max_steps": 200, "save_every": 1000})
+    proc = subprocess.Popen([sys.executable, "-m", "peftctl", "train", str(recipe), "--log-format", "json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO),
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert json.loads(proc.stdout.readline())["step"] == 1  # like `| head -1`
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 1, err
+    assert "broken pipe" in err and "Traceback" not in err
+    manifest = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert manifest["status"] == "stopped" and manifest["exit_code"] == 1
+    assert manifest["steps_done"] < 200
+    assert (tmp_path / "run" / "checkpoints" / f"step_{manifest['steps_done']:06d}").is_dir()
+
+
+def _leftovers(run: Path) -> list[Path]:
+    return [p for p in run.rglob(".*") if ".tmp" in p.name or ".old" in p.name]
+
+
+def test_sigterm_while_saving_the_adapter_is_recorded_and_leaves_no_temp_folder(tiny_model, write_recipe, tmp_path,
+                                                                               capsys, monkeypatch):
+    import os
+    import signal
+
+    from peftctl.methods import runtime
+
+    real_save = runtime.save
+
+    def save_then_sigterm(*args, **kwargs):
+        real_save(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(runtime, "save", save_then_sigterm)
+    recipe = write_recipe(tiny_model("llama"), training={"max_steps": 2})
+    assert _train_in_process(recipe, capsys) == 143, _train_in_process.err
+    run = tmp_path / "run"
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["status"] == "stopped" and manifest["exit_code"] == 143
+    assert not _leftovers(run) and not (run / "adapter").exists()
+
+
+def test_disk_full_while_saving_the_adapter_is_a_failure_with_a_clear_message(tiny_model, write_recipe, tmp_path,
+                                                                            capsys, monkeypatch):
+    from safetensors import SafetensorError
+
+    from peftctl.methods import runtime
+
+    def full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              '"No space left on device" })')
+
+    monkeypatch.setattr(runtime, "save", full)
+    recipe = write_recipe(tiny_model("llama"), training={"max_steps": 2})
+    assert _train_in_process(recipe, capsys) == 1
+    assert "no space left" in _train_in_process.err and "unexpected" not in _train_in_process.err
+    manifest = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert manifest["status"] == "failed" and "SafetensorError" in manifest["error"]
+    assert not _leftovers(tmp_path / "run")

@@ -229,6 +229,8 @@ def _train(loaded, options: TrainOptions, console=None):
     batches = StepBatches(data, plan, world, pin=device.type == "cuda")
     try:
         with graceful_stop() as stop, batches:
+            if metrics is not None:
+                metrics.on_output_closed = stop.output_closed  # a broken pipe stops like a signal, exit 1
             while state.step < total_steps:
                 if state.step_in_epoch >= plan.steps_in(state.epoch):
                     state.epoch, state.step_in_epoch = state.epoch + 1, 0
