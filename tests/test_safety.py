@@ -299,3 +299,134 @@ def test_disk_full_while_saving_the_adapter_is_a_failure_with_a_clear_message(ti
     manifest = json.loads((tmp_path / "run" / "run.json").read_text())
     assert manifest["status"] == "failed" and "SafetensorError" in manifest["error"]
     assert not _leftovers(tmp_path / "run")
+
+
+# --- recipes that cannot be built, values that cannot train --------------------------------------------------------
+
+
+def _validate_text(tmp_path, text: str, capsys, sets=()) -> tuple[int, str]:
+    from peftctl.cli import validate
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    code = run_guarded(lambda: validate.run([str(path)], list(sets), False))
+    return code, capsys.readouterr().err
+
+
+def alias_bomb(levels: int = 9, width: int = 9) -> str:
+    text = "a: &a [" + ", ".join(['"lol"'] * width) + "]\n"
+    for i in range(1, levels):
+        text += f"l{i}: &l{i} [" + ", ".join([f"*{'a' if i == 1 else f'l{i - 1}'}"] * width) + "]\n"
+    return text
+
+
+def test_an_alias_bomb_and_deep_nesting_are_refused_fast(tmp_path, capsys):
+    import time
+
+    for text in (alias_bomb(), "model: " + "[" * 100_000 + "]" * 100_000 + "\n",
+                 "model:\n" + "".join(" " * (2 * i) + "- \n" for i in range(1, 200))):
+        t = time.perf_counter()
+        code, err = _validate_text(tmp_path, text, capsys)
+        assert code == 2 and "recipe.yaml:" in err and "Traceback" not in err, err
+        assert time.perf_counter() - t < 2.0
+    code, err = _validate_text(tmp_path, "model: {name: x}\n", capsys, sets=["model.name=" + "[" * 5000])
+    assert code == 2 and "--set" in err, err
+
+
+@pytest.mark.parametrize("key,value", [("method.alpha", ".inf"), ("training.weight_decay", ".inf"),
+                                       ("training.learning_rate", ".nan"), ("training.seed", str(2**70)),
+                                       ("training.max_grad_norm", ".inf"), ("training.seed", "-1")])
+def test_values_that_cannot_train_fail_validation(key, value, tiny_model, tmp_path, capsys):
+    import yaml
+
+    from conftest import recipe_dict
+
+    text = yaml.safe_dump(recipe_dict(tiny_model("llama"), out=tmp_path / "run"))
+    code, err = _validate_text(tmp_path, text, capsys, sets=[f"{key}={value}"])
+    assert code == 2 and key in err, err
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tiny_model, tmp_path_factory):
+    """A run stopped at step 4 of 6 with checkpoints at 2 and 4 (its run.json says stopped)."""
+    import yaml
+
+    from conftest import recipe_dict
+    from peftctl.recipe.loader import load_recipe
+    from peftctl.train.loop import TrainOptions, train
+
+    folder = tmp_path_factory.mktemp("checkpointed")
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_dict(tiny_model("llama"), out=folder / "run",
+                                                 training={"max_steps": 6, "save_every": 2, "keep_checkpoints": 3})))
+    train(load_recipe(str(recipe)), TrainOptions(quiet=True))
+    manifest = json.loads((folder / "run" / "run.json").read_text())
+    (folder / "run" / "run.json").write_text(json.dumps({**manifest, "status": "stopped"}))
+    shutil.rmtree(folder / "run" / "adapter")
+    return recipe
+
+
+def _copy_run(recipe: Path, tmp_path: Path) -> Path:
+    import yaml
+
+    shutil.copytree(recipe.parent / "run", tmp_path / "run")
+    data = yaml.safe_load(recipe.read_text())
+    data["output"]["dir"] = str(tmp_path / "run")
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
+    return tmp_path / "recipe.yaml"
+
+
+def _rehash(checkpoint: Path) -> None:
+    """An attacker (or a bug) who also rewrites the manifest: the hashes alone cannot tell."""
+    from peftctl.train import checkpoint as ckpt
+
+    manifest = json.loads((checkpoint / ckpt.MANIFEST).read_text())
+    manifest["files"] = {name: ckpt._sha256(checkpoint / name) for name in manifest["files"]}
+    (checkpoint / ckpt.MANIFEST).write_text(json.dumps(manifest))
+
+
+class _Planted:
+    sentinel = ""
+
+    def __reduce__(self):
+        return (Path(self.sentinel).write_text, ("ran",))
+
+
+@pytest.mark.parametrize("target", ["optimizer.pt", "adapter_state.safetensors"])
+def test_a_planted_pickle_is_not_a_valid_checkpoint(target, checkpointed, tmp_path, capsys):
+    import pickle
+
+    recipe = _copy_run(checkpointed, tmp_path)
+    for step in (2, 4, 6):
+        point = tmp_path / "run" / "checkpoints" / f"step_{step:06d}"
+        if point.exists():
+            _Planted.sentinel = str(tmp_path / "SENTINEL")
+            (point / target).write_bytes(pickle.dumps(_Planted()))
+            _rehash(point)
+    point = tmp_path / "run" / "checkpoints" / "step_000004"
+    code = _train_in_process(recipe, capsys, resume=str(point))
+    err = _train_in_process.err
+    assert code == 2, err
+    assert "not a valid checkpoint" in err and "weights_only" not in err
+    assert not (tmp_path / "SENTINEL").exists()
+
+
+def test_a_checkpoint_with_non_finite_weights_is_not_good(checkpointed, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from peftctl.train import checkpoint as ckpt
+
+    recipe = _copy_run(checkpointed, tmp_path)
+    newest = tmp_path / "run" / "checkpoints" / "step_000004"
+    weights = load_file(str(newest / "adapter_state.safetensors"))
+    name = sorted(weights)[0]
+    weights[name] = torch.full_like(weights[name], float("inf"))
+    save_file(weights, str(newest / "adapter_state.safetensors"))
+    _rehash(newest)
+    path, notes = ckpt.find_resumable(tmp_path / "run" / "checkpoints", "auto")
+    assert path.name == "step_000002" and "non-finite" in notes[0]
+    with pytest.raises(Exception) as refused:  # and none is ever written
+        ckpt.save(tmp_path / "ck", weights, {}, None, ckpt.TrainerState(step=9), "", "", 2)
+    assert "not finite" in str(refused.value) and not (tmp_path / "ck" / "step_000009").exists()
+    assert _train_in_process(recipe, capsys, resume="auto") == 0, _train_in_process.err

@@ -62,6 +62,11 @@ def classify(e: BaseException) -> tuple[str, str | None, int]:
     if names & {"RepositoryNotFoundError", "RevisionNotFoundError", "EntryNotFoundError"}:
         return (f"not found on the hub: {text}", "check the id and revision; private repositories need "
                 "`hf auth login`", EXIT_INVALID)
+    if "UnpicklingError" in names or "weights_only" in str(e):
+        # torch's own text goes on to advise weights_only=False, i.e. running the file's code: never repeat it
+        return ("a weights file is not valid: it holds more than tensors and plain values, or is damaged; nothing "
+                "in it was run", "use weights saved as safetensors, or the checkpoint/adapter that peftctl wrote",
+                EXIT_INVALID)
     if (isinstance(e, OSError) and getattr(e, "errno", None) == 28) or _disk_full_text(str(e)):
         # safetensors' SafetensorError wraps the same errno in its own text, and is no OSError
         return (f"no space left on the device: {text}", "free disk space or point output.dir elsewhere; "
