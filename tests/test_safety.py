@@ -430,3 +430,91 @@ def test_a_checkpoint_with_non_finite_weights_is_not_good(checkpointed, tmp_path
         ckpt.save(tmp_path / "ck", weights, {}, None, ckpt.TrainerState(step=9), "", "", 2)
     assert "not finite" in str(refused.value) and not (tmp_path / "ck" / "step_000009").exists()
     assert _train_in_process(recipe, capsys, resume="auto") == 0, _train_in_process.err
+
+
+# --- data: one bad row is one bad row; validation never leaks; drops are counted -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    from peftctl.model import choose_pad
+
+    tok = AutoTokenizer.from_pretrained(tiny_model("llama"))
+    choose_pad(tok)
+    return tok
+
+
+def _rows(n: int, start: int = 0) -> list[str]:
+    return [json.dumps({"instruction": f"Say the number {i}.", "output": f"number {i} it is"})
+            for i in range(start, start + n)]
+
+
+def _prepare(tokenizer, **section):
+    from peftctl.data.prepare import prepare
+    from peftctl.recipe.schema import DatasetSection
+
+    section = {"format": "alpaca", "validation": 0.0, "max_length": 64, "packing": False, **section}
+    return prepare(DatasetSection(**section), tokenizer, seed=0, pad_id=tokenizer.pad_token_id)
+
+
+def deep_row(depth: int = 100_000) -> str:
+    return '{"instruction": ' + "[" * depth + "]" * depth + ', "output": "x"}'
+
+
+def test_a_pathological_json_row_is_one_bad_row(tokenizer, tmp_path):
+    from peftctl.errors import DataError
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(_rows(3) + [deep_row()] + _rows(2, 3)) + "\n")
+    data = _prepare(tokenizer, path=str(path), on_bad_rows="skip")
+    assert data.train.stats.bad_rows == 1 and data.train.stats.examples == 5
+    with pytest.raises(DataError) as refused:
+        _prepare(tokenizer, path=str(path), on_bad_rows="error")
+    assert f"{path} line 4" in refused.value.message and "nested" in refused.value.message
+    whole = tmp_path / "rows.json"
+    whole.write_text("[" + deep_row() + "]")
+    with pytest.raises(DataError):
+        _prepare(tokenizer, path=str(whole), on_bad_rows="skip")
+
+
+def test_mixed_sources_are_split_before_mixing(tokenizer, tmp_path):
+    """A small source repeated by the mix never has a copy on both sides of the split."""
+    small, large = tmp_path / "small.jsonl", tmp_path / "large.jsonl"
+    small.write_text("\n".join(_rows(4)) + "\n")
+    large.write_text("\n".join(_rows(20, 100)) + "\n")
+    data = _prepare(tokenizer, path=None, validation=0.25,
+                    mix=[{"path": str(small), "examples": 24}, {"path": str(large), "weight": 1.0}])
+    train = {tuple(ids) for ids in data.train.examples["input_ids"]}
+    validation = [tuple(ids) for ids in data.validation.examples["input_ids"]]
+    assert validation and not train & set(validation)
+    assert len(validation) == len(set(validation))  # each source's share of validation, no repeats
+    assert len(data.train.examples) > len(train)  # the small source was repeated on the training side
+
+
+def test_silent_drops_are_counted_or_refused(tokenizer, tmp_path):
+    from peftctl.errors import DataError
+
+    one = tmp_path / "one.jsonl"
+    one.write_text(_rows(1)[0] + "\n")
+    with pytest.raises(DataError) as refused:
+        _prepare(tokenizer, path=str(one), validation=0.5)
+    assert "nothing to validate on" in refused.value.message
+
+    long = tmp_path / "long.jsonl"
+    rows = [json.dumps({"instruction": "word " * 60, "output": "yes"}) for _ in range(18)] + _rows(2)
+    long.write_text("\n".join(rows) + "\n")
+    data = _prepare(tokenizer, path=str(long), max_length=40)
+    assert any("18 of 20 examples skipped" in w for w in data.warnings), data.warnings
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(_rows(10)) + "\n")
+    copy = tmp_path / "validation.jsonl"
+    copy.write_text(train.read_text())
+    with pytest.raises(DataError) as refused:
+        _prepare(tokenizer, path=str(train), validation=str(copy))
+    assert "all 10 validation examples are also training examples" in refused.value.message
+    copy.write_text("\n".join(_rows(3, 8)) + "\n")  # two of three overlap
+    data = _prepare(tokenizer, path=str(train), validation=str(copy))
+    assert any("2 of 3 validation examples" in w for w in data.warnings), data.warnings

@@ -83,6 +83,10 @@ def _json_rows(path: Path):
 
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise DataError(f"{path}: nested too deeply to be a list of rows",
+                        hint="write one JSON object per line in a .jsonl file: a bad line is then one bad row") \
+            from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
     except UnicodeDecodeError as e:
@@ -92,7 +96,14 @@ def _json_rows(path: Path):
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}",
                         hint="or write one JSON object per line in a .jsonl file")
-    return datasets.Dataset.from_dict({RAW: [json.dumps(row) for row in data]})
+    return datasets.Dataset.from_dict({RAW: [_dumps(row) for row in data]})
+
+
+def _dumps(row) -> str:
+    try:
+        return json.dumps(row)
+    except RecursionError:
+        return "null"  # one bad row: the tokenisation pass reports it with its position
 
 
 def _load_hub(spec: str, split: str) -> Source:

@@ -137,6 +137,8 @@ def _train(loaded, options: TrainOptions, console=None):
         data = prepare(recipe.dataset, tokenizer, seed=training.seed, pad_id=tokenizer.pad_token_id)
 
     _warn_special_text(data, say)
+    for warning in data.warnings:
+        say(f"warning: {warning}")
 
     # The number of steps comes from the data; the schedule needs it, so the optimiser is built after the data.
     plan = data.step_plan(training, world.size)
@@ -677,6 +679,8 @@ def _plan(recipe, data, steps_per_epoch: int, total_steps: int, say) -> dict:
     }
     if train.sources:
         plan["sources"] = train.sources
+    if data.warnings:
+        plan["warnings"] = data.warnings
     try:
         plan["params"] = count_for_recipe(recipe).as_dict()
     except PeftctlError as e:
