@@ -518,3 +518,41 @@ def test_silent_drops_are_counted_or_refused(tokenizer, tmp_path):
     copy.write_text("\n".join(_rows(3, 8)) + "\n")  # two of three overlap
     data = _prepare(tokenizer, path=str(train), validation=str(copy))
     assert any("2 of 3 validation examples" in w for w in data.warnings), data.warnings
+
+
+# --- known causes are exit 2 (or 1 for the network) with a message, never "unexpected error" -----------------------
+
+
+@pytest.mark.parametrize("damage,words", [
+    ({"bottleneck_config.json": {"format_version": 1, "width": 8, "activation": "relu", "dropout": 0.0}},
+     "'placement'"),
+    ({"peft_type": "NOPE"}, "unknown adapter type"),
+    ({"r": 10**9}, "not a plausible size"),
+    ({"r": 4}, "does not match the weights"),
+])
+def test_damaged_adapter_configs_are_refused_before_allocating(damage, words, trained, tiny_model, tmp_path, capsys):
+    from peftctl.cli import generate
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained("lora", tiny_model("llama")) / "adapter", adapter)
+    if "bottleneck_config.json" in damage:
+        (adapter / "bottleneck_config.json").write_text(json.dumps(damage["bottleneck_config.json"]))
+    else:
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "adapter_config.json").write_text(json.dumps({**config, **damage}))
+    code = run_guarded(lambda: generate.run(str(adapter), "hi", chat=False, max_new_tokens=2, temperature=0.0))
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and "unexpected" not in err, err
+
+
+def test_a_hub_dataset_without_network_is_a_network_failure(tokenizer, monkeypatch, capsys):
+    import datasets
+    import httpx2
+
+    def offline(*args, **kwargs):  # what huggingface_hub's client raises after its retries
+        raise httpx2.ConnectError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    code = run_guarded(lambda: _prepare(tokenizer, path="someone/data"))
+    err = capsys.readouterr().err
+    assert code == 1 and "cannot be reached" in err and "unexpected" not in err, err

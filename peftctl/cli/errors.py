@@ -62,6 +62,9 @@ def classify(e: BaseException) -> tuple[str, str | None, int]:
     if names & {"RepositoryNotFoundError", "RevisionNotFoundError", "EntryNotFoundError"}:
         return (f"not found on the hub: {text}", "check the id and revision; private repositories need "
                 "`hf auth login`", EXIT_INVALID)
+    if names & {"ConnectionError", "ConnectTimeout", "ConnectError", "NetworkError", "OfflineModeIsEnabled"}:
+        return (f"the network or the hub cannot be reached: {text}", "check the connection; offline, fetch the "
+                "model and data first (`peftctl fetch RECIPE`) and set HF_HUB_OFFLINE=1", EXIT_FAILURE)
     if "UnpicklingError" in names or "weights_only" in str(e):
         # torch's own text goes on to advise weights_only=False, i.e. running the file's code: never repeat it
         return ("a weights file is not valid: it holds more than tensors and plain values, or is damaged; nothing "

@@ -14,10 +14,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftctl.errors import DataError, InvalidInput
+from peftctl.errors import DataError, InvalidInput, PeftctlError
 
 SUFFIX_BUILDERS = {".jsonl": "text", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 RAW = "__raw__"  # column holding a JSON line, parsed per row
+NETWORK_ERRORS = {"ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout", "OfflineModeIsEnabled",
+                  "ConnectError", "TimeoutException", "NetworkError"}  # requests' and httpx's names
 
 
 @dataclass
@@ -123,6 +125,10 @@ def _load_hub(spec: str, split: str) -> Source:
                                hint="accept its terms on the hub, then `hf auth login`") from e
         if isinstance(e, ValueError) and "split" in text.lower():
             raise InvalidInput(f"dataset {spec}: no split {split!r} ({text})", hint="set dataset.split") from e
+        if names & NETWORK_ERRORS:
+            raise PeftctlError(f"dataset {spec}: the hub cannot be reached ({text})",
+                               hint="check the network, or fetch the data first (`peftctl fetch RECIPE`) and train "
+                                    "with HF_HUB_OFFLINE=1, or give a local file path") from e
         raise
     return Source(f"{spec}[{split}]", rows, "row", rows._fingerprint)
 
