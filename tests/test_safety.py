@@ -556,3 +556,20 @@ def test_a_hub_dataset_without_network_is_a_network_failure(tokenizer, monkeypat
     code = run_guarded(lambda: _prepare(tokenizer, path="someone/data"))
     err = capsys.readouterr().err
     assert code == 1 and "cannot be reached" in err and "unexpected" not in err, err
+
+
+def test_no_message_ever_repeats_torchs_weights_only_advice(tmp_path):
+    import pickle
+
+    import torch
+
+    from peftctl.cli.errors import classify
+
+    _Planted.sentinel = str(tmp_path / "SENTINEL")
+    (tmp_path / "adapter_model.bin").write_bytes(pickle.dumps(_Planted()))
+    with pytest.raises(Exception) as raised:
+        torch.load(tmp_path / "adapter_model.bin", weights_only=True)
+    message, hint, code = classify(raised.value)
+    assert "weights_only" in str(raised.value)  # torch's own text, which we must not pass on
+    assert code == 2 and "not valid" in message and "weights_only" not in message + (hint or "")
+    assert not (tmp_path / "SENTINEL").exists()
