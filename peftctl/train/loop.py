@@ -123,7 +123,7 @@ def _train(loaded, options: TrainOptions, console=None):
         check_trackers(recipe.output.trackers)  # a missing extra fails now, not after the model has loaded
         dist.on_main(world, lambda: run.claim(resume=options.resume is not None, force=options.force,
                                               inputs=_input_paths(recipe)))
-        done = _completed(run, options.resume, say)
+        done = _completed(run, options.resume, recipe_yaml, say)
         if done is not None:
             return done
     resume_from = _resume_point(run, options.resume, say)
@@ -493,10 +493,16 @@ def _input_paths(recipe) -> list[str]:
     return found
 
 
-def _completed(run: RunFolder, requested: str | None, say):
-    """--resume on a run that already completed: nothing to redo (its final state is adapter/, not a checkpoint)."""
+def _completed(run: RunFolder, requested: str | None, recipe_yaml: str, say):
+    """--resume with the very recipe of a run that already completed: nothing to redo (its final state is adapter/,
+    not a checkpoint). A changed recipe (more steps, say) goes the usual way through the checkpoints."""
     manifest = run.read_manifest()
     if requested is None or manifest.get("status") != "completed":
+        return None
+    try:
+        if run.recipe.read_text() != recipe_yaml:
+            return None
+    except OSError:
         return None
     if requested != "auto":
         raise InvalidInput(f"--resume {requested}: the run in {run.path} is complete "
