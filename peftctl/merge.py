@@ -99,7 +99,7 @@ class MergeStopped(PeftctlError):
 
 def merge_adapter(adapter_dir, out_dir, *, base: str | None = None, dtype: str | None = None, verify: bool = True,
                   max_shard_size: int | str = "5GB", from_quantized: str = "dequantized", force: bool = False,
-                  report: Callable[[str], None] | None = None) -> MergeReport:
+                  report: Callable[[str], None] | None = None, trust_remote_code: bool = False) -> MergeReport:
     """Merge the adapter in `adapter_dir` (an adapter folder or a run folder) into its base; write `out_dir`."""
     say = report or (lambda message: None)
     t_start = time.time()
@@ -134,8 +134,8 @@ def merge_adapter(adapter_dir, out_dir, *, base: str | None = None, dtype: str |
 
     base_ckpt = Checkpoint(base_folder)
     base_config = json.loads((base_folder / "config.json").read_text())
-    # A base that needs its own code was trained with trust_remote_code; the adapter info records that choice.
-    trust = bool(info.get("trust_remote_code"))
+    # The base's own code runs only when the caller (the user, on the command line) says so, never the adapter.
+    trust = trust_remote_code
     model_config = AutoConfig.from_pretrained(str(base_folder), trust_remote_code=trust)
     if base_config.get("quantization_config"):
         raise InvalidInput(f"{base_folder} is a pre-quantised checkpoint; a merge needs the unquantised weights",
@@ -764,8 +764,8 @@ def check_verification(result: dict, out_dir: Path) -> None:
 def empty_model(config, *, trust_remote_code: bool = False):
     """The model with every parameter on the meta device (no memory) and real buffers (rotary tables).
 
-    trust_remote_code: the consent recorded when the adapter was trained; without it transformers would ask on
-    stdin (or refuse) for a model whose classes live in its folder."""
+    trust_remote_code: the consent given on the command line (--trust-remote-code); without it transformers
+    would ask on stdin (or refuse) for a model whose classes live in its folder."""
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -41,6 +41,10 @@ def _from_pretrained(loader, name: str, what: str, **kwargs):
     try:
         return loader(name, **kwargs)
     except Exception as e:  # noqa: BLE001 - classified below; the rest goes up unchanged
+        from peftctl.remote_code import is_refusal, refusal
+
+        if is_refusal(e):
+            raise refusal(name) from None
         names = {c.__name__ for c in type(e).__mro__}
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "GatedRepoError" in names:

@@ -119,7 +119,7 @@ class TinyCustomForCausalLM(LlamaForCausalLM):
 
 def test_a_base_with_its_own_code_merges_when_trusted(base, write_recipe, tmp_path):
     """A model whose classes live in its folder (auto_map) trains with model.trust_remote_code and merges with the
-    same consent, recorded in the adapter: verification builds the model from that code too."""
+    same consent given again on the command line: verification builds the model from that code too."""
     import shutil
 
     custom = tmp_path / "custom-base"
@@ -137,7 +137,7 @@ def test_a_base_with_its_own_code_merges_when_trusted(base, write_recipe, tmp_pa
     train(load_recipe(str(recipe), []), TrainOptions(quiet=True))
     run = tmp_path / "run"
     # In a fresh process, as users run it: training registered the custom classes in this one.
-    done = run_cli("merge", str(run), "--out", str(tmp_path / "merged"))
+    done = run_cli("merge", str(run), "--out", str(tmp_path / "merged"), "--trust-remote-code")
     assert done.returncode == 0, done.stderr
     verification = json.loads((tmp_path / "merged" / MERGE_INFO).read_text())["verification"]
     assert verification["relative_diff"] < 1e-5 and verification["base_relative_diff"] > 1e-3

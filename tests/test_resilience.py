@@ -131,7 +131,8 @@ def test_damaged_checkpoint_is_refused_and_auto_falls_back(tiny_model, write_rec
         ckpt.verify(newest)
     result = run_cli("train", str(recipe), "--resume", str(newest))
     assert result.returncode == 2 and "does not match its hash" in result.stderr
-    result = run_cli("train", str(recipe), "--resume", "auto", "--set", "training.max_steps=6",
+    # The run completed at 6 steps: the same recipe has nothing to resume (see test_safety); training on to 8 does.
+    result = run_cli("train", str(recipe), "--resume", "auto", "--set", "training.max_steps=8",
                      "--set", "training.keep_checkpoints=3")
     assert result.returncode == 0, result.stderr
     assert f"skipping {newest.name}" in result.stderr and f"resuming from {points[-2]}" in result.stderr

@@ -27,6 +27,10 @@ app = typer.Typer(
 SetOption = typer.Option(None, "--set", "-s", metavar="KEY=VALUE",
                          help="Override a recipe key with the same dotted name, e.g. --set method.r=32 (repeatable).")
 
+TrustRemoteCodeOption = typer.Option(False, "--trust-remote-code", help="Run the base model's own Python code "
+                                     "(its auto_map). Only for code you have read; a hub base needs a pinned "
+                                     "revision. An adapter's own record never switches this on.")
+
 
 def _exit(code: int) -> None:
     raise typer.Exit(code)
@@ -115,13 +119,14 @@ def merge(
                                        "or the original ones. 8-bit bases: dequantized uses bitsandbytes' int8 "
                                        "weights (its run-time input quantisation cannot be merged)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+    trust_remote_code: bool = TrustRemoteCodeOption,
 ) -> None:
     """Fold an adapter into its base model and write an ordinary model folder."""
     from peftctl.cli import merge as command
 
     _exit(run_guarded(lambda: command.run(adapter_dir, out, base=base, dtype=dtype, verify=verify,
                                           max_shard_size=max_shard_size, from_quantized=from_quantized,
-                                          force=force)))
+                                          force=force, trust_remote_code=trust_remote_code)))
 
 
 @app.command("count-params", cls=PlainHelpCommand)
@@ -180,12 +185,14 @@ def generate(
                                "may hold newlines); each answer is printed as one JSON string."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy."),
+    trust_remote_code: bool = TrustRemoteCodeOption,
 ) -> None:
     """Generate from a prompt with an adapter on its base (or a merged model)."""
     from peftctl.cli import generate as command
 
     _exit(run_guarded(lambda: command.run(source, prompt, chat=chat, max_new_tokens=max_new_tokens,
-                                          temperature=temperature, prompt_format=prompt_format, jsonl=jsonl)))
+                                          temperature=temperature, prompt_format=prompt_format, jsonl=jsonl,
+                                          trust_remote_code=trust_remote_code)))
 
 
 @app.command("eval", cls=PlainHelpCommand)

@@ -62,12 +62,25 @@ def classify(e: BaseException) -> tuple[str, str | None, int]:
     if names & {"RepositoryNotFoundError", "RevisionNotFoundError", "EntryNotFoundError"}:
         return (f"not found on the hub: {text}", "check the id and revision; private repositories need "
                 "`hf auth login`", EXIT_INVALID)
-    if isinstance(e, OSError) and getattr(e, "errno", None) == 28:
+    if names & {"ConnectionError", "ConnectTimeout", "ConnectError", "NetworkError", "OfflineModeIsEnabled"}:
+        return (f"the network or the hub cannot be reached: {text}", "check the connection; offline, fetch the "
+                "model and data first (`peftctl fetch RECIPE`) and set HF_HUB_OFFLINE=1", EXIT_FAILURE)
+    if "UnpicklingError" in names or "weights_only" in str(e):
+        # torch's own text goes on to advise weights_only=False, i.e. running the file's code: never repeat it
+        return ("a weights file is not valid: it holds more than tensors and plain values, or is damaged; nothing "
+                "in it was run", "use weights saved as safetensors, or the checkpoint/adapter that peftctl wrote",
+                EXIT_INVALID)
+    if (isinstance(e, OSError) and getattr(e, "errno", None) == 28) or _disk_full_text(str(e)):
+        # safetensors' SafetensorError wraps the same errno in its own text, and is no OSError
         return (f"no space left on the device: {text}", "free disk space or point output.dir elsewhere; "
                 "earlier checkpoints are intact", EXIT_FAILURE)
     summary = f"unexpected error: {type(e).__name__}: {text}"
     hint = None if debug_enabled() else "rerun with PEFTCTL_DEBUG=1 to see the traceback, and report it if it is a bug"
     return summary, hint, EXIT_FAILURE
+
+
+def _disk_full_text(text: str) -> bool:
+    return "No space left on device" in text or "StorageFull" in text
 
 
 def report(message: str, hint: str | None = None) -> None:

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from peftctl.errors import InvalidInput, ModelNotFound
+from peftctl.remote_code import RemoteCodeRefused, check_pinned, refusal
 
 ADAPTER_FILES = ("adapter_config.json", "bottleneck_config.json")
 
@@ -26,11 +27,11 @@ PROMPT_FORMATS = ("alpaca", "chat", "raw")
 
 
 def run(source: str, prompt: str | None, *, chat: bool, max_new_tokens: int, temperature: float,
-        prompt_format: str | None = None, jsonl: bool = False) -> int:
+        prompt_format: str | None = None, jsonl: bool = False, trust_remote_code: bool = False) -> int:
     if prompt_format is not None and prompt_format not in PROMPT_FORMATS:
         raise InvalidInput(f"--format {prompt_format}: expected one of {', '.join(PROMPT_FORMATS)}")
     fmt = "chat" if chat else prompt_format or recorded_format(source)
-    model, tokenizer = load_for_generation(source)
+    model, tokenizer = load_for_generation(source, trust_remote_code=trust_remote_code)
     if fmt == "chat" and not tokenizer.chat_template:
         raise InvalidInput(f"{source}: the tokenizer has no chat template, so --chat cannot be applied",
                            hint="drop --chat, or train with model.chat_template set (it is saved with the adapter)")
@@ -89,16 +90,17 @@ def escape_line(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
 
 
-def load_for_generation(source: str):
-    """(model in eval mode, tokenizer) for a run folder, an adapter folder or a model folder (or hub id)."""
+def load_for_generation(source: str, *, trust_remote_code: bool = False):
+    """(model in eval mode, tokenizer) for a run folder, an adapter folder or a model folder (or hub id). A model's
+    own code runs only with `trust_remote_code` from the command line (see peftctl.remote_code)."""
     path = Path(source).absolute()
     if path.is_dir():
         if not any((path / name).exists() for name in ADAPTER_FILES) and (path / "adapter").is_dir():
             path = path / "adapter"  # a run folder
         if any((path / name).exists() for name in ADAPTER_FILES):
-            return _adapter_on_base(path)
+            return _adapter_on_base(path, trust_remote_code)
         if (path / "config.json").exists():
-            return _model(str(path))
+            return _model(str(path), trust_remote_code)
         if (path / "run.json").exists():
             raise InvalidInput(f"{source}: this run has no adapter yet (training did not finish)",
                                hint="finish or resume the run first: peftctl train RECIPE --resume auto")
@@ -108,23 +110,24 @@ def load_for_generation(source: str):
         raise InvalidInput(f"{source}: a file; expected a run, adapter or model folder")
     if Path(source).is_absolute() or source.startswith((".", "~")):
         raise ModelNotFound(f"{source}: no such folder", hint="pass RUN/, RUN/adapter or a merged model folder")
-    return _model(source)  # a hub id (or a folder that does not exist: the loader says what it tried)
+    check_pinned(source, None, trust_remote_code)
+    return _model(source, trust_remote_code)  # a hub id (or a folder that does not exist: the loader says so)
 
 
-def _model(name: str):
+def _model(name: str, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
     from peftctl.model import _from_pretrained, disable_cpu_repacking, pick_device
 
     device = pick_device()
     model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name, "model", dtype="auto",
-                             device_map={"": str(device)})
+                             device_map={"": str(device)}, trust_remote_code=trust_remote_code)
     if device.type == "cpu":
         disable_cpu_repacking(model)
-    return model.eval(), _tokenizer(name)
+    return model.eval(), _tokenizer(name, trust_remote_code=trust_remote_code)
 
 
-def _adapter_on_base(adapter_dir: Path):
+def _adapter_on_base(adapter_dir: Path, trust_remote_code: bool = False):
     from types import SimpleNamespace
 
     from peftctl.generation_config import load_saved
@@ -144,21 +147,28 @@ def _adapter_on_base(adapter_dir: Path):
         raise InvalidInput(f"{adapter_dir}: the adapter does not say which base model it was trained on",
                            hint="load it with peft yourself, or merge it with `peftctl merge --base MODEL`")
     quant = info.get("quantization")
+    # The adapter's own record of trust_remote_code is a stranger's say-so: it only words the refusal below.
+    check_pinned(base, info.get("revision"), trust_remote_code)
     recipe = SimpleNamespace(
         model=ModelSection(name=base, revision=info.get("revision"), dtype=info.get("dtype") or "auto",
-                           trust_remote_code=bool(info.get("trust_remote_code"))),
+                           trust_remote_code=trust_remote_code),
         quantization=QuantizationSection(**quant) if quant else None)
-    model = runtime.load(load_model(recipe, pick_device()), adapter_dir)
+    try:
+        model = runtime.load(load_model(recipe, pick_device()), adapter_dir)
+    except RemoteCodeRefused:
+        raise refusal(base, recorded=info.get("trust_remote_code") is True) from None
     model.generation_config = load_saved(adapter_dir) or model.generation_config  # the stop tokens it learned
     has_tokenizer = (adapter_dir / "tokenizer_config.json").exists()
-    return model.eval(), _tokenizer(str(adapter_dir) if has_tokenizer else base, recipe.model.revision)
+    return model.eval(), _tokenizer(str(adapter_dir) if has_tokenizer else base, recipe.model.revision,
+                                    trust_remote_code=trust_remote_code)
 
 
-def _tokenizer(name: str, revision: str | None = None):
+def _tokenizer(name: str, revision: str | None = None, *, trust_remote_code: bool = False):
     from peftctl.model import load_tokenizer
     from peftctl.recipe.schema import ModelSection
 
-    return load_tokenizer(ModelSection(name=name, revision=None if Path(name).is_dir() else revision))
+    return load_tokenizer(ModelSection(name=name, revision=None if Path(name).is_dir() else revision,
+                                       trust_remote_code=trust_remote_code))
 
 
 def generation_config(model, tokenizer, max_new_tokens: int, temperature: float):

@@ -5,17 +5,32 @@ Progress goes to stderr; the result (where it went, the verification figures, no
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def run(adapter_dir: str, out: str, *, base: str | None, dtype: str | None, verify: bool, max_shard_size: str,
-        from_quantized: str, force: bool) -> int:
+        from_quantized: str, force: bool, trust_remote_code: bool = False) -> int:
     from rich.console import Console
 
-    from peftctl.merge import merge_adapter
+    from peftctl.merge import _adapter_folder, _adapter_info, merge_adapter
+    from peftctl.remote_code import check_pinned, is_refusal, refusal
 
     console = Console(stderr=True, highlight=False)
-    result = merge_adapter(adapter_dir, out, base=base, dtype=dtype, verify=verify, max_shard_size=max_shard_size,
-                           from_quantized=from_quantized, force=force,
-                           report=lambda message: console.print(message, markup=False))
+    # The adapter's record of trust_remote_code only words the refusal; the command line decides.
+    folder = _adapter_folder(Path(adapter_dir))
+    info = _adapter_info(folder) if folder.is_dir() else {}
+    base_name = base or info.get("base_model")
+    if base_name:
+        check_pinned(base_name, info.get("revision") if base is None else None, trust_remote_code)
+    try:
+        result = merge_adapter(adapter_dir, out, base=base, dtype=dtype, verify=verify,
+                               max_shard_size=max_shard_size, from_quantized=from_quantized, force=force,
+                               report=lambda message: console.print(message, markup=False),
+                               trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if not is_refusal(e):
+            raise
+        raise refusal(base_name or adapter_dir, recorded=info.get("trust_remote_code") is True) from None
     print(f"merged {result.method} adapter {result.adapter_dir}")
     print(f"  onto {result.base}" + (f" (revision {result.base_revision})" if result.base_revision else ""))
     print(f"  into {result.out_dir}: {result.shards} shard(s), {result.dtype}, {result.tensors_merged} tensor(s) "

@@ -85,6 +85,7 @@ class PreparedData:
     pad_id: int
     packed: bool
     max_length: int
+    warnings: list[str] = field(default_factory=list)  # silent drops made loud: counts, for the run to print
 
     def step_plan(self, training, world_size: int = 1) -> "StepPlan":
         return StepPlan(self, training, world_size)
@@ -190,28 +191,34 @@ def prepare(dataset_section, tokenizer, *, seed: int, pad_id: int, packed: bool 
         options = _options(entry, dataset_section)
         parts.append(_tokenize_all(load_sources(entry.path, entry.split), options, tokenizer, max_length,
                                    dataset_section.on_bad_rows, num_proc, keep_untrained))
+    warnings = _drop_warnings(parts, entries, max_length)
+    validation = None
+    spec = dataset_section.validation
+    if len(parts) > 1 and isinstance(spec, float) and spec > 0:
+        # Each source is split before mixing, so that an example repeated by the mix stays on its side.
+        val_parts, parts = zip(*(_split_off(p, spec, seed, i) for i, p in enumerate(parts)))
+        val_examples = _concat([v for v in val_parts if len(v)])
+        if val_examples is not None:
+            validation = Split(val_examples, _rows(val_examples, packed, max_length), _count(val_examples))
+        parts = list(parts)
     if len(parts) == 1:
         examples, stats, fingerprint = parts[0]
     else:
         examples, stats, fingerprint = _mix(entries, parts, seed)
-    validation = None
-    spec = dataset_section.validation
     if isinstance(spec, str):
         options = _options(entries[0], dataset_section)
         val_sources = load_sources(spec, "validation" if not os.path.isabs(spec) else "train")
         val_examples, val_stats, val_fp = _tokenize_all(val_sources, options, tokenizer, max_length,
                                                         dataset_section.on_bad_rows, num_proc)
+        warnings += _overlap_warnings(spec, val_examples, examples)
         validation = Split(val_examples, _rows(val_examples, packed, max_length), val_stats)
         fingerprint = _hash(fingerprint, val_fp)
-    elif spec and len(examples) >= 2:
-        import numpy as np
-
-        order = np.random.default_rng([seed, 1_000_003]).permutation(len(examples))
-        n_val = min(len(examples) - 1, max(1, round(spec * len(examples))))
-        val_idx, train_idx = sorted(order[:n_val].tolist()), sorted(order[n_val:].tolist())
-        val_examples, examples = examples.select(val_idx), examples.select(train_idx)
+    elif spec and len(parts) == 1 and len(examples) >= 2:
+        val_examples, (examples, stats, fingerprint) = _split_off(parts[0], spec, seed, None)
         validation = Split(val_examples, _rows(val_examples, packed, max_length), _count(val_examples))
-        stats = _recount(stats, examples)
+    if spec and validation is None and len(examples) > 0:
+        raise DataError(f"dataset.validation: {spec} of {len(examples)} example(s) leaves nothing to validate on "
+                        "(or nothing to train on)", hint="add data, or set dataset.validation: 0 for no validation")
     if len(examples) == 0:
         where = dataset_section.path or ", ".join(e.path for e in entries)
         if stats.cut_lengths:
@@ -223,7 +230,61 @@ def prepare(dataset_section, tokenizer, *, seed: int, pad_id: int, packed: bool 
                         hint="check dataset.format and dataset.fields against the file's columns "
                              "(`peftctl inspect-data RECIPE`)")
     train = Split(examples, _rows(examples, packed, max_length), stats)
-    return PreparedData(train, validation, fingerprint, pad_id, packed, max_length)
+    return PreparedData(train, validation, fingerprint, pad_id, packed, max_length, warnings)
+
+
+def _split_off(part, fraction: float, seed: int, source: int | None):
+    """(validation examples, (training examples, stats, fingerprint)) of one tokenised source; at least one
+    example on each side, none when the source has fewer than two."""
+    import numpy as np
+
+    examples, stats, fingerprint = part
+    if len(examples) < 2:
+        return examples.select([]), part
+    key = [seed, 1_000_003] if source is None else [seed, 1_000_003, source]  # one source: as before the mix
+    order = np.random.default_rng(key).permutation(len(examples))
+    n_val = min(len(examples) - 1, max(1, round(fraction * len(examples))))
+    val_idx, train_idx = sorted(order[:n_val].tolist()), sorted(order[n_val:].tolist())
+    train = examples.select(train_idx)
+    return examples.select(val_idx), (train, _recount(stats, train), fingerprint)
+
+
+def _concat(parts):
+    import datasets
+
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _drop_warnings(parts, entries, max_length: int) -> list[str]:
+    """Examples lost without an error: cut by max_length, or left with no trained token."""
+    out = []
+    for entry, (_, stats, _) in zip(entries, parts):
+        read = stats.examples + stats.skipped_no_trained_token
+        if stats.skipped_no_trained_token:
+            out.append(f"{entry.path}: {stats.skipped_no_trained_token} of {read} examples skipped: no trained "
+                       f"token left within dataset.max_length {max_length} (raise max_length to keep them)")
+        if stats.truncated:
+            out.append(f"{entry.path}: {stats.truncated} of {read} examples cut at dataset.max_length "
+                       f"{max_length}")
+    return out
+
+
+def _overlap_warnings(spec: str, validation, train) -> list[str]:
+    """A validation set that repeats training examples measures memory, not generalisation: refuse it whole,
+    count it in part."""
+    seen = set()
+    for batch in train.iter(batch_size=4096):
+        seen.update(hashlib.sha1(str(ids).encode()).digest() for ids in batch["input_ids"])
+    shared = sum(1 for batch in validation.iter(batch_size=4096) for ids in batch["input_ids"]
+                 if hashlib.sha1(str(ids).encode()).digest() in seen)
+    if shared and shared == len(validation):
+        raise DataError(f"dataset.validation {spec}: all {shared} validation examples are also training examples",
+                        hint="validate on data the run does not train on, or use a fraction (dataset.validation: "
+                             "0.05)")
+    return [f"dataset.validation {spec}: {shared} of {len(validation)} validation examples are also training "
+            "examples; the eval loss is partly measured on memorised data"] if shared else []
 
 
 def _round_up(stats: DataStats) -> int:
@@ -326,6 +387,8 @@ def _tokenize_source(source: Source, options, tokenizer, max_length: int, key: s
                     "special_text": special_text}
         except RowError as e:
             return _empty(str(e) or "bad row")
+        except RecursionError:  # a row nested thousands deep: one bad row, not a dead run
+            return _empty("nested too deeply to be a row")
 
     cache_dir = _cache_dir(source.rows)
     cached = bool(cache_dir and glob.glob(os.path.join(cache_dir, f"cache-{key}*.arrow")))
@@ -372,6 +435,8 @@ def parse_raw_row(text: str) -> dict | None:
         return None
     try:
         row = json.loads(text)
+    except RecursionError:
+        raise RowError("nested too deeply to be a row") from None
     except ValueError as e:
         raise RowError(f"not valid JSON ({e})") from None
     if not isinstance(row, dict):

@@ -14,10 +14,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftctl.errors import DataError, InvalidInput
+from peftctl.errors import DataError, InvalidInput, PeftctlError
 
 SUFFIX_BUILDERS = {".jsonl": "text", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 RAW = "__raw__"  # column holding a JSON line, parsed per row
+NETWORK_ERRORS = {"ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout", "OfflineModeIsEnabled",
+                  "ConnectError", "TimeoutException", "NetworkError"}  # requests' and httpx's names
 
 
 @dataclass
@@ -83,6 +85,10 @@ def _json_rows(path: Path):
 
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise DataError(f"{path}: nested too deeply to be a list of rows",
+                        hint="write one JSON object per line in a .jsonl file: a bad line is then one bad row") \
+            from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
     except UnicodeDecodeError as e:
@@ -92,7 +98,14 @@ def _json_rows(path: Path):
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}",
                         hint="or write one JSON object per line in a .jsonl file")
-    return datasets.Dataset.from_dict({RAW: [json.dumps(row) for row in data]})
+    return datasets.Dataset.from_dict({RAW: [_dumps(row) for row in data]})
+
+
+def _dumps(row) -> str:
+    try:
+        return json.dumps(row)
+    except RecursionError:
+        return "null"  # one bad row: the tokenisation pass reports it with its position
 
 
 def _load_hub(spec: str, split: str) -> Source:
@@ -112,6 +125,10 @@ def _load_hub(spec: str, split: str) -> Source:
                                hint="accept its terms on the hub, then `hf auth login`") from e
         if isinstance(e, ValueError) and "split" in text.lower():
             raise InvalidInput(f"dataset {spec}: no split {split!r} ({text})", hint="set dataset.split") from e
+        if names & NETWORK_ERRORS:
+            raise PeftctlError(f"dataset {spec}: the hub cannot be reached ({text})",
+                               hint="check the network, or fetch the data first (`peftctl fetch RECIPE`) and train "
+                                    "with HF_HUB_OFFLINE=1, or give a local file path") from e
         raise
     return Source(f"{spec}[{split}]", rows, "row", rows._fingerprint)
 

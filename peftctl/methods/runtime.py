@@ -60,11 +60,63 @@ def adapter_kind(adapter_dir: Path) -> tuple[str, dict]:
                        f"{bottleneck_method.CONFIG_FILE})", hint="pass RUN/adapter, or a run folder")
 
 
+MAX_SIZE = 1 << 16  # no rank, width or token count of a real adapter comes near; 10**9 would allocate terabytes
+SIZE_KEYS = ("r", "num_virtual_tokens", "encoder_hidden_size", "token_dim", "width", "num_transformer_submodules",
+             "num_attention_heads", "num_layers")
+BOTTLENECK_KEYS = ("placement", "width", "activation", "dropout")
+
+
 def load(base_model, adapter_dir: Path, *, trainable: bool = False):
-    method, _ = adapter_kind(adapter_dir)
+    method, config = adapter_kind(adapter_dir)
+    check_config(Path(adapter_dir), method, config)  # before anything is allocated
+    try:
+        if method == "adapter":
+            return bottleneck_method.load(base_model, adapter_dir, trainable=trainable)
+        return peft_common.load(base_model, adapter_dir, trainable=trainable)
+    except (KeyError, TypeError, ValueError) as e:  # peft/pydantic on a config that passed the checks above
+        raise InvalidInput(f"{adapter_dir}: damaged adapter config ({type(e).__name__}: {e})",
+                           hint="use the adapter folder as training wrote it") from None
+
+
+def check_config(adapter_dir: Path, method: str, config: dict) -> None:
+    """Refuse a damaged or hostile adapter config with a message, before it makes peft allocate anything."""
+    where = adapter_dir / (bottleneck_method.CONFIG_FILE if method == "adapter" else "adapter_config.json")
+    if method not in METHODS:
+        raise InvalidInput(f"{where}: unknown adapter type {config.get('peft_type', method)!r}",
+                           hint=f"peftctl loads {', '.join(sorted(PEFT_TYPE_TO_METHOD))} and its bottleneck adapters")
     if method == "adapter":
-        return bottleneck_method.load(base_model, adapter_dir, trainable=trainable)
-    return peft_common.load(base_model, adapter_dir, trainable=trainable)
+        missing = [key for key in BOTTLENECK_KEYS if key not in config]
+        if missing:
+            raise InvalidInput(f"{where}: damaged, no {', '.join(repr(k) for k in missing)}",
+                               hint="use the adapter folder as training wrote it")
+    sizes = {key: config.get(key) for key in SIZE_KEYS if config.get(key) is not None}
+    for pattern in ("rank_pattern", "alpha_pattern"):
+        if isinstance(config.get(pattern), dict):
+            sizes.update({f"{pattern}.{k}": v for k, v in config[pattern].items()})
+    for key, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_SIZE:
+            raise InvalidInput(f"{where}: {key} {value!r} is not a plausible size (1 to {MAX_SIZE})",
+                               hint="the config is damaged; use the adapter folder as training wrote it")
+    if method == "lora":
+        _check_lora_ranks(adapter_dir, where, config)
+
+
+def _check_lora_ranks(adapter_dir: Path, where: Path, config: dict) -> None:
+    """The rank in the config must be the one the weights have (read from the safetensors header only)."""
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.exists():
+        return  # peft_common.load says so
+    from safetensors import safe_open
+
+    ranks = {config.get("r")} | set((config.get("rank_pattern") or {}).values())
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            found = {f.get_slice(k).get_shape()[0] for k in f.keys() if ".lora_A." in k}
+    except Exception:  # noqa: BLE001 - a damaged file: peft_common.load reports it
+        return
+    if found - ranks:
+        raise InvalidInput(f"{where}: r {config.get('r')} does not match the weights (rank {sorted(found)[0]})",
+                           hint="the config is damaged; use the adapter folder as training wrote it")
 
 
 def initialise_from(model, section, adapter_dir) -> None:

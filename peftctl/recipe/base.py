@@ -6,7 +6,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=False, use_attribute_docstrings=False)
+    # allow_inf_nan=False: `.inf` and `.nan` are valid YAML floats but no training value; refuse them at validation
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, use_attribute_docstrings=False,
+                              allow_inf_nan=False)
 
     def problems(self) -> list[tuple[tuple, str]]:
         """Rules that involve several keys of this section: (path inside the section, message) pairs."""

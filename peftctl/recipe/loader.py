@@ -99,7 +99,10 @@ def apply_overrides(raw: dict, marks: Marks, sets) -> list[Problem]:
             problems.append(Problem(where, "", "expected dotted.key=value, e.g. --set training.max_steps=50"))
             continue
         try:
-            value = yaml.safe_load(value_text) if value_text.strip() else None
+            value = load_yaml(value_text, "--set")[0] if value_text.strip() else None  # depth and alias limits
+        except RecipeError as e:
+            problems.append(Problem(where, key, f"cannot read the value: {e.problems[0].message}"))
+            continue
         except yaml.YAMLError as e:
             problems.append(Problem(where, key, f"cannot read the value as YAML ({getattr(e, 'problem', e)})"))
             continue

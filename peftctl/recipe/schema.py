@@ -120,7 +120,8 @@ class TrainingSection(Section):
                                                   "(after keeping the last good state) or skip the batch.")
     gradient_checkpointing: Literal["auto"] | bool = Field("auto", description="Recompute activations in the "
                                                            "backward pass; auto: only when the memory plan needs it.")
-    seed: int = Field(42, description="Seed for initialisation, data order and dropout.")
+    seed: int = Field(42, ge=0, lt=2**63, description="Seed for initialisation, data order and dropout "
+                      "(0 to 2**63-1, what torch, numpy and datasets all accept).")
     eval_every: int = Field(100, ge=1, description="Evaluate every this many steps (and at the end).")
     save_every: int = Field(100, ge=1, description="Write a resumable checkpoint every this many steps.")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints to keep.")

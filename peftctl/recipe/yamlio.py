@@ -56,10 +56,38 @@ def decode(data: bytes, source: str) -> str:
                       f"the file is not valid UTF-8 (byte 0x{data[e.start]:02x}); save it as UTF-8") from None
 
 
+MAX_DEPTH = 50  # a recipe is a handful of levels deep; PyYAML's composer recurses once per level
+MAX_NODES = 20_000  # values after alias expansion: nine nested aliases of nine would make 387 million
+
+
+def check_shape(text: str, source: str) -> None:
+    """Refuse a document nested too deep before PyYAML's recursive composer sees it (the event parser is
+    iterative, so this pass costs no stack)."""
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml: fast
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise _single(_location(source, event.start_mark), "",
+                                  f"nested more than {MAX_DEPTH} levels deep; a recipe needs a few")
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+    except yaml.MarkedYAMLError as e:
+        if "nesting depth" in str(e.problem):  # libyaml's own limit, met while scanning ahead
+            mark = e.problem_mark or e.context_mark
+            raise _single(_location(source, mark) if mark else Location(source), "",
+                          f"nested more than {MAX_DEPTH} levels deep; a recipe needs a few") from None
+    except yaml.YAMLError:
+        pass  # load_yaml reports other syntax errors with their position, in its own words
+
+
 def load_yaml(text: str, source: str) -> tuple[object, Marks]:
     """Parse one YAML document into plain Python values and the marks of every node."""
     marks = Marks(source)
+    check_shape(text, source)
     loader = yaml.SafeLoader(text)
+    loader.peftctl_nodes = 0
     try:
         node = loader.get_single_node()
         if node is None:
@@ -85,6 +113,12 @@ PLAIN_TAGS = {yaml.MappingNode: "tag:yaml.org,2002:map", yaml.SequenceNode: "tag
 
 
 def _build(node, path: Path_, marks: Marks, loader: yaml.SafeLoader, source: str):
+    loader.peftctl_nodes += 1
+    if loader.peftctl_nodes > MAX_NODES or len(path) > MAX_DEPTH:
+        # An alias is the same node reached again: a few nested aliases expand exponentially (a "billion laughs").
+        raise _single(_location(source, node.start_mark), ".".join(map(str, path[:6])),
+                      f"the document expands to more than {MAX_NODES:,d} values or {MAX_DEPTH} levels (through "
+                      "aliases); write the recipe out plainly")
     marks.values[path] = _location(source, node.start_mark)
     expected_tag = PLAIN_TAGS.get(type(node))
     if expected_tag and node.tag != expected_tag:

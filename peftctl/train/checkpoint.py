@@ -104,6 +104,12 @@ def save(root: Path, weights: dict, optimizer_state: dict, scheduler, state: Tra
         raise PeftctlError(f"not enough disk space for a checkpoint in {root}: {free / 2**20:.0f} MiB free, about "
                            f"{need / 2**20:.0f} MiB needed", hint="free space or move output.dir; the previous "
                            "checkpoint is intact and `--resume auto` continues from it")
+    bad = [name for name, t in weights.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise PeftctlError(f"the adapter weights at step {state.step} are not finite (e.g. {bad[0]}): no checkpoint "
+                           f"written, the earlier ones in {root} are intact",
+                           hint="lower training.learning_rate or training.weight_decay, keep training.max_grad_norm "
+                                "set, then --resume auto from the last good checkpoint")
     final = root / name_for(state.step)
     with staged_dir(final) as tmp:
         save_file(weights, str(tmp / "adapter_state.safetensors"))
@@ -155,7 +161,24 @@ def verify(path: Path) -> dict:
             raise DamagedCheckpoint(f"{path}: {name} is missing")
         if _sha256(file) != digest:
             raise DamagedCheckpoint(f"{path}: {name} does not match its hash (truncated or altered)")
+    _check_weights(path / "adapter_state.safetensors")
     return manifest
+
+
+def _check_weights(path: Path) -> None:
+    """A checkpoint is good only if its weights are finite, and only if they are safetensors (no pickle)."""
+    import torch
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        return
+    try:
+        weights = load_file(str(path))
+    except Exception:  # noqa: BLE001 - safetensors raises its own error type for any malformed file
+        raise DamagedCheckpoint(f"{path} is not a valid checkpoint file (not safetensors)") from None
+    bad = [name for name, t in weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise DamagedCheckpoint(f"{path.parent}: non-finite adapter weights (e.g. {bad[0]}): not a good state")
 
 
 def find_resumable(root: Path, requested: str) -> tuple[Path | None, list[str]]:
@@ -192,8 +215,14 @@ def load(path: Path, model, optimizer, scheduler, *, rank: int = 0, engine: str 
                            f"{engine or 'one process'}: the optimiser state is not stored the same way",
                            hint="resume with the same training.distributed and number of processes")
     load_adapter_weights(path, model, verified=True)
-    load_optimizer_state(model, optimizer, torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
-                         engine)
+    try:
+        optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - pickle errors come in many types; none may suggest weights_only=False
+        raise InvalidInput(f"{path / 'optimizer.pt'} is not a valid checkpoint file (it holds more than "
+                                "tensors and plain values, or is damaged): nothing in it was run",
+                                hint="resume from another checkpoint (--resume auto skips damaged ones), or start "
+                                     "again with --force") from None
+    load_optimizer_state(model, optimizer, optimizer_state, engine)
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     rng = json.loads((path / "rng.json").read_text())
     ranks = rng.get("ranks") or [rng]

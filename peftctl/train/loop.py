@@ -6,9 +6,12 @@ Read `train` from top to bottom: setup (in an order that matters, explained wher
 from __future__ import annotations
 
 import math
+import os
 import platform
 import random
+import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import yaml
@@ -44,6 +47,50 @@ class RunResult:
 
 
 def train(loaded, options: TrainOptions, console=None):
+    """Train the recipe into its run folder. Around the run itself: the folder's lock is released on every way out,
+    SIGTERM outside the loop (setup, saving the adapter, merging) raises so that half-built folders are removed,
+    and an exit that the loop did not record (after it, or before it began) still ends up in run.json."""
+    run = RunFolder(loaded.recipe.output.dir)
+    try:
+        with _sigterm_raises():
+            return _train(loaded, options, console)
+    except BaseException as e:
+        if run.locked_here():
+            _record_exit(run, e)
+        raise
+    finally:
+        run.release()
+
+
+def _record_exit(run: RunFolder, e: BaseException) -> None:
+    """Write the status of an exit that the loop's own handlers did not see (run.json still says running)."""
+    manifest = run.read_manifest()
+    if manifest.get("status") != "running":
+        return
+    code = getattr(e, "exit_code", 130 if isinstance(e, KeyboardInterrupt) else 1)
+    status = {130: "aborted", EXIT_SIGTERM: "stopped"}.get(code, "failed")
+    run.write_manifest({**manifest, "status": status, "exit_code": code,
+                        "error": f"{type(e).__name__}: {getattr(e, 'message', None) or e}"[:500]})
+
+
+@contextmanager
+def _sigterm_raises():
+    def handle(signum, frame):
+        raise TrainingStopped("stopped by SIGTERM outside the training loop; no checkpoint was written for it",
+                              EXIT_SIGTERM, hint="the last checkpoint, if any, is intact: --resume auto continues")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _train(loaded, options: TrainOptions, console=None):
     import torch
 
     from peftctl.data.prepare import prepare
@@ -76,7 +123,11 @@ def train(loaded, options: TrainOptions, console=None):
     # The run folder is claimed before anything slow, so a wrong output.dir fails in a second, not after loading.
     if not options.dry_run:
         check_trackers(recipe.output.trackers)  # a missing extra fails now, not after the model has loaded
-        dist.on_main(world, lambda: run.claim(resume=options.resume is not None, force=options.force))
+        dist.on_main(world, lambda: run.claim(resume=options.resume is not None, force=options.force,
+                                              inputs=_input_paths(recipe)))
+        done = _completed(run, options.resume, recipe_yaml, say)
+        if done is not None:
+            return done
     resume_from = _resume_point(run, options.resume, say)
 
     # The tokenizer comes first: the data needs it, and a dry run stops after the data without loading weights.
@@ -92,6 +143,9 @@ def train(loaded, options: TrainOptions, console=None):
         from peftctl.eval.in_training import check_before_training
 
         check_before_training(recipe, tokenizer)  # bad evaluation data stops the run now, not after training
+
+    for warning in data.warnings:
+        say(f"warning: {warning}")
 
     # The number of steps comes from the data; the schedule needs it, so the optimiser is built after the data.
     plan = data.step_plan(training, world.size)
@@ -161,6 +215,7 @@ def train(loaded, options: TrainOptions, console=None):
         manifest["resume"] = _resume_record(run, resume_from, state.step)
     metrics = None
     if world.main:
+        run.clear_previous()  # --force: the old run goes only now, after the data and the model have loaded
         run.write_manifest({**manifest, "status": "running"})
         atomic_write_text(run.recipe, recipe_yaml)
         trackers = Trackers(recipe.output.trackers, run.path, recipe, resume_step=state.step)
@@ -204,6 +259,8 @@ def train(loaded, options: TrainOptions, console=None):
     batches = StepBatches(data, plan, world, pin=device.type == "cuda")
     try:
         with graceful_stop() as stop, batches:
+            if metrics is not None:
+                metrics.on_output_closed = stop.output_closed  # a broken pipe stops like a signal, exit 1
             while state.step < total_steps:
                 if state.step_in_epoch >= plan.steps_in(state.epoch):
                     state.epoch, state.step_in_epoch = state.epoch + 1, 0
@@ -437,6 +494,46 @@ def _merge(run: RunFolder, recipe, say) -> None:
     merge_adapter(run.adapter, run.merged, force=True, report=say)
 
 
+def _input_paths(recipe) -> list[str]:
+    """Local files and folders the recipe reads (model, data, init_from, template): output.dir must not hold them."""
+    found = []
+
+    def walk(value):
+        if isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+        elif isinstance(value, str) and os.path.isabs(value) and os.path.exists(value):
+            found.append(value)
+
+    walk({k: v for k, v in recipe.model_dump(mode="json").items() if k != "output"})
+    return found
+
+
+def _completed(run: RunFolder, requested: str | None, recipe_yaml: str, say):
+    """--resume with the very recipe of a run that already completed: nothing to redo (its final state is adapter/,
+    not a checkpoint). A changed recipe (more steps, say) goes the usual way through the checkpoints."""
+    manifest = run.read_manifest()
+    if requested is None or manifest.get("status") != "completed":
+        return None
+    try:
+        if run.recipe.read_text() != recipe_yaml:
+            return None
+    except OSError:
+        return None
+    if requested != "auto":
+        raise InvalidInput(f"--resume {requested}: the run in {run.path} is complete "
+                           f"({manifest.get('steps_done')} steps); resuming would train it again from a checkpoint",
+                           hint="its adapter is in adapter/; start again with --force, or train longer in a new "
+                                "output.dir with method.init_from pointing at that adapter")
+    say(f"the run in {run.path} is complete ({manifest.get('steps_done')} steps): nothing to resume")
+    final = manifest.get("final") or {}
+    return RunResult(str(run.path), manifest.get("steps_done") or 0, final.get("train_loss"),
+                     final.get("eval_loss"), manifest.get("tokens_per_s") or 0.0)
+
+
 def _resume_point(run: RunFolder, requested: str | None, say):
     if requested is None:
         return None
@@ -647,6 +744,8 @@ def _plan(recipe, data, steps_per_epoch: int, total_steps: int, say) -> dict:
     }
     if train.sources:
         plan["sources"] = train.sources
+    if data.warnings:
+        plan["warnings"] = data.warnings
     try:
         plan["params"] = count_for_recipe(recipe).as_dict()
     except PeftctlError as e:

@@ -31,6 +31,8 @@ class Metrics:
         self._progress = None
         self._task = None
         self._last_text = ""
+        self.output_closed = False
+        self.on_output_closed = None  # set by the loop: what a closed stdout does to the run
         if log_format == "text" and not quiet:
             from rich.console import Console
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -51,9 +53,17 @@ class Metrics:
         self._file.flush()
         if self._trackers is not None:
             self._trackers.log(record)
-        if self.log_format == "json":
-            sys.stdout.write(json.dumps(record) + "\n")
-            sys.stdout.flush()
+        if self.log_format == "json" and not self.output_closed:
+            try:
+                sys.stdout.write(json.dumps(record) + "\n")
+                sys.stdout.flush()
+            except BrokenPipeError:
+                # `peftctl train ... | head -1`: the reader is gone. Not ignorable mid-run: the loop stops cleanly
+                # with a checkpoint (on_output_closed) and the run exits 1; metrics.jsonl keeps every record.
+                self.output_closed = True
+                _silence_stdout()
+                if self.on_output_closed is not None:
+                    self.on_output_closed()
         if self._progress is not None:
             if "loss" in record:
                 # This step's rate: the summary at the end gives the run's average, labelled as such.
@@ -77,6 +87,16 @@ class Metrics:
         if self._trackers is not None:
             self._trackers.close(status)
         self._file.close()
+
+
+def _silence_stdout() -> None:
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # a stdout that is no file (an embedding application)
+        pass
 
 
 def _read(path: Path) -> list[dict]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 from contextlib import contextmanager
 
-from peftctl.errors import EXIT_SIGINT, EXIT_SIGTERM
+from peftctl.errors import EXIT_FAILURE, EXIT_SIGINT, EXIT_SIGTERM
 
 
 class StopRequest:
@@ -19,11 +19,19 @@ class StopRequest:
 
     @property
     def exit_code(self) -> int:
+        if self.signal == signal.SIGPIPE:
+            return EXIT_FAILURE  # the output a user relied on is gone: a failure, resumable from the checkpoint
         return EXIT_SIGTERM if self.signal == signal.SIGTERM else EXIT_SIGINT
 
     @property
     def name(self) -> str:
+        if self.signal == signal.SIGPIPE:
+            return "a closed standard output (broken pipe)"
         return "SIGTERM" if self.signal == signal.SIGTERM else "SIGINT"
+
+    def output_closed(self) -> None:
+        if not self.requested:
+            self.signal = signal.SIGPIPE
 
 
 @contextmanager
