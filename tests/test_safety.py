@@ -79,6 +79,23 @@ def test_an_adapter_cannot_switch_on_remote_code_for_merge(evil_adapter, tmp_pat
     assert not (tmp_path / "merged").exists()
 
 
+def test_an_adapter_cannot_switch_on_remote_code_for_eval(evil_adapter, tmp_path, capsys):
+    from peftctl.cli import eval as eval_command
+
+    adapter, sentinel = evil_adapter
+    data = tmp_path / "held_out.jsonl"
+    data.write_text(json.dumps({"instruction": "say hi", "input": "", "output": "hi"}) + "\n")
+    options = dict(data=str(data), format="alpaca", fields=[], metrics=["loss"], max_new_tokens=2, batch_size=1,
+                   max_length=64, limit=None, json_output=True, out=None, force=False, bootstrap=0, seed=0)
+    code = run_guarded(lambda: eval_command.run(["base", str(adapter)], **options))
+    err = capsys.readouterr().err
+    assert not sentinel.exists()
+    assert code == 2 and "--trust-remote-code" in err, err
+    code = run_guarded(lambda: eval_command.run(["base", str(adapter)], **options, trust_remote_code=True))
+    assert code == 0, capsys.readouterr().err
+    assert sentinel.exists()
+
+
 def test_remote_code_from_a_hub_id_needs_a_pinned_revision(trained, tiny_model, tmp_path, capsys):
     from peftctl.cli import generate
 

@@ -219,6 +219,7 @@ def eval_(
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
     bootstrap: int = typer.Option(1000, "--bootstrap", min=0, help="Bootstrap resamples for the intervals."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
+    trust_remote_code: bool = TrustRemoteCodeOption,
 ) -> None:
     """Evaluate base and adapters side by side on held-out data: loss, exact match, F1, ROUGE-L, with intervals."""
     from peftctl.cli import eval as command
@@ -227,7 +228,7 @@ def eval_(
                                           metrics=metrics or [], max_new_tokens=max_new_tokens,
                                           batch_size=batch_size, max_length=max_length, limit=limit,
                                           json_output=json_output, out=out, force=force, bootstrap=bootstrap,
-                                          seed=seed)))
+                                          seed=seed, trust_remote_code=trust_remote_code)))
 
 
 @app.command(cls=PlainHelpCommand)

@@ -14,7 +14,7 @@ from peftctl.errors import InvalidInput
 
 def run(targets: list[str], *, data: str, format: str | None, fields: list[str], metrics: list[str],
         max_new_tokens: int, batch_size: int, max_length: int | None, limit: int | None, json_output: bool,
-        out: str | None, force: bool, bootstrap: int, seed: int) -> int:
+        out: str | None, force: bool, bootstrap: int, seed: int, trust_remote_code: bool = False) -> int:
     from rich.console import Console
 
     from peftctl.eval.evaluate import EvalOptions, evaluate
@@ -23,7 +23,8 @@ def run(targets: list[str], *, data: str, format: str | None, fields: list[str],
     out_path = check_out_path(out, force) if out else None  # before any model loads
     options = EvalOptions(data=data, format=format, fields=parse_fields(fields), metrics=metrics or None,
                           max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length, limit=limit,
-                          bootstrap=bootstrap, seed=seed, predictions=out is not None)
+                          bootstrap=bootstrap, seed=seed, predictions=out is not None,
+                          trust_remote_code=trust_remote_code)
     err = Console(stderr=True, highlight=False)
     result = evaluate(targets, options, report=lambda line: err.print(line, markup=False))
     if out_path is not None:

@@ -34,6 +34,7 @@ class EvalOptions:
     confidence: float = 0.95
     seed: int = 0
     predictions: bool = False  # generate even when no text metric needs it (for --out)
+    trust_remote_code: bool = False  # --trust-remote-code: a base's own code may run (never the adapter's say-so)
 
 
 @dataclass
@@ -53,7 +54,7 @@ def evaluate(target_specs: list[str], options: EvalOptions, *, report=None, targ
     for name in names:  # a user metric that cannot be imported fails now, not after the models ran
         if name not in M.LOSS_METRICS:
             M.score_function(name)
-    targets = targets or resolve_targets(target_specs)
+    targets = targets or resolve_targets(target_specs, trust_remote_code=options.trust_remote_code)
     options = _with_run_defaults(options, targets)
     tokenizer = _tokenizer(targets[0])
     from peftctl.data.formats import FormatOptions

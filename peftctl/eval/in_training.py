@@ -17,7 +17,8 @@ def options_for(recipe) -> EvalOptions:
     return EvalOptions(data=section.data, format=fmt, fields=fields, metrics=section.metrics,
                        max_new_tokens=section.max_new_tokens, batch_size=section.batch_size,
                        max_length=dataset.max_length, limit=section.limit, system_prompt=dataset.system_prompt,
-                       train_on_prompt=dataset.train_on_prompt)
+                       train_on_prompt=dataset.train_on_prompt,
+                       trust_remote_code=recipe.model.trust_remote_code)  # the user's own recipe asked for it
 
 
 def check_before_training(recipe, tokenizer) -> None:

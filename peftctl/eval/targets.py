@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftctl.errors import InvalidInput, ModelNotFound
+from peftctl.remote_code import check_pinned
 
 ADAPTER_FILES = ("adapter_config.json", "bottleneck_config.json")
 ADAPTER_INFO = "peftctl_adapter.json"
@@ -57,13 +58,15 @@ class Target:
         return self.kind == "adapter" and self.peft_type in SWITCHABLE
 
 
-def resolve_targets(specs: list[str]) -> list[Target]:
+def resolve_targets(specs: list[str], *, trust_remote_code: bool = False) -> list[Target]:
+    """The targets as given. A base's own Python code runs only with `trust_remote_code` from the user's command
+    line or recipe, never because an adapter's peftctl_adapter.json says so (see peftctl.remote_code)."""
     if not specs:
         raise InvalidInput("no TARGET given", hint="pass run folders, adapter folders, model folders, base:MODEL "
                                                    "or base")
     resolved: list[Target | None] = []
     for spec in specs:
-        resolved.append(None if spec == "base" else resolve_one(spec))
+        resolved.append(None if spec == "base" else resolve_one(spec, trust_remote_code))
     if None in resolved:
         first = next((t for t in resolved if t is not None and t.kind == "adapter"), None)
         if first is None:
@@ -80,21 +83,21 @@ def resolve_targets(specs: list[str]) -> list[Target]:
     return resolved
 
 
-def resolve_one(spec: str) -> Target:
+def resolve_one(spec: str, trust_remote_code: bool = False) -> Target:
     if spec.startswith("base:"):
         name = spec[len("base:"):]
         if not name:
             raise InvalidInput("base: needs a model, e.g. base:meta-llama/Meta-Llama-3-8B or base:./model")
-        return _model_target(spec, name)
+        return _model_target(spec, name, trust_remote_code)
     path = Path(spec).expanduser().absolute()
     if path.is_dir():
         run_dir = None
         if not _is_adapter(path) and (path / "adapter").is_dir():
             run_dir, path = path, path / "adapter"
         if _is_adapter(path):
-            return _adapter_target(spec, path, run_dir)
+            return _adapter_target(spec, path, run_dir, trust_remote_code)
         if (path / "config.json").exists():
-            return _model_target(spec, str(path))
+            return _model_target(spec, str(path), trust_remote_code)
         if (path / "run.json").exists():
             raise InvalidInput(f"{spec}: this run has no adapter yet (training did not finish)",
                                hint="finish or resume the run first: peftctl train RECIPE --resume auto")
@@ -110,14 +113,14 @@ def _is_adapter(path: Path) -> bool:
     return any((path / name).exists() for name in ADAPTER_FILES)
 
 
-def _model_target(label: str, name: str) -> Target:
+def _model_target(label: str, name: str, trust_remote_code: bool = False) -> Target:
     local = Path(name).expanduser()
     if local.is_dir() or name.startswith((".", "/", "~")):
         name = str(local.absolute())
-    return Target(label, "model", BaseSpec(name=name), tokenizer=name)
+    return Target(label, "model", BaseSpec(name=name, trust_remote_code=trust_remote_code), tokenizer=name)
 
 
-def _adapter_target(label: str, adapter_dir: Path, run_dir: Path | None) -> Target:
+def _adapter_target(label: str, adapter_dir: Path, run_dir: Path | None, trust_remote_code: bool = False) -> Target:
     from peftctl.methods import runtime
 
     method, config = runtime.adapter_kind(adapter_dir)
@@ -132,8 +135,9 @@ def _adapter_target(label: str, adapter_dir: Path, run_dir: Path | None) -> Targ
         raise InvalidInput(f"{adapter_dir}: the adapter does not say which base model it was trained on",
                            hint="merge it onto its base (`peftctl merge --base MODEL`) and evaluate the merged folder")
     quant = info.get("quantization")
+    check_pinned(name, info.get("revision"), trust_remote_code)
     base = BaseSpec(name=name, revision=info.get("revision"), dtype=info.get("dtype") or "auto",
-                    trust_remote_code=bool(info.get("trust_remote_code")),
+                    trust_remote_code=trust_remote_code,  # the user's flag; the adapter's record only words refusals
                     quantization=json.dumps(quant, sort_keys=True) if quant else None)
     has_tokenizer = (adapter_dir / "tokenizer_config.json").exists()
     return Target(label, "adapter", base, adapter_dir=adapter_dir, method=method,
