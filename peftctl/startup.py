@@ -2,13 +2,15 @@
 
 `import peft` imports bitsandbytes (peft/helpers.py, and peft's layer dispatch when an adapter is attached), and
 importing bitsandbytes wraps its default kernels in torch.compile, which imports torch's inductor compiler
-(torch._inductor.compile_fx and what it pulls in): about 1 s of `peftctl count-params`' 6 s on a quiet 2-core
-machine, and most of its 10 s under load. Counting builds the model on the meta device and never quantises it
-(params.py says why), so bitsandbytes is never needed there.
+(torch._inductor.compile_fx and what it pulls in): about 1 s of the 6-7 s of CPU time that `peftctl count-params`
+takes on this 2-core machine, and far more where imports are slow (9.4 s of 10.9 s for `import peft` in one profile).
+bitsandbytes also prints a kernel-loading failure on a CPU. Counting builds the model on the meta device and never
+quantises it (params.py says why), so bitsandbytes is never needed there.
 
 Hiding bitsandbytes is process-wide and sticky: peft and transformers cache "is bitsandbytes installed" on first
 ask. It is therefore only done by `main()` for a command that will never quantise, never inside the library, where
-the same process may load a 4-bit model next (train's plan counts parameters, then loads the model).
+the same process may load a 4-bit model next (train's plan counts parameters, then loads the model). A model's
+own code (trust_remote_code) that imports bitsandbytes unconditionally would fail to build under count-params.
 """
 
 from __future__ import annotations
