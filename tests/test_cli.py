@@ -163,3 +163,20 @@ def test_help_names_values_without_type_placeholders(args):
         assert usage.strip().endswith("[OPTIONS] RECIPE") and "auto|PATH" in result.output
     if args == ["generate"]:
         assert usage.strip().endswith("ADAPTER_OR_MODEL [PROMPT]")
+
+
+@pytest.mark.parametrize("argv,hidden", [
+    (["count-params", "r.yaml", "--memory"], True),
+    (["--version"], False),
+    (["train", "count-params.yaml"], False),  # the command is the first word, not any word
+    (["merge", "run/adapter", "--out", "count-params"], False),
+    (["generate", "run", "hi"], False),
+])
+def test_only_count_params_runs_without_bitsandbytes(argv, hidden, monkeypatch):
+    """main() hides bitsandbytes for count-params alone: every other command may load a quantised model."""
+    from peftctl import startup
+
+    calls = []
+    monkeypatch.setattr(startup, "hide_bitsandbytes", lambda: calls.append(True))
+    startup.prepare(argv)
+    assert calls == ([True] if hidden else [])

@@ -272,7 +272,10 @@ def _quiet_libraries() -> None:
 
 
 def main() -> None:
+    from peftctl import startup
+
     _quiet_libraries()
+    startup.prepare(sys.argv[1:])  # this process runs one command: skip what that command never needs
     try:
         app(prog_name="peftctl")
     except SystemExit as e:

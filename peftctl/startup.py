@@ -1,0 +1,41 @@
+"""Heavy imports a command's process can skip.
+
+`import peft` imports bitsandbytes (peft/helpers.py, and peft's layer dispatch when an adapter is attached), and
+importing bitsandbytes wraps its default kernels in torch.compile, which imports torch's inductor compiler
+(torch._inductor.compile_fx and what it pulls in): about 1 s of the 6-7 s of CPU time that `peftctl count-params`
+takes on this 2-core machine, and far more where imports are slow (9.4 s of 10.9 s for `import peft` in one profile).
+bitsandbytes also prints a kernel-loading failure on a CPU. Counting builds the model on the meta device and never
+quantises it (params.py says why), so bitsandbytes is never needed there.
+
+Hiding bitsandbytes is process-wide and sticky: peft and transformers cache "is bitsandbytes installed" on first
+ask. It is therefore only done by `main()` for a command that will never quantise, never inside the library, where
+the same process may load a 4-bit model next (train's plan counts parameters, then loads the model). A model's
+own code (trust_remote_code) that imports bitsandbytes unconditionally would fail to build under count-params.
+"""
+
+from __future__ import annotations
+
+import sys
+
+# commands whose whole process never needs bitsandbytes (count-params builds on the meta device, unquantised)
+NO_BITSANDBYTES = frozenset({"count-params"})
+
+
+def command_of(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (the first word that is not an option), if any."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def prepare(argv: list[str]) -> None:
+    """Called by `main()` once, before the command runs, in a process that runs that one command and exits."""
+    if command_of(argv) in NO_BITSANDBYTES:
+        hide_bitsandbytes()
+
+
+def hide_bitsandbytes() -> bool:
+    """Make `import bitsandbytes` fail and importlib.util.find_spec('bitsandbytes') answer None, as if it were not
+    installed: peft then imports without it and attaches plain layers. No-op (False) when it is already imported."""
+    if "bitsandbytes" in sys.modules:
+        return False
+    sys.modules["bitsandbytes"] = None  # the import system's own marker for "not importable"
+    return True
