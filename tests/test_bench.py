@@ -64,7 +64,7 @@ def test_recipes_are_plain_user_recipes(tmp_path, number):
     recipe = bench.peftctl_recipe(case, bench.LLAMA3_8B, "/models/llama", tmp_path / "d.jsonl", tmp_path / "run", 11)
     loaded = parse_recipe(yaml.safe_dump(recipe), "bench.yaml", tmp_path, check_paths=False).recipe
     assert loaded.training.micro_batch_size == case.rows_per_step and loaded.training.gradient_accumulation == 1
-    assert loaded.dataset.packing is True and loaded.dataset.format == "completion"
+    assert loaded.dataset.packing == "auto" and loaded.dataset.format == "completion"  # a user's default: packs
     assert loaded.method.r == 16 and loaded.method.alpha == 32 and loaded.method.dropout == 0.05
     assert loaded.training.learning_rate == 2e-4 and loaded.training.weight_decay == 0.0
     assert loaded.training.lr_scheduler == "constant"

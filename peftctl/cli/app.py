@@ -181,8 +181,8 @@ def generate(
     prompt_format: Optional[str] = typer.Option(None, "--format", metavar="alpaca|chat|raw",
                                                 help="How to wrap each prompt: Alpaca's preamble, the chat template, "
                                                 "or as it is (default: the format the adapter was trained on)."),
-    jsonl: bool = typer.Option(False, "--jsonl", help="stdin lines are JSON strings or {\"prompt\": ...} (prompts "
-                               "may hold newlines); each answer is printed as one JSON string."),
+    jsonl: bool = typer.Option(False, "--jsonl", help="stdin lines are JSON strings or objects with a \"prompt\" key "
+                               "(prompts may hold newlines); each answer is printed as one JSON string."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy."),
     trust_remote_code: bool = TrustRemoteCodeOption,
