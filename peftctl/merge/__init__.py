@@ -1,0 +1,150 @@
+"""`peftctl merge`: fold an adapter into its base model, one shard at a time, and prove the result.
+
+Read `merge_adapter` from top to bottom. The base is never loaded whole: its safetensors shards are read shard by
+shard and tensor by tensor (`safe_open` hands out views of the mapped file, released when the tensor is dropped),
+every tensor that an adapter touches gets its delta in float32, and each tensor is streamed into an output shard
+whose header was planned up front from the base's own headers. Peak memory is therefore a few tensors plus the
+adapter while merging, and about one decoder layer while verifying, whatever the model's size.
+
+What a merge does to one weight W (shape (out, in); GPT-2's Conv1D stores (in, out) and is transposed around it):
+  LoRA, rsLoRA   W + s * B @ A             s = alpha / r (rsLoRA: alpha / sqrt(r)); r = A.shape[0]
+  DoRA           m / ||V||_row * V         V = W + s * B @ A, m the learned magnitude per output row
+  IA3            W * l                     l scales input columns (feed-forward targets) or output rows (+ bias)
+For an adapter trained on a quantised base, W is first quantised and dequantised exactly as bitsandbytes did when
+the base was loaded for training (default, `dequantized`): only that reproduces the function that was trained.
+`original` merges onto the unquantised weights and is off by one quantisation error. Nothing is merged into 4-bit
+weights. 8-bit bases: W becomes bitsandbytes' int8 weight dequantised (row-wise absmax / 127); bitsandbytes also
+quantises activations at run time in 8-bit layers, which no merged model can reproduce (the note says so).
+
+Verification streams a few token sequences through the model one decoder layer at a time, loading each layer's
+weights from shards just before it runs and dropping them after: once through peft's own adapter layers over the
+base weights (the reference, computed independently of the merge arithmetic above), once with them disabled (the
+base), and once through the merged shards as written. Everything computes in float32, so the difference measures
+the merge and the output dtype's rounding, nothing else. A merge fails with exit code 1, leaving nothing at --out,
+when its logits differ from base + adapter by more than the output dtype's tolerance (or, before rounding to a
+half-precision dtype, by more than float32 noise), when it equals the base model (an adapter that does nothing),
+or when rounding to the output dtype lost most of what the adapter changes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from peftctl.errors import InvalidInput
+from peftctl.merge.common import ADAPTER_INFO, FROM_QUANTIZED, MERGE_INFO, OUTPUT_DTYPES, TOKENIZER_FILES  # noqa: F401
+from peftctl.merge.deltas import Delta, apply_deltas, plan_deltas  # noqa: F401
+from peftctl.merge.inputs import (adapter_folder, adapter_info, check_out_dir, mergeable, parse_size,  # noqa: F401
+                                  resolve_base)
+from peftctl.merge.quantized import _quant_note, dequantized_weight, quantized_weights, weight_transform  # noqa: F401
+from peftctl.merge.safetensors_io import Checkpoint, ShardWriter  # noqa: F401
+from peftctl.merge.models import empty_model  # noqa: F401
+from peftctl.merge.verify import (VerificationFailed, adapter_model, check_verification, stream_logits,  # noqa: F401
+                                  verify_merge)
+from peftctl.merge.write import (MergeStopped, _stop_on_sigterm, staging_dir, write_merged_shards,  # noqa: F401
+                                 write_model_files)
+
+
+@dataclass
+class MergeReport:
+    out_dir: str
+    adapter_dir: str
+    method: str
+    base: str
+    base_revision: str | None
+    base_folder: str
+    dtype: str
+    quantization: dict | None
+    from_quantized: str | None  # None: the adapter was trained on an unquantised base
+    tensors_merged: int = 0
+    shards: int = 0
+    verification: dict | None = None
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        import peftctl
+
+        return {"peftctl_version": peftctl.__version__, **asdict(self)}
+
+
+def merge_adapter(adapter_dir, out_dir, *, base: str | None = None, dtype: str | None = None, verify: bool = True,
+                  max_shard_size: int | str = "5GB", from_quantized: str = "dequantized", force: bool = False,
+                  report: Callable[[str], None] | None = None) -> MergeReport:
+    """Merge the adapter in `adapter_dir` (an adapter folder or a run folder) into its base; write `out_dir`."""
+    say = report or (lambda message: None)
+    t_start = time.time()
+
+    # Everything that can be wrong with the arguments is checked before any weight is read.
+    adapter_dir = adapter_folder(Path(adapter_dir))
+    method, config = mergeable(adapter_dir)
+    info = adapter_info(adapter_dir)
+    if from_quantized not in FROM_QUANTIZED:
+        raise InvalidInput(f"--from-quantized {from_quantized}: expected dequantized or original")
+    if dtype is not None and dtype not in OUTPUT_DTYPES:
+        raise InvalidInput(f"--dtype {dtype}: expected {', '.join(OUTPUT_DTYPES)}")
+    shard_limit = parse_size(max_shard_size)
+    base_name = base or info.get("base_model") or config.get("base_model_name_or_path")
+    if not base_name:
+        raise InvalidInput(f"{adapter_dir}: the adapter does not say which base model it was trained on",
+                           hint="pass --base MODEL")
+    revision = info.get("revision") if base is None else None
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and not force:
+        raise InvalidInput(f"--out {out_dir} already exists", hint="choose another folder, or replace it with --force")
+    base_folder = resolve_base(base_name, revision)
+    check_out_dir(out_dir, adapter_dir, base_folder)
+    quant = info.get("quantization")
+    merge_report = MergeReport(out_dir=str(out_dir), adapter_dir=str(adapter_dir), method=info.get("method", method),
+                               base=base_name, base_revision=revision, base_folder=str(base_folder), dtype="",
+                               quantization=quant, from_quantized=from_quantized if quant else None)
+
+    import torch
+
+    from transformers import AutoConfig
+
+    base_ckpt = Checkpoint(base_folder)
+    base_config = json.loads((base_folder / "config.json").read_text())
+    # A base that needs its own code was trained with trust_remote_code; the adapter info records that choice.
+    trust = bool(info.get("trust_remote_code"))
+    model_config = AutoConfig.from_pretrained(str(base_folder), trust_remote_code=trust)
+    if base_config.get("quantization_config"):
+        raise InvalidInput(f"{base_folder} is a pre-quantised checkpoint; a merge needs the unquantised weights",
+                           hint="pass --base with the original (bfloat16/float16/float32) model")
+    out_dtype_name = dtype or base_ckpt.dtype_name(base_config)
+    merge_report.dtype = out_dtype_name
+    out_dtype = getattr(torch, out_dtype_name)
+
+    say(f"reading the {method} adapter in {adapter_dir}")
+    deltas = plan_deltas(adapter_dir, method, config, base_ckpt)
+    transform = None
+    if quant:
+        # The dtype the base was loaded in for training is what bitsandbytes quantised.
+        load_dtype = getattr(torch, info.get("dtype") if info.get("dtype") in OUTPUT_DTYPES
+                             else base_ckpt.dtype_name(base_config))
+        quant = {**quant, "load_dtype": load_dtype}
+        if from_quantized == "dequantized":
+            transform = weight_transform(quant, quantized_weights(model_config, quant, trust_remote_code=trust))
+            merge_report.notes.append(_quant_note(quant))
+        else:
+            merge_report.notes.append(f"merged onto the original weights, not the {quant['bits']}-bit ones the "
+                                      "adapter was trained on: off by about one quantisation error")
+
+    with _stop_on_sigterm(), staging_dir(out_dir) as tmp:
+        say(f"merging onto {base_name} ({len(base_ckpt.files)} shard(s)) in {out_dtype_name}")
+        merge_report.shards, merge_report.tensors_merged = write_merged_shards(
+            base_ckpt, tmp, deltas, transform, out_dtype, shard_limit, say)
+        write_model_files(tmp, base_folder, adapter_dir, base_config, out_dtype_name)
+        if verify:
+            say("verifying: base + adapter against the merged shards, one layer at a time")
+            merge_report.verification = verify_merge(base_ckpt, Checkpoint(tmp), adapter_dir, model_config,
+                                                     out_dtype_name, quant, transform, deltas,
+                                                     trust_remote_code=trust)
+            merge_report.notes += merge_report.verification.pop("notes", [])
+            check_verification(merge_report.verification, out_dir)
+        merge_report.seconds = round(time.time() - t_start, 2)
+        (tmp / MERGE_INFO).write_text(json.dumps(merge_report.as_dict(), indent=2) + "\n")
+    return merge_report
