@@ -113,13 +113,15 @@ def merge(
                                        "or the original ones. 8-bit bases: dequantized uses bitsandbytes' int8 "
                                        "weights (its run-time input quantisation cannot be merged)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+    device: str = typer.Option("auto", "--device", help="Where to merge and verify: auto (the GPU when there is "
+                               "one), cuda or cpu."),
 ) -> None:
     """Fold an adapter into its base model and write an ordinary model folder."""
     from peftctl.cli import merge as command
 
     _exit(run_guarded(lambda: command.run(adapter_dir, out, base=base, dtype=dtype, verify=verify,
                                           max_shard_size=max_shard_size, from_quantized=from_quantized,
-                                          force=force)))
+                                          force=force, device=device)))
 
 
 @app.command("count-params")

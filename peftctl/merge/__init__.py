@@ -35,13 +35,16 @@ from pathlib import Path
 from typing import Callable
 
 from peftctl.errors import InvalidInput
-from peftctl.merge.common import ADAPTER_INFO, FROM_QUANTIZED, MERGE_INFO, OUTPUT_DTYPES, TOKENIZER_FILES  # noqa: F401
+from peftctl.merge.common import (ADAPTER_INFO, DEVICES, FROM_QUANTIZED, MERGE_INFO, OUTPUT_DTYPES,  # noqa: F401
+                                  TOKENIZER_FILES)
+from peftctl.merge.device import resolve_device
+from peftctl.merge.layout import checkpoint_layout
 from peftctl.merge.deltas import Delta, apply_deltas, plan_deltas  # noqa: F401
 from peftctl.merge.inputs import (adapter_folder, adapter_info, check_out_dir, mergeable, parse_size,  # noqa: F401
                                   resolve_base)
 from peftctl.merge.quantized import _quant_note, dequantized_weight, quantized_weights, weight_transform  # noqa: F401
 from peftctl.merge.safetensors_io import Checkpoint, ShardWriter  # noqa: F401
-from peftctl.merge.models import empty_model  # noqa: F401
+from peftctl.merge.models import empty_model, parameter_targets  # noqa: F401
 from peftctl.merge.verify import (VerificationFailed, adapter_model, check_verification, stream_logits,  # noqa: F401
                                   verify_merge)
 from peftctl.merge.write import (MergeStopped, _stop_on_sigterm, staging_dir, write_merged_shards,  # noqa: F401
@@ -59,6 +62,7 @@ class MergeReport:
     dtype: str
     quantization: dict | None
     from_quantized: str | None  # None: the adapter was trained on an unquantised base
+    device: str = "cpu"
     tensors_merged: int = 0
     shards: int = 0
     verification: dict | None = None
@@ -73,7 +77,7 @@ class MergeReport:
 
 def merge_adapter(adapter_dir, out_dir, *, base: str | None = None, dtype: str | None = None, verify: bool = True,
                   max_shard_size: int | str = "5GB", from_quantized: str = "dequantized", force: bool = False,
-                  report: Callable[[str], None] | None = None) -> MergeReport:
+                  report: Callable[[str], None] | None = None, device: str = "auto") -> MergeReport:
     """Merge the adapter in `adapter_dir` (an adapter folder or a run folder) into its base; write `out_dir`."""
     say = report or (lambda message: None)
     t_start = time.time()
@@ -87,6 +91,8 @@ def merge_adapter(adapter_dir, out_dir, *, base: str | None = None, dtype: str |
     if dtype is not None and dtype not in OUTPUT_DTYPES:
         raise InvalidInput(f"--dtype {dtype}: expected {', '.join(OUTPUT_DTYPES)}")
     shard_limit = parse_size(max_shard_size)
+    if device not in DEVICES:
+        raise InvalidInput(f"--device {device}: expected {', '.join(DEVICES)}")
     base_name = base or info.get("base_model") or config.get("base_model_name_or_path")
     if not base_name:
         raise InvalidInput(f"{adapter_dir}: the adapter does not say which base model it was trained on",
@@ -118,8 +124,15 @@ def merge_adapter(adapter_dir, out_dir, *, base: str | None = None, dtype: str |
     merge_report.dtype = out_dtype_name
     out_dtype = getattr(torch, out_dtype_name)
 
+    target = resolve_device(device)
+    merge_report.device = str(target)
     say(f"reading the {method} adapter in {adapter_dir}")
-    deltas = plan_deltas(adapter_dir, method, config, base_ckpt)
+    # Tensor names come from the model's own mapping: tied heads, renamed modules, experts stored one by one.
+    layout = checkpoint_layout(empty_model(model_config, trust_remote_code=trust), base_ckpt.meta, strict=False)
+    targets = None
+    if config.get("target_parameters"):
+        targets = parameter_targets(empty_model(model_config, trust_remote_code=trust), adapter_dir)
+    deltas = plan_deltas(adapter_dir, method, config, base_ckpt, layout, targets)
     transform = None
     if quant:
         # The dtype the base was loaded in for training is what bitsandbytes quantised.
@@ -127,7 +140,10 @@ def merge_adapter(adapter_dir, out_dir, *, base: str | None = None, dtype: str |
                              else base_ckpt.dtype_name(base_config))
         quant = {**quant, "load_dtype": load_dtype}
         if from_quantized == "dequantized":
-            transform = weight_transform(quant, quantized_weights(model_config, quant, trust_remote_code=trust))
+            quantized = quantized_weights(model_config, quant, trust_remote_code=trust)
+            quantized = {piece.key: transposed for name, transposed in quantized.items()
+                         for piece in layout.get(name, []) if piece.rows is None and piece.elements is None}
+            transform = weight_transform(quant, quantized)
             merge_report.notes.append(_quant_note(quant))
         else:
             merge_report.notes.append(f"merged onto the original weights, not the {quant['bits']}-bit ones the "
@@ -136,13 +152,13 @@ def merge_adapter(adapter_dir, out_dir, *, base: str | None = None, dtype: str |
     with _stop_on_sigterm(), staging_dir(out_dir) as tmp:
         say(f"merging onto {base_name} ({len(base_ckpt.files)} shard(s)) in {out_dtype_name}")
         merge_report.shards, merge_report.tensors_merged = write_merged_shards(
-            base_ckpt, tmp, deltas, transform, out_dtype, shard_limit, say)
+            base_ckpt, tmp, deltas, transform, out_dtype, shard_limit, say, device=target)
         write_model_files(tmp, base_folder, adapter_dir, base_config, out_dtype_name)
         if verify:
             say("verifying: base + adapter against the merged shards, one layer at a time")
             merge_report.verification = verify_merge(base_ckpt, Checkpoint(tmp), adapter_dir, model_config,
                                                      out_dtype_name, quant, transform, deltas,
-                                                     trust_remote_code=trust)
+                                                     trust_remote_code=trust, device=target)
             merge_report.notes += merge_report.verification.pop("notes", [])
             check_verification(merge_report.verification, out_dir)
         merge_report.seconds = round(time.time() - t_start, 2)

@@ -36,3 +36,25 @@ def _parameters_on_meta():
         yield
     finally:
         nn.Module.register_parameter = register
+
+
+def parameter_targets(skeleton, adapter_dir) -> dict[str, tuple[str, tuple[int, ...], bool]]:
+    """peft's `target_parameters` (mixture-of-experts weights held as 3-D parameters): saved module path ->
+    (the parameter's name in the model, its shape, stored as (experts, in, out)). The nesting of peft's wrappers
+    (one per targeted parameter of a module) is read from peft itself, built around the empty model."""
+    import re
+
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(skeleton, str(adapter_dir), low_cpu_mem_usage=True)
+    targets = {}
+    for path, module in model.base_model.model.named_modules():
+        name = getattr(module, "parameter_name", None)
+        if name is None or not hasattr(module, "get_base_layer"):
+            continue
+        owner = module.get_base_layer()
+        param = getattr(owner, name)
+        full = re.sub(r"\.base_layer(?=\.|$)", "", path) + f".{name}"
+        targets[path] = (full, tuple(param.shape), bool(getattr(owner, "is_transposed", False)))
+    model.unload() if hasattr(model, "unload") else None
+    return targets

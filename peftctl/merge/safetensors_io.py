@@ -98,6 +98,11 @@ def _dtype_codes():
             torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
 
+def storage_dtype(code: str):
+    """safetensors dtype code -> torch dtype."""
+    return {c: dt for dt, c in _dtype_codes().items()}[code]
+
+
 class ShardWriter:
     """One safetensors file written tensor by tensor: the header (every name, dtype, shape and offset) is known up
     front, so no tensor has to wait in memory for the others."""
@@ -117,13 +122,28 @@ class ShardWriter:
     def write(self, key: str, tensor) -> None:
         import torch
 
-        name, code, shape, nbytes = self.entries[self.next]
-        if key != name or tuple(tensor.shape) != shape or _dtype_codes()[tensor.dtype] != code:
-            raise RuntimeError(f"{self.path.name}: expected {name} {code}{list(shape)}, got {key} "
-                               f"{tensor.dtype}{list(tensor.shape)}")
-        if nbytes:
+        self.begin(key, tuple(tensor.shape), tensor.dtype)
+        if tensor.numel():
             flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-            self.file.write(memoryview(flat.numpy()))
+            self.append(memoryview(flat.numpy()))
+        self.end()
+
+    def begin(self, key: str, shape: tuple, dtype) -> None:
+        """The next tensor's bytes follow (`append`, then `end`): it must be the one the header planned."""
+        name, code, planned, _ = self.entries[self.next]
+        if key != name or tuple(shape) != planned or _dtype_codes()[dtype] != code:
+            raise RuntimeError(f"{self.path.name}: expected {name} {code}{list(planned)}, got {key} "
+                               f"{dtype}{list(shape)}")
+        self.written = 0
+
+    def append(self, data) -> None:
+        self.file.write(data)
+        self.written += len(data) if not isinstance(data, memoryview) else data.nbytes
+
+    def end(self) -> None:
+        name, _, _, nbytes = self.entries[self.next]
+        if self.written != nbytes:
+            raise RuntimeError(f"{self.path.name}: {name} has {self.written} bytes, planned {nbytes}")
         self.next += 1
 
     def close(self) -> None:

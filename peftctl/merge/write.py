@@ -11,8 +11,9 @@ from pathlib import Path
 
 from peftctl.errors import EXIT_SIGTERM, PeftctlError
 from peftctl.merge.common import TOKENIZER_FILES
-from peftctl.merge.deltas import apply_deltas
-from peftctl.merge.safetensors_io import Checkpoint, ShardWriter, plan_output_shards
+from peftctl.merge.deltas import apply_deltas, deltas_to
+from peftctl.merge.device import BackgroundWriter, GpuPipeline
+from peftctl.merge.safetensors_io import Checkpoint, ShardWriter, plan_output_shards, storage_dtype
 
 
 class MergeStopped(PeftctlError):
@@ -21,22 +22,33 @@ class MergeStopped(PeftctlError):
         self.exit_code = exit_code
 
 
-def write_merged_shards(base: Checkpoint, out: Path, deltas: dict, transform, out_dtype, limit: int, say):
-    """Stream every base tensor through `transform` (dequantisation) and its deltas into the output shards."""
+def write_merged_shards(base: Checkpoint, out: Path, deltas: dict, transform, out_dtype, limit: int, say,
+                        device="cpu"):
+    """Stream every base tensor through `transform` (dequantisation) and its deltas into the output shards, on
+    `device`, with the disk writes on a thread of their own (device.py has the pipeline)."""
     plan = plan_output_shards(base, out_dtype, limit)
     n = len(plan)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     shard_of = {key: i for i, entries in enumerate(plan) for key, *_ in entries}
-    writer, current, merged = None, -1, 0
+    gpu = GpuPipeline(device) if str(device) != "cpu" else None
+    if gpu is not None:
+        deltas = deltas_to(deltas, device)
+    writer = BackgroundWriter()
+    shards: list[ShardWriter] = []
+    merged = 0
     try:
         for number, path in enumerate(base.files, 1):
             say(f"  shard {number}/{len(base.files)}: {path.name}")
-            for key, tensor in base.tensors(path):
+            for key in base.keys_of[path]:
                 index = shard_of[key]
-                if index != current:
-                    if writer is not None:
-                        writer.close()
-                    writer, current = ShardWriter(out / names[index], plan[index]), index
+                if index >= len(shards):  # shards follow the base's order: the previous one is complete
+                    if shards:
+                        writer.submit(shards[-1].close)
+                    shards.append(ShardWriter(out / names[index], plan[index]))
+                if gpu is not None:
+                    tensor = gpu.read(path, key, storage_dtype(base.meta[key][0]), base.shape(key))
+                else:
+                    tensor = base.read([key])[key]
                 if transform is not None:
                     tensor = transform(key, tensor)
                 if key in deltas:
@@ -44,13 +56,21 @@ def write_merged_shards(base: Checkpoint, out: Path, deltas: dict, transform, ou
                     merged += 1
                 if tensor.is_floating_point():
                     tensor = tensor.to(out_dtype)
-                writer.write(key, tensor)
+                if gpu is not None:
+                    gpu.write(writer, shards[-1], key, tensor)
+                else:
+                    writer.submit(lambda shard=shards[-1], key=key, tensor=tensor: shard.write(key, tensor))
                 del tensor  # dropped as soon as it is written
-        if writer is not None:
-            writer.close()
+        if shards:
+            writer.submit(shards[-1].close)
+        writer.finish()
+    except BaseException:
+        writer.abandon()
+        raise
     finally:
-        if writer is not None and not writer.file.closed:
-            writer.file.close()
+        for shard in shards:
+            if not shard.file.closed:
+                shard.file.close()
     if n > 1:
         total = sum(nbytes for entries in plan for *_, nbytes in entries)
         index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in shard_of.items()}}

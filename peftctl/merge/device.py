@@ -1,0 +1,161 @@
+"""Where the merge computes, and the pipeline that keeps host memory low while it does.
+
+On a GPU each base tensor is read from its file in chunks into a pinned buffer and copied to the GPU (the next
+chunk is read while the copy runs), merged there (bitsandbytes' GPU kernels for NF4), and copied back in chunks
+into pinned buffers that a writer thread appends to the output shard while the GPU works on the next tensor. Host
+memory is the pinned buffers (2 x 2 chunks), not the tensor: a 16 GB single-file base is never mapped whole.
+On the CPU the tensors come from safetensors' mapping one at a time and the writer thread overlaps the disk
+writes with the next tensor's arithmetic (which torch already spreads over the cores).
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import struct
+import threading
+from pathlib import Path
+
+from peftctl.errors import InvalidInput
+
+CHUNK = 1 << 27  # bytes per pinned buffer (128 MiB): 4 of them are the host memory the GPU path adds
+WRITE_QUEUE = 2  # tensors (CPU) or chunks (GPU) waiting for the disk at most
+
+
+def resolve_device(name: str):
+    """auto: the GPU when torch sees one; cuda without one is refused (exit 2)."""
+    import torch
+
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise InvalidInput("--device cuda: torch sees no GPU on this machine", hint="use --device cpu (or auto)")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+class BackgroundWriter:
+    """File writes in order on one thread; a failure there is raised on the caller's next call."""
+
+    def __init__(self):
+        self.jobs: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="peftctl-merge-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            if self.error is None:
+                try:
+                    job()
+                except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                    self.error = e
+
+    def submit(self, job) -> None:
+        self._raise()
+        self.jobs.put(job)
+
+    def finish(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+        self._raise()
+
+    def abandon(self) -> None:
+        """On the way out after an error: stop the thread without running what is queued."""
+        self.error = self.error or RuntimeError("abandoned")
+        try:
+            while True:
+                self.jobs.get_nowait()
+        except queue.Empty:
+            pass
+        self.jobs.put(None)
+        self.thread.join(timeout=60)
+
+    def _raise(self):
+        if self.error is not None:
+            error, self.error = self.error, RuntimeError("the writer stopped after an error")
+            raise error
+
+
+def header_offsets(path: Path) -> tuple[int, dict]:
+    """(where the data starts, key -> (start, end) byte offsets) from a safetensors file's own header."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return 8 + length, {key: tuple(entry["data_offsets"]) for key, entry in header.items()}
+
+
+class GpuPipeline:
+    """Reads base tensors straight into GPU memory and writes GPU tensors to shards through pinned buffers."""
+
+    def __init__(self, device):
+        import torch
+
+        self.device, self.torch = device, torch
+        self.stream = torch.cuda.current_stream(device)
+        self.inputs = [torch.empty(CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self.input_done = [None, None]
+        self.outputs = [torch.empty(CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self.output_free = [threading.Event(), threading.Event()]
+        for event in self.output_free:
+            event.set()
+        self.turn = 0
+        self.offsets: dict[Path, tuple[int, dict]] = {}
+
+    def read(self, path: Path, key: str, dtype, shape):
+        """The tensor `key` of `path` on the GPU, read in chunks through the pinned input buffers."""
+        torch = self.torch
+        if path not in self.offsets:
+            self.offsets[path] = header_offsets(path)
+        start, entries = self.offsets[path]
+        begin, end = entries[key]
+        data = torch.empty(end - begin, dtype=torch.uint8, device=self.device)
+        with open(path, "rb", buffering=0) as f:
+            f.seek(start + begin)
+            done, slot = 0, 0
+            while done < end - begin:
+                n = min(CHUNK, end - begin - done)
+                if self.input_done[slot] is not None:
+                    self.input_done[slot].synchronize()  # the copy out of this buffer has finished
+                buffer = self.inputs[slot][:n]
+                view = memoryview(buffer.numpy())
+                got = 0
+                while got < n:
+                    read = f.readinto(view[got:])
+                    if not read:
+                        raise InvalidInput(f"{path}: truncated safetensors file (tensor {key})")
+                    got += read
+                data[done:done + n].copy_(buffer, non_blocking=True)
+                self.input_done[slot] = torch.cuda.Event()
+                self.input_done[slot].record(self.stream)
+                done, slot = done + n, 1 - slot
+        if data.numel() == 0:
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        return data.view(dtype).reshape(shape)
+
+    def write(self, writer: BackgroundWriter, shard, key: str, tensor) -> None:
+        """Queue the GPU tensor `tensor` for `shard`: copied back chunk by chunk, written by the writer thread."""
+        torch = self.torch
+        flat = tensor.detach().contiguous().reshape(-1)
+        data = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8, device=self.device)
+        writer.submit(lambda: shard.begin(key, tuple(tensor.shape), tensor.dtype))
+        for done in range(0, data.numel(), CHUNK):
+            n = min(CHUNK, data.numel() - done)
+            slot = self.turn
+            self.turn = 1 - self.turn
+            self.output_free[slot].wait()  # the writer has written what this buffer held
+            self.output_free[slot].clear()
+            buffer = self.outputs[slot][:n]
+            buffer.copy_(data[done:done + n], non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self.stream)
+
+            def job(buffer=buffer, copied=copied, free=self.output_free[slot]):
+                copied.synchronize()
+                shard.append(memoryview(buffer.numpy()))
+                free.set()
+            writer.submit(job)
+        writer.submit(lambda: shard.end())
