@@ -540,3 +540,124 @@ def test_peak_memory_stays_near_one_shard(tiny_model, base, trained, tmp_path):
     print(f"model {model_bytes / 1e6:.0f} MB, largest shard {largest / 1e6:.0f} MB, imports {baseline / 1e6:.0f} MB, "
           f"merge + verify peak {peak / 1e6:.0f} MB (+{extra / 1e6:.0f} MB)")
     assert extra < 2 * largest and extra < 0.5 * model_bytes
+
+
+# --- the tolerance follows from rounding, and a wrong merge still fails ------------------------------------------
+
+
+def strong_lora(model: Path, out: Path, std: float = 0.5) -> Path:
+    """The issue's adapter: stock peft, r 16, alpha 64, all-linear, B drawn with std 0.5 (a large effect)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(load_plain(model), LoraConfig(r=16, lora_alpha=64, target_modules="all-linear",
+                                                                task_type="CAUSAL_LM"))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=std)
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+def test_a_strong_adapter_merged_in_bfloat16_verifies(base, tmp_path):
+    """Rounding the merged weights to bf16 moves the logits of a strong adapter by ~0.1: that is the tolerance (plus
+    float32 noise), while the arithmetic before rounding and the written shards are checked at float32 noise."""
+    adapter = strong_lora(base, tmp_path / "strong")
+    report = merge_adapter(adapter, tmp_path / "merged", dtype="bfloat16", base=str(base), device="cpu")
+    check = report.verification
+    assert check["relative_diff"] > 0.05  # the fixed tolerance of old refused this correct merge
+    assert check["relative_diff"] <= check["tolerance"] <= check["rounding_relative_diff"] + 2.01e-4
+    assert check["float32_relative_diff"] < 1e-4 and check["written_relative_diff"] < 1e-6
+    from peft import PeftModel
+
+    stock = PeftModel.from_pretrained(load_plain(base), str(adapter)).merge_and_unload().state_dict()
+    ours = Checkpoint(tmp_path / "merged")
+    for key, tensor in ours.read(list(ours.meta)).items():  # stock peft's merge, rounded to bf16: the same weights
+        theirs = stock[key].to(torch.bfloat16)
+        ulp = theirs.float().abs() * 2.0**-7
+        assert ((tensor.float() - theirs.float()).abs() <= ulp).all(), key  # at most one bf16 step apart
+        assert (tensor == theirs).float().mean() > 0.99, key
+
+
+def test_a_wrong_merge_fails_verification(base, tmp_path, monkeypatch, capsys):
+    """A merge whose arithmetic is off (here: the delta applied twice in the written shards) is refused with exit 1
+    even in bf16, where rounding alone moves the logits a lot: the shards must equal the merge rounded in memory."""
+    import peftctl.merge.write as write
+
+    adapter = strong_lora(base, tmp_path / "strong", std=0.05)
+    real = write.apply_deltas
+    monkeypatch.setattr(write, "apply_deltas", lambda tensor, deltas: real(real(tensor, deltas), deltas))
+    out = tmp_path / "merged"
+    assert run_merge_command(adapter, out, dtype="bfloat16", base=str(base), device="cpu") == 1
+    assert "verification failed" in capsys.readouterr().err and not out.exists() and not leftovers(out)
+
+
+# --- model families: names from the model's own mapping ----------------------------------------------------------
+
+
+FAMILIES = {
+    "gpt_neox": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                     tie_word_embeddings=False),
+    "phi3": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, pad_token_id=0),
+    "falcon": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, new_decoder_architecture=True,
+                   num_kv_heads=2),
+    "mixtral": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=48, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=16, intermediate_size=96, moe_intermediate_size=48, num_experts=4,
+                      num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[]),
+}
+EXPERT_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
+
+
+def family_model(family: str, folder: Path) -> Path:
+    """A tiny random model of `family` from transformers' own config, saved as save_pretrained saves it (for MoE:
+    one tensor per expert, as on the hub)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, vocab_size=256, max_position_embeddings=128, initializer_range=0.2,
+                                  **FAMILIES[family])
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(folder))
+    return folder
+
+
+def family_lora(model: Path, family: str, out: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    moe = family in ("mixtral", "qwen3_moe")
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False,
+                        target_parameters=EXPERT_PARAMETERS if moe else None)
+    torch.manual_seed(1)
+    peft_model = get_peft_model(load_plain(model), config)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_merges_like_stock_peft(family, tmp_path):
+    """GPT-NeoX's head is embed_out and its qkv fused, Phi-3 fuses qkv_proj, Falcon ties its head, Mixtral and
+    Qwen3-MoE hold experts as fused 3-D parameters stored one tensor per expert: the merge reads each name from
+    the model, folds expert adapters (peft's target_parameters) and verifies; stock peft's merge_and_unload
+    computes the same logits, and the merged folder keeps the base's tensor names."""
+    from peft import PeftModel
+
+    model = family_model(family, tmp_path / "base")
+    adapter = family_lora(model, family, tmp_path / "adapter")
+    report = merge_adapter(adapter, tmp_path / "merged", base=str(model), device="cpu")
+    check = report.verification
+    assert check["relative_diff"] < 1e-5 and check["base_relative_diff"] > 1e-4, check
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
+    stock = PeftModel.from_pretrained(load_plain(model), str(adapter)).merge_and_unload().eval()
+    merged = load_plain(tmp_path / "merged")
+    assert relative(logits(merged, ids), logits(stock, ids)) < 1e-5
+    assert relative(logits(merged, ids), logits(load_plain(model), ids)) > 1e-4
+    assert set(Checkpoint(tmp_path / "merged").meta) == set(Checkpoint(model).meta)
+    if family in ("mixtral", "qwen3_moe"):
+        changed = [k for k, (code, _) in Checkpoint(model).meta.items() if ".experts." in k]
+        before, after = Checkpoint(model).read(changed), Checkpoint(tmp_path / "merged").read(changed)
+        assert all(not torch.equal(before[k], after[k]) for k in changed)  # every expert got its delta

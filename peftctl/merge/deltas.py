@@ -62,7 +62,7 @@ def plan_deltas(adapter_dir: Path, method: str, config: dict, base: Checkpoint, 
     for module, parts in modules.items():
         if module in targets:
             param, shape, transposed = targets[module]
-            new = [_expert_delta(module, parts, config, shape, transposed)]
+            new = [_expert_delta(module, parts, config, shape, transposed, param)]
             new[0].param_shape = shape
             params = [param]
         else:
@@ -110,9 +110,10 @@ def _pieces(param: str, layout: dict | None, base: Checkpoint):
     return out
 
 
-def _expert_delta(module: str, parts: dict, config: dict, shape: tuple, transposed: bool) -> Delta:
-    """peft's ParamWrapper on a parameter: A (experts x r, in), B (out, r x experts); `shape` is the parameter's."""
-    delta = _lora_delta(module, parts, config, False, check=False)
+def _expert_delta(module: str, parts: dict, config: dict, shape: tuple, transposed: bool, param: str) -> Delta:
+    """peft's ParamWrapper on a parameter: A (experts x r, in), B (out, r x experts); `shape` is the parameter's.
+    peft matches alpha_pattern against the parameter's name (it doubles r and alpha for fused gate_up_proj)."""
+    delta = _lora_delta(module, parts, config, False, check=False, pattern_name=param)
     a, b = delta.a, delta.b
     experts = shape[0] if len(shape) == 3 else 1
     r = a.shape[0] // experts if experts and a.shape[0] % experts == 0 else 0
@@ -130,7 +131,8 @@ def _expert_delta(module: str, parts: dict, config: dict, shape: tuple, transpos
     return Delta(kind="lora", scale=alpha_scale, a=a, b=b, experts=experts, transposed=transposed and len(shape) == 3)
 
 
-def _lora_delta(module: str, parts: dict, config: dict, fan_in_fan_out: bool, check: bool = True) -> Delta:
+def _lora_delta(module: str, parts: dict, config: dict, fan_in_fan_out: bool, check: bool = True,
+                pattern_name: str | None = None) -> Delta:
     if "lora_A.weight" not in parts or "lora_B.weight" not in parts:
         missing = "lora_A" if "lora_A.weight" not in parts else "lora_B"
         raise InvalidInput(f"damaged adapter: {module} has no {missing} tensor")
@@ -140,7 +142,7 @@ def _lora_delta(module: str, parts: dict, config: dict, fan_in_fan_out: bool, ch
     r = a.shape[0]
     alpha = config.get("lora_alpha", 8)
     for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):  # peft's get_pattern_key: the first match wins
+        if re.match(rf"(.*\.)?({pattern})$", pattern_name or module):  # peft's get_pattern_key: first match wins
             alpha = value
             break
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
