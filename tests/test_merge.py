@@ -661,3 +661,49 @@ def test_every_family_merges_like_stock_peft(family, tmp_path):
         changed = [k for k, (code, _) in Checkpoint(model).meta.items() if ".experts." in k]
         before, after = Checkpoint(model).read(changed), Checkpoint(tmp_path / "merged").read(changed)
         assert all(not torch.equal(before[k], after[k]) for k in changed)  # every expert got its delta
+
+
+def test_the_gpu_pipeline_writes_what_the_cpu_path_writes(base, trained, tmp_path, monkeypatch):
+    """The GPU path's reader (the file's own header offsets, chunked reads) and writer (chunks through two
+    buffers, a writer thread) run on the CPU too, without pinning: with tiny chunks, so that tensors span several,
+    the shards come out byte for byte as the plain path writes them."""
+    import peftctl.merge.device as device
+    from peftctl.merge.deltas import plan_deltas
+    from peftctl.merge.write import write_merged_shards
+
+    run = trained("lora", base, method=dict(METHOD_SECTIONS["lora"]))
+    adapter = run / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    checkpoint = Checkpoint(base)
+    deltas = plan_deltas(adapter, "lora", config, checkpoint)
+    monkeypatch.setattr(device, "CHUNK", 1000)
+    written = {}
+    for pipeline in (False, True):
+        out = tmp_path / str(pipeline)
+        out.mkdir()
+        shards, merged = write_merged_shards(checkpoint, out, deltas, None, torch.bfloat16, 300_000, lambda m: None,
+                                             pipeline=pipeline)
+        assert shards > 1 and merged == len(deltas)
+        written[pipeline] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    assert written[True] == written[False]
+
+
+def test_a_failing_writer_stops_the_merge(base, trained, tmp_path, monkeypatch):
+    """A disk error on the writer thread (here: a write that raises) reaches the caller, which waits for no
+    buffer the writer will never free."""
+    import peftctl.merge.device as device
+    from peftctl.merge.safetensors_io import ShardWriter
+    from peftctl.merge.write import write_merged_shards
+
+    monkeypatch.setattr(device, "CHUNK", 1000)
+
+    def full(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ShardWriter, "append", full)
+    for pipeline in (False, True):
+        out = tmp_path / str(pipeline)
+        out.mkdir()
+        with pytest.raises(OSError, match="No space"):
+            write_merged_shards(Checkpoint(base), out, {}, None, torch.float32, 10**9, lambda m: None,
+                                pipeline=pipeline)

@@ -73,6 +73,9 @@ class BackgroundWriter:
         self.jobs.put(None)
         self.thread.join(timeout=60)
 
+    def check(self) -> None:
+        self._raise()
+
     def _raise(self):
         if self.error is not None:
             error, self.error = self.error, RuntimeError("the writer stopped after an error")
@@ -95,10 +98,11 @@ class GpuPipeline:
         import torch
 
         self.device, self.torch = device, torch
-        self.stream = torch.cuda.current_stream(device)
-        self.inputs = [torch.empty(CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self.cuda = device.type == "cuda"  # on the CPU the same pipeline runs without pinning or events (tests)
+        self.stream = torch.cuda.current_stream(device) if self.cuda else None
+        self.inputs = [torch.empty(CHUNK, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)]
         self.input_done = [None, None]
-        self.outputs = [torch.empty(CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self.outputs = [torch.empty(CHUNK, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)]
         self.output_free = [threading.Event(), threading.Event()]
         for event in self.output_free:
             event.set()
@@ -129,8 +133,7 @@ class GpuPipeline:
                         raise InvalidInput(f"{path}: truncated safetensors file (tensor {key})")
                     got += read
                 data[done:done + n].copy_(buffer, non_blocking=True)
-                self.input_done[slot] = torch.cuda.Event()
-                self.input_done[slot].record(self.stream)
+                self.input_done[slot] = self._event()
                 done, slot = done + n, 1 - slot
         if data.numel() == 0:
             return torch.empty(shape, dtype=dtype, device=self.device)
@@ -141,21 +144,31 @@ class GpuPipeline:
         torch = self.torch
         flat = tensor.detach().contiguous().reshape(-1)
         data = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8, device=self.device)
-        writer.submit(lambda: shard.begin(key, tuple(tensor.shape), tensor.dtype))
+        shape, dtype = tuple(tensor.shape), tensor.dtype
+        writer.submit(lambda: shard.begin(key, shape, dtype))
         for done in range(0, data.numel(), CHUNK):
             n = min(CHUNK, data.numel() - done)
             slot = self.turn
             self.turn = 1 - self.turn
-            self.output_free[slot].wait()  # the writer has written what this buffer held
+            while not self.output_free[slot].wait(1.0):  # the writer has written what this buffer held ...
+                writer.check()  # ... or has stopped on an error, which is raised here
             self.output_free[slot].clear()
             buffer = self.outputs[slot][:n]
             buffer.copy_(data[done:done + n], non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record(self.stream)
+            copied = self._event()
 
             def job(buffer=buffer, copied=copied, free=self.output_free[slot]):
-                copied.synchronize()
+                if copied is not None:
+                    copied.synchronize()
                 shard.append(memoryview(buffer.numpy()))
                 free.set()
             writer.submit(job)
         writer.submit(lambda: shard.end())
+
+    def _event(self):
+        """A CUDA event recorded after the copies issued so far (None on the CPU, where copies are synchronous)."""
+        if not self.cuda:
+            return None
+        event = self.torch.cuda.Event()
+        event.record(self.stream)
+        return event

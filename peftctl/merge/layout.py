@@ -118,11 +118,12 @@ def assemble(shape: tuple[int, ...], pieces: list[Piece], tensors: dict):
 
     if len(pieces) == 1 and pieces[0].rows is None and pieces[0].elements is None:
         return tensors[pieces[0].key].float()
-    out = torch.empty(shape, dtype=torch.float32)
+    device = tensors[pieces[0].key].device
+    out = torch.empty(shape, dtype=torch.float32, device=device)
     for piece in pieces:
         tensor = tensors[piece.key].float()
         if piece.elements is not None:
-            out.view(-1)[piece.elements.reshape(-1)] = tensor.reshape(-1)
+            out.view(-1)[piece.elements.reshape(-1).to(device)] = tensor.reshape(-1)
         else:
-            out.view(-1, shape[-1])[piece.rows] = tensor.reshape(-1, shape[-1])
+            out.view(-1, shape[-1])[piece.rows.to(device)] = tensor.reshape(-1, shape[-1])
     return out

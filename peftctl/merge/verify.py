@@ -211,10 +211,11 @@ def stream_logits(model, source: Checkpoint, ids, transform, notes: list[str], *
     def load(entries):
         keys = [piece.key for *_, full in entries for piece in layout[full]]
         tensors = source.read(list(dict.fromkeys(keys)))
-        tensors = {k: (transform(k, t) if transform else t) for k, t in tensors.items()}
+        # onto the device in the stored dtype, converted there: the host never holds a float32 copy
+        tensors = {k: (transform(k, t.to(device)) if transform else t.to(device)) for k, t in tensors.items()}
         for module, name, full in entries:
             shape = tuple(module._parameters[name].shape)
-            tensor = assemble(shape, layout[full], tensors).to(device)
+            tensor = assemble(shape, layout[full], tensors)
             module._parameters[name] = nn.Parameter(tensor.float(), requires_grad=False)
 
     def unload(entries):

@@ -23,15 +23,19 @@ class MergeStopped(PeftctlError):
 
 
 def write_merged_shards(base: Checkpoint, out: Path, deltas: dict, transform, out_dtype, limit: int, say,
-                        device="cpu"):
+                        device="cpu", pipeline: bool | None = None):
     """Stream every base tensor through `transform` (dequantisation) and its deltas into the output shards, on
-    `device`, with the disk writes on a thread of their own (device.py has the pipeline)."""
+    `device`, with the disk writes on a thread of their own (device.py has the pipeline). pipeline: read and write
+    through the chunked buffers (default: on a GPU; the tests run it on the CPU too)."""
+    import torch
+
     plan = plan_output_shards(base, out_dtype, limit)
     n = len(plan)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     shard_of = {key: i for i, entries in enumerate(plan) for key, *_ in entries}
-    gpu = GpuPipeline(device) if str(device) != "cpu" else None
-    if gpu is not None:
+    device = torch.device(device)
+    gpu = GpuPipeline(device) if (device.type != "cpu" if pipeline is None else pipeline) else None
+    if device.type != "cpu":
         deltas = deltas_to(deltas, device)
     writer = BackgroundWriter()
     shards: list[ShardWriter] = []
