@@ -707,3 +707,28 @@ def test_a_failing_writer_stops_the_merge(base, trained, tmp_path, monkeypatch):
         with pytest.raises(OSError, match="No space"):
             write_merged_shards(Checkpoint(base), out, {}, None, torch.float32, 10**9, lambda m: None,
                                 pipeline=pipeline)
+
+
+# --- on the GPU (run on the GPU machine with -m gpu) -------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("quantized", [False, True])
+def test_a_gpu_merge_writes_what_the_cpu_merge_writes(quantized, base, trained, tmp_path):
+    """--device cuda (bitsandbytes' GPU kernels for NF4) gives the CPU merge's weights: the same bf16 tensors up to
+    a last-bit difference in a few (float32 arithmetic on another device), and it verifies on the GPU."""
+    if quantized:
+        run = trained("qlora-gpu", base, method={"name": "qlora", "targets": "all-linear"}, quantization=QLORA)
+    else:
+        run = trained("lora", base, method=dict(METHOD_SECTIONS["lora"]))
+    on_gpu = merge_adapter(run, tmp_path / "gpu", dtype="bfloat16", device="cuda")
+    merge_adapter(run, tmp_path / "cpu", dtype="bfloat16", device="cpu")
+    assert on_gpu.device.startswith("cuda") and on_gpu.verification["device"].startswith("cuda")
+    assert on_gpu.verification["written_relative_diff"] < 1e-4
+    gpu, cpu = Checkpoint(tmp_path / "gpu"), Checkpoint(tmp_path / "cpu")
+    assert set(gpu.meta) == set(cpu.meta)
+    for key, tensor in gpu.read(list(gpu.meta)).items():
+        theirs = cpu.read([key])[key]
+        assert ((tensor.float() - theirs.float()).abs() <= theirs.float().abs() * 2.0**-7 + 1e-6).all(), key
+        assert (tensor == theirs).float().mean() > 0.99, key
