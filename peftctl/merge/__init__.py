@@ -37,7 +37,7 @@ from typing import Callable
 from peftctl.errors import InvalidInput
 from peftctl.merge.common import (ADAPTER_INFO, DEVICES, FROM_QUANTIZED, MERGE_INFO, OUTPUT_DTYPES,  # noqa: F401
                                   TOKENIZER_FILES)
-from peftctl.merge.device import resolve_device
+from peftctl.merge.device import DeviceCache, resolve_device
 from peftctl.merge.layout import checkpoint_layout
 from peftctl.merge.deltas import Delta, apply_deltas, plan_deltas  # noqa: F401
 from peftctl.merge.inputs import (adapter_folder, adapter_info, check_out_dir, mergeable, parse_size,  # noqa: F401
@@ -150,17 +150,23 @@ def merge_adapter(adapter_dir, out_dir, *, base: str | None = None, dtype: str |
                                       "adapter was trained on: off by about one quantisation error")
 
     with _stop_on_sigterm(), staging_dir(out_dir) as tmp:
-        say(f"merging onto {base_name} ({len(base_ckpt.files)} shard(s)) in {out_dtype_name}")
-        merge_report.shards, merge_report.tensors_merged = write_merged_shards(
-            base_ckpt, tmp, deltas, transform, out_dtype, shard_limit, say, device=target)
-        write_model_files(tmp, base_folder, adapter_dir, base_config, out_dtype_name)
-        if verify:
-            say("verifying: base + adapter against the merged shards, one layer at a time")
-            merge_report.verification = verify_merge(base_ckpt, Checkpoint(tmp), adapter_dir, model_config,
-                                                     out_dtype_name, quant, transform, deltas,
-                                                     trust_remote_code=trust, device=target)
-            merge_report.notes += merge_report.verification.pop("notes", [])
-            check_verification(merge_report.verification, out_dir)
-        merge_report.seconds = round(time.time() - t_start, 2)
-        (tmp / MERGE_INFO).write_text(json.dumps(merge_report.as_dict(), indent=2) + "\n")
+        cache = DeviceCache(base_ckpt, target) if verify and DeviceCache.fits(base_ckpt, target) else None
+        syncs: list = []  # the shards go to disk while the merge verifies
+        try:
+            say(f"merging onto {base_name} ({len(base_ckpt.files)} shard(s)) in {out_dtype_name}")
+            merge_report.shards, merge_report.tensors_merged = write_merged_shards(
+                base_ckpt, tmp, deltas, transform, out_dtype, shard_limit, say, device=target, cache=cache, syncs=syncs)
+            write_model_files(tmp, base_folder, adapter_dir, base_config, out_dtype_name)
+            if verify:
+                say("verifying: base + adapter against the merged shards, one layer at a time")
+                merge_report.verification = verify_merge(cache or base_ckpt, Checkpoint(tmp), adapter_dir, model_config,
+                                                         out_dtype_name, quant, transform, deltas,
+                                                         trust_remote_code=trust, device=target)
+                merge_report.notes += merge_report.verification.pop("notes", [])
+                check_verification(merge_report.verification, out_dir)
+            merge_report.seconds = round(time.time() - t_start, 2)
+            (tmp / MERGE_INFO).write_text(json.dumps(merge_report.as_dict(), indent=2) + "\n")
+        finally:
+            for syncer in syncs:  # on disk before the folder is renamed into place (or removed)
+                syncer.join()
     return merge_report

@@ -172,3 +172,31 @@ class GpuPipeline:
         event = self.torch.cuda.Event()
         event.record(self.stream)
         return event
+
+
+class DeviceCache:
+    """A checkpoint whose tensors stay on the GPU once read: the merge fills it as it streams the base, and the
+    verification's passes over the base (with and without the adapter, the merge before and after rounding) then
+    read nothing from disk. Used only when the base takes a small part of the GPU's memory."""
+
+    def __init__(self, checkpoint, device):
+        self.checkpoint, self.device, self.meta, self.tensors = checkpoint, device, checkpoint.meta, {}
+
+    @staticmethod
+    def fits(checkpoint, device) -> bool:
+        import torch
+
+        if device.type != "cuda":
+            return False
+        total = sum(p.stat().st_size for p in checkpoint.files)
+        free, _ = torch.cuda.mem_get_info(device)
+        return total < 0.3 * free
+
+    def keep(self, key: str, tensor) -> None:
+        self.tensors[key] = tensor
+
+    def read(self, keys) -> dict:
+        missing = [k for k in keys if k not in self.tensors]
+        for key, tensor in (self.checkpoint.read(missing) if missing else {}).items():
+            self.tensors[key] = tensor.to(self.device)
+        return {k: self.tensors[k] for k in keys}

@@ -56,5 +56,4 @@ def parameter_targets(skeleton, adapter_dir) -> dict[str, tuple[str, tuple[int, 
         param = getattr(owner, name)
         full = re.sub(r"\.base_layer(?=\.|$)", "", path) + f".{name}"
         targets[path] = (full, tuple(param.shape), bool(getattr(owner, "is_transposed", False)))
-    model.unload() if hasattr(model, "unload") else None
     return targets

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from peftctl.errors import EXIT_SIGTERM, PeftctlError
 from peftctl.merge.common import TOKENIZER_FILES
 from peftctl.merge.deltas import apply_deltas, deltas_to
 from peftctl.merge.device import BackgroundWriter, GpuPipeline
-from peftctl.merge.safetensors_io import Checkpoint, ShardWriter, plan_output_shards, storage_dtype
+from peftctl.merge.safetensors_io import Checkpoint, ShardWriter, plan_output_shards, storage_dtype, sync_files
 
 
 class MergeStopped(PeftctlError):
@@ -23,10 +24,12 @@ class MergeStopped(PeftctlError):
 
 
 def write_merged_shards(base: Checkpoint, out: Path, deltas: dict, transform, out_dtype, limit: int, say,
-                        device="cpu", pipeline: bool | None = None):
+                        device="cpu", pipeline: bool | None = None, cache=None, syncs: list | None = None):
     """Stream every base tensor through `transform` (dequantisation) and its deltas into the output shards, on
     `device`, with the disk writes on a thread of their own (device.py has the pipeline). pipeline: read and write
-    through the chunked buffers (default: on a GPU; the tests run it on the CPU too)."""
+    through the chunked buffers (default: on a GPU; the tests run it on the CPU too). cache: a DeviceCache that
+    keeps each base tensor as read, for the verification. syncs: when a list, the shards are flushed to disk by a
+    thread appended to it (it runs while the merge verifies; join it before renaming into place)."""
     import torch
 
     plan = plan_output_shards(base, out_dtype, limit)
@@ -47,12 +50,14 @@ def write_merged_shards(base: Checkpoint, out: Path, deltas: dict, transform, ou
                 index = shard_of[key]
                 if index >= len(shards):  # shards follow the base's order: the previous one is complete
                     if shards:
-                        writer.submit(shards[-1].close)
+                        writer.submit(lambda shard=shards[-1]: shard.close(sync=False))
                     shards.append(ShardWriter(out / names[index], plan[index]))
                 if gpu is not None:
                     tensor = gpu.read(path, key, storage_dtype(base.meta[key][0]), base.shape(key))
                 else:
                     tensor = base.read([key])[key]
+                if cache is not None:
+                    cache.keep(key, tensor)
                 if transform is not None:
                     tensor = transform(key, tensor)
                 if key in deltas:
@@ -66,7 +71,7 @@ def write_merged_shards(base: Checkpoint, out: Path, deltas: dict, transform, ou
                     writer.submit(lambda shard=shards[-1], key=key, tensor=tensor: shard.write(key, tensor))
                 del tensor  # dropped as soon as it is written
         if shards:
-            writer.submit(shards[-1].close)
+            writer.submit(lambda shard=shards[-1]: shard.close(sync=False))
         writer.finish()
     except BaseException:
         writer.abandon()
@@ -75,6 +80,12 @@ def write_merged_shards(base: Checkpoint, out: Path, deltas: dict, transform, ou
         for shard in shards:
             if not shard.file.closed:
                 shard.file.close()
+    syncer = threading.Thread(target=sync_files, args=([shard.path for shard in shards],), name="peftctl-merge-sync")
+    syncer.start()
+    if syncs is None:
+        syncer.join()
+    else:
+        syncs.append(syncer)
     if n > 1:
         total = sum(nbytes for entries in plan for *_, nbytes in entries)
         index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in shard_of.items()}}
