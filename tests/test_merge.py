@@ -732,3 +732,15 @@ def test_a_gpu_merge_writes_what_the_cpu_merge_writes(quantized, base, trained, 
         theirs = cpu.read([key])[key]
         assert ((tensor.float() - theirs.float()).abs() <= theirs.float().abs() * 2.0**-7 + 1e-6).all(), key
         assert (tensor == theirs).float().mean() > 0.99, key
+
+
+def test_device_choices_are_checked_before_any_weight_is_read(base, trained, tmp_path, capsys):
+    run = trained("lora", base, method=dict(METHOD_SECTIONS["lora"]))
+    assert run_merge_command(run, tmp_path / "out", device="tpu") == 2
+    assert "--device tpu: expected auto, cuda, cpu" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert run_merge_command(run, tmp_path / "out", device="cuda") == 2
+        assert "torch sees no GPU" in capsys.readouterr().err
+        report = merge_adapter(run, tmp_path / "auto")  # auto: the CPU here, and the report says so
+        assert report.device == "cpu" and report.verification["device"] == "cpu"
+    assert not (tmp_path / "out").exists()
