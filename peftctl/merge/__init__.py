@@ -1,29 +1,37 @@
-"""`peftctl merge`: fold an adapter into its base model, one shard at a time, and prove the result.
+"""`peftctl merge`: fold an adapter into its base model, one tensor at a time, and prove the result.
 
-Read `merge_adapter` from top to bottom. The base is never loaded whole: its safetensors shards are read shard by
-shard and tensor by tensor (`safe_open` hands out views of the mapped file, released when the tensor is dropped),
-every tensor that an adapter touches gets its delta in float32, and each tensor is streamed into an output shard
-whose header was planned up front from the base's own headers. Peak memory is therefore a few tensors plus the
-adapter while merging, and about one decoder layer while verifying, whatever the model's size.
+Read `merge_adapter` from top to bottom; the package's modules, in the order it uses them:
+  inputs.py          arguments, the adapter and base folders (all checked before any weight is read)
+  safetensors_io.py  checkpoint headers, tensors, output shards planned up front and written tensor by tensor
+  layout.py          which checkpoint tensors hold each model parameter, from transformers' own mapping (tied heads,
+                     renamed modules, experts stored one tensor per expert but held as fused 3-D parameters)
+  deltas.py          the adapter as deltas on checkpoint tensors, and the float32 arithmetic that folds them in
+  quantized.py       the weights an adapter trained on a bitsandbytes base saw
+  device.py          --device, and the GPU pipeline (pinned buffers, a writer thread)
+  write.py           the output folder, built beside --out and renamed into place
+  verify.py          base + adapter against the merged shards, one decoder layer at a time
+  models.py          empty (meta) models and peft's wrappers around them, for names and structure
+
+The base is never loaded whole: on the CPU safetensors hands out views of the mapped file, released when the tensor
+is dropped; on the GPU tensors are read through pinned buffers straight into GPU memory. Every tensor an adapter
+touches gets its delta in float32 and is streamed into an output shard whose header was planned from the base's own
+headers. Peak host memory is a few tensors (or the pinned buffers) plus the adapter while merging, and about one
+decoder layer while verifying, whatever the model's size.
 
 What a merge does to one weight W (shape (out, in); GPT-2's Conv1D stores (in, out) and is transposed around it):
   LoRA, rsLoRA   W + s * B @ A             s = alpha / r (rsLoRA: alpha / sqrt(r)); r = A.shape[0]
   DoRA           m / ||V||_row * V         V = W + s * B @ A, m the learned magnitude per output row
   IA3            W * l                     l scales input columns (feed-forward targets) or output rows (+ bias)
+  experts        W_e + s * B_e @ A_e       peft's target_parameters: A (experts x r, in), B (out, r x experts)
 For an adapter trained on a quantised base, W is first quantised and dequantised exactly as bitsandbytes did when
 the base was loaded for training (default, `dequantized`): only that reproduces the function that was trained.
 `original` merges onto the unquantised weights and is off by one quantisation error. Nothing is merged into 4-bit
 weights. 8-bit bases: W becomes bitsandbytes' int8 weight dequantised (row-wise absmax / 127); bitsandbytes also
 quantises activations at run time in 8-bit layers, which no merged model can reproduce (the note says so).
 
-Verification streams a few token sequences through the model one decoder layer at a time, loading each layer's
-weights from shards just before it runs and dropping them after: once through peft's own adapter layers over the
-base weights (the reference, computed independently of the merge arithmetic above), once with them disabled (the
-base), and once through the merged shards as written. Everything computes in float32, so the difference measures
-the merge and the output dtype's rounding, nothing else. A merge fails with exit code 1, leaving nothing at --out,
-when its logits differ from base + adapter by more than the output dtype's tolerance (or, before rounding to a
-half-precision dtype, by more than float32 noise), when it equals the base model (an adapter that does nothing),
-or when rounding to the output dtype lost most of what the adapter changes.
+A merge fails with exit code 1, leaving nothing at --out, when its logits differ from base + adapter by more than
+what rounding to the output dtype explains (verify.py says how that is measured), when it equals the base model
+(an adapter that does nothing), or when rounding to the output dtype lost most of what the adapter changes.
 """
 
 from __future__ import annotations
