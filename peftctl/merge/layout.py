@@ -30,13 +30,14 @@ class Piece:
     elements: object = None  # LongTensor of flat element indices, for conversions that move the last dimension
 
 
-def checkpoint_layout(model, checkpoint_keys, params: dict | None = None, *, strict: bool = True
+def checkpoint_layout(model, checkpoint_meta, params: dict | None = None, *, strict: bool = True
                       ) -> dict[str, list[Piece]]:
-    """model parameter name -> the checkpoint tensors that hold it. Raises when one cannot be found.
+    """model parameter name -> the checkpoint tensors that hold it (checkpoint_meta: Checkpoint.meta, key ->
+    (dtype code, shape)). Raises when one cannot be found.
 
     strict=False leaves out the parameters it cannot find (the merge then refuses only an adapter that changes one).
     params: parameter name -> shape, when not the model's own (peft's wrapped layers, `.base_layer.` removed)."""
-    keys = set(checkpoint_keys)
+    keys = dict(checkpoint_meta)  # key -> (dtype code, shape)
     tied = tied_keys(model)
     layout: dict[str, list[Piece]] = {}
     unresolved: dict[str, tuple[int, ...]] = {}
@@ -84,7 +85,7 @@ def tied_keys(model) -> dict[str, str]:
     return {f"{out_name}.weight": f"{emb_name}.weight"}
 
 
-def _converted(model, name: str, shape: tuple[int, ...], keys: set[str]) -> list[Piece]:
+def _converted(model, name: str, shape: tuple[int, ...], keys: dict) -> list[Piece]:
     """The checkpoint tensors transformers' reverse conversion makes of parameter `name`, with the rows they hold."""
     import torch
 
@@ -92,13 +93,15 @@ def _converted(model, name: str, shape: tuple[int, ...], keys: set[str]) -> list
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:  # a transformers without conversions stores every parameter under its own name
         return []
+    last = shape[-1] if shape else 1
     rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
     probe = torch.arange(rows, dtype=torch.int64).reshape(*(shape[:-1] if len(shape) > 1 else (1,)), 1)
     try:
         reverted = revert_weight_conversion(model, {name: probe})
     except Exception:  # noqa: BLE001 - a conversion that needs the real last dimension: probe every element
         reverted = None
-    if reverted is not None and all(k in keys for k in reverted) and all(t.shape[-1] == 1 for t in reverted.values()):
+    if reverted is not None and all(_holds_rows(keys.get(k), t, last) for k, t in reverted.items()):
+        # (some transformers versions squeeze the probe's last dimension away: count elements, not shapes)
         return [Piece(key, name, rows=t.reshape(-1).clone()) for key, t in reverted.items()]
     if math.prod(shape) > FULL_PROBE_LIMIT:
         return []
@@ -107,9 +110,18 @@ def _converted(model, name: str, shape: tuple[int, ...], keys: set[str]) -> list
         reverted = revert_weight_conversion(model, {name: probe})
     except Exception:  # noqa: BLE001
         return []
-    if not all(k in keys for k in reverted):
+    if not all(k in keys and math.prod(keys[k][1]) == t.numel() for k, t in reverted.items()):
         return []
     return [Piece(key, name, elements=t.clone()) for key, t in reverted.items()]
+
+
+def _holds_rows(entry, piece, last: int) -> bool:
+    """The checkpoint tensor (dtype code, shape) is whole rows of the parameter: its last dimension is the
+    parameter's and it has as many rows as the reverted probe has entries."""
+    if entry is None:
+        return False
+    shape = tuple(entry[1])
+    return bool(shape) and shape[-1] == last and math.prod(shape[:-1]) == piece.numel()
 
 
 def assemble(shape: tuple[int, ...], pieces: list[Piece], tensors: dict):
