@@ -55,7 +55,7 @@ def write_merged_shards(base: Checkpoint, out: Path, deltas: dict, transform, ou
                 if gpu is not None:
                     tensor = gpu.read(path, key, storage_dtype(base.meta[key][0]), base.shape(key))
                 else:
-                    tensor = base.read([key])[key]
+                    tensor = base.read([key])[key].to(device)  # (a no-op on the CPU)
                 if cache is not None:
                     cache.keep(key, tensor)
                 if transform is not None:
@@ -68,7 +68,7 @@ def write_merged_shards(base: Checkpoint, out: Path, deltas: dict, transform, ou
                 if gpu is not None:
                     gpu.write(writer, shards[-1], key, tensor)
                 else:
-                    writer.submit(lambda shard=shards[-1], key=key, tensor=tensor: shard.write(key, tensor))
+                    writer.submit(lambda shard=shards[-1], key=key, tensor=tensor.cpu(): shard.write(key, tensor))
                 del tensor  # dropped as soon as it is written
         if shards:
             writer.submit(lambda shard=shards[-1]: shard.close(sync=False))
