@@ -611,7 +611,17 @@ FAMILIES = {
     "qwen3_moe": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       head_dim=16, intermediate_size=96, moe_intermediate_size=48, num_experts=4,
                       num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[]),
+    # experts stored (experts, in, out) (is_transposed) and fused on disk too, with expert biases
+    "gpt_oss": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
+                    layer_types=["sliding_attention", "full_attention"]),
+    # square expert matrices (2 x 32 = 64 = hidden), a dense first layer, a shared expert, low-rank attention
+    "deepseek_v3": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                        intermediate_size=96, moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1,
+                        num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32,
+                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1),
 }
+MOE = ("mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3")
 EXPERT_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
 
 
@@ -630,7 +640,7 @@ def family_model(family: str, folder: Path) -> Path:
 def family_lora(model: Path, family: str, out: Path) -> Path:
     from peft import LoraConfig, get_peft_model
 
-    moe = family in ("mixtral", "qwen3_moe")
+    moe = family in MOE
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False,
                         target_parameters=EXPERT_PARAMETERS if moe else None)
     torch.manual_seed(1)
@@ -644,10 +654,11 @@ def family_lora(model: Path, family: str, out: Path) -> Path:
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_family_merges_like_stock_peft(family, tmp_path):
-    """GPT-NeoX's head is embed_out and its qkv fused, Phi-3 fuses qkv_proj, Falcon ties its head, Mixtral and
-    Qwen3-MoE hold experts as fused 3-D parameters stored one tensor per expert: the merge reads each name from
-    the model, folds expert adapters (peft's target_parameters) and verifies; stock peft's merge_and_unload
-    computes the same logits, and the merged folder keeps the base's tensor names."""
+    """GPT-NeoX's head is embed_out and its qkv fused, Phi-3 fuses qkv_proj, Falcon ties its head, Mixtral,
+    Qwen3-MoE and DeepSeek-V3 hold experts as fused 3-D parameters stored one tensor per expert, gpt-oss stores them
+    fused and transposed: the merge reads each name from the model, folds expert adapters (peft's
+    target_parameters) and verifies; stock peft's merge_and_unload computes the same logits, and the merged folder
+    keeps the base's tensor names."""
     from peft import PeftModel
 
     model = family_model(family, tmp_path / "base")
@@ -661,8 +672,8 @@ def test_every_family_merges_like_stock_peft(family, tmp_path):
     assert relative(logits(merged, ids), logits(stock, ids)) < 1e-5
     assert relative(logits(merged, ids), logits(load_plain(model), ids)) > 1e-4
     assert set(Checkpoint(tmp_path / "merged").meta) == set(Checkpoint(model).meta)
-    if family in ("mixtral", "qwen3_moe"):
-        changed = [k for k, (code, _) in Checkpoint(model).meta.items() if ".experts." in k]
+    if family in MOE:
+        changed = [k for k, (code, _) in Checkpoint(model).meta.items() if ".experts." in k and "bias" not in k]
         before, after = Checkpoint(model).read(changed), Checkpoint(tmp_path / "merged").read(changed)
         assert all(not torch.equal(before[k], after[k]) for k in changed)  # every expert got its delta
 
