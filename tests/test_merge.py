@@ -760,3 +760,22 @@ def test_device_choices_are_checked_before_any_weight_is_read(base, trained, tmp
         report = merge_adapter(run, tmp_path / "auto")  # auto: the CPU here, and the report says so
         assert report.device == "cpu" and report.verification["device"] == "cpu"
     assert not (tmp_path / "out").exists()
+
+
+def test_the_merge_computes_in_full_float32_and_restores_the_setting(base, trained, tmp_path, monkeypatch):
+    """A training process may switch TF32 on (10-bit mantissa in float32 matmuls on the GPU): the merge and its
+    verification run at full float32 precision, and the caller's setting comes back afterwards."""
+    import peftctl.merge.write as write
+
+    run = trained("lora", base, method=dict(METHOD_SECTIONS["lora"]))
+    seen = []
+    real = write.apply_deltas
+    monkeypatch.setattr(write, "apply_deltas", lambda *a: seen.append(torch.get_float32_matmul_precision()) or real(*a))
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        merge_adapter(run, tmp_path / "merged", device="cpu")
+        assert seen and set(seen) == {"highest"}
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -45,12 +45,13 @@ from typing import Callable
 from peftctl.errors import InvalidInput
 from peftctl.merge.common import (ADAPTER_INFO, DEVICES, FROM_QUANTIZED, MERGE_INFO, OUTPUT_DTYPES,  # noqa: F401
                                   TOKENIZER_FILES)
-from peftctl.merge.device import DeviceCache, resolve_device
+from peftctl.merge.device import DeviceCache, full_float32, resolve_device
 from peftctl.merge.layout import checkpoint_layout
 from peftctl.merge.deltas import Delta, apply_deltas, plan_deltas  # noqa: F401
 from peftctl.merge.inputs import (adapter_folder, adapter_info, check_out_dir, mergeable, parse_size,  # noqa: F401
                                   resolve_base)
-from peftctl.merge.quantized import _quant_note, dequantized_weight, quantized_weights, weight_transform  # noqa: F401
+from peftctl.merge.quantized import (_quant_note, by_checkpoint_key, dequantized_weight, quantized_weights,  # noqa: F401
+                                     weight_transform)
 from peftctl.merge.safetensors_io import Checkpoint, ShardWriter  # noqa: F401
 from peftctl.merge.models import empty_model, parameter_targets  # noqa: F401
 from peftctl.merge.verify import (VerificationFailed, adapter_model, check_verification, stream_logits,  # noqa: F401
@@ -148,16 +149,14 @@ def merge_adapter(adapter_dir, out_dir, *, base: str | None = None, dtype: str |
                              else base_ckpt.dtype_name(base_config))
         quant = {**quant, "load_dtype": load_dtype}
         if from_quantized == "dequantized":
-            quantized = quantized_weights(model_config, quant, trust_remote_code=trust)
-            quantized = {piece.key: transposed for name, transposed in quantized.items()
-                         for piece in layout.get(name, []) if piece.rows is None and piece.elements is None}
+            quantized = by_checkpoint_key(quantized_weights(model_config, quant, trust_remote_code=trust), layout)
             transform = weight_transform(quant, quantized)
             merge_report.notes.append(_quant_note(quant))
         else:
             merge_report.notes.append(f"merged onto the original weights, not the {quant['bits']}-bit ones the "
                                       "adapter was trained on: off by about one quantisation error")
 
-    with _stop_on_sigterm(), staging_dir(out_dir) as tmp:
+    with _stop_on_sigterm(), full_float32(), staging_dir(out_dir) as tmp:
         cache = DeviceCache(base_ckpt, target) if verify and DeviceCache.fits(base_ckpt, target) else None
         syncs: list = []  # the shards go to disk while the merge verifies
         try:

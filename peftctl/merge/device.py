@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import queue
+from contextlib import contextmanager
 import struct
 import threading
 from pathlib import Path
@@ -31,6 +32,22 @@ def resolve_device(name: str):
     if not torch.cuda.is_available():
         raise InvalidInput("--device cuda: torch sees no GPU on this machine", hint="use --device cpu (or auto)")
     return torch.device("cuda", torch.cuda.current_device())
+
+
+@contextmanager
+def full_float32():
+    """float32 matrix products in full precision while merging and verifying: TF32 (which a training process may
+    have switched on) rounds inputs to 10 bits of mantissa, far above the float32 noise that verification allows."""
+    import torch
+
+    precision, allow = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cuda.matmul.allow_tf32 = allow
 
 
 class BackgroundWriter:

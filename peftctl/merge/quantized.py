@@ -37,6 +37,12 @@ def quantized_weights(config, quant: dict, *, trust_remote_code: bool = False) -
     return found
 
 
+def by_checkpoint_key(quantized: dict[str, bool], layout: dict) -> dict[str, bool]:
+    """quantized_weights' model parameter names -> the checkpoint keys that hold them whole (layout.py)."""
+    return {piece.key: transposed for name, transposed in quantized.items()
+            for piece in layout.get(name, []) if piece.rows is None and piece.elements is None}
+
+
 def weight_transform(quant: dict, quantized: dict[str, bool]):
     """(key, tensor) -> tensor: the weights bitsandbytes quantises come back as its dequantised values, bit for bit
     (cast to the dtype the base was loaded in, quantised, dequantised; Conv1D weights transposed around it)."""

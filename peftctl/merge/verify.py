@@ -24,7 +24,7 @@ from peftctl.errors import InvalidInput, PeftctlError
 from peftctl.merge.deltas import apply_deltas
 from peftctl.merge.layout import assemble, checkpoint_layout
 from peftctl.merge.models import empty_model
-from peftctl.merge.quantized import quantized_weights, weight_transform
+from peftctl.merge.quantized import by_checkpoint_key, quantized_weights, weight_transform
 from peftctl.merge.safetensors_io import Checkpoint
 
 FLOAT32_TOLERANCE = 1e-4  # relative logit difference of float32 rounding noise (measured ~1e-7 on tiny models)
@@ -97,7 +97,8 @@ def verify_merge(base: Checkpoint, merged: Checkpoint, adapter_dir: Path, config
         result["tolerance"] = result["rounding_relative_diff"] + 2 * FLOAT32_TOLERANCE
     if quant and transform is None:
         # What training saw: the quantised base + adapter. This merge drops that quantisation error on purpose.
-        quantized = quantized_weights(config, quant, trust_remote_code=trust_remote_code)
+        quantized = by_checkpoint_key(quantized_weights(config, quant, trust_remote_code=trust_remote_code),
+                                      checkpoint_layout(empty(), base.meta, strict=False))
         trained_weights = in_out_dtype(weight_transform(quant, quantized))
         trained = run(reference, base, trained_weights)
         with reference.disable_adapter():
