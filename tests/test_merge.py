@@ -701,6 +701,11 @@ def test_the_gpu_pipeline_writes_what_the_cpu_path_writes(base, trained, tmp_pat
         assert shards > 1 and merged == len(deltas)
         written[pipeline] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
     assert written[True] == written[False]
+    # The verification's reader on the GPU: the same tensors as safetensors' own, read through the buffers.
+    piped = device.PipelinedCheckpoint(checkpoint, device.GpuPipeline(torch.device("cpu")))
+    keys = list(checkpoint.meta)
+    theirs, ours = checkpoint.read(keys), piped.read(keys)
+    assert all(torch.equal(theirs[k], ours[k]) and theirs[k].dtype == ours[k].dtype for k in keys)
 
 
 def test_a_failing_writer_stops_the_merge(base, trained, tmp_path, monkeypatch):

@@ -119,7 +119,7 @@ class GpuPipeline:
         self.stream = torch.cuda.current_stream(device) if self.cuda else None
         self.inputs = [torch.empty(CHUNK, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)]
         self.input_done = [None, None]
-        self.outputs = [torch.empty(CHUNK, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)]
+        self.outputs = None  # allocated by the first write: verification only reads
         self.output_free = [threading.Event(), threading.Event()]
         for event in self.output_free:
             event.set()
@@ -162,6 +162,8 @@ class GpuPipeline:
         flat = tensor.detach().contiguous().reshape(-1)
         data = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8, device=self.device)
         shape, dtype = tuple(tensor.shape), tensor.dtype
+        if self.outputs is None:
+            self.outputs = [torch.empty(CHUNK, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)]
         writer.submit(lambda: shard.begin(key, shape, dtype))
         for done in range(0, data.numel(), CHUNK):
             n = min(CHUNK, data.numel() - done)
@@ -217,3 +219,20 @@ class DeviceCache:
         for key, tensor in (self.checkpoint.read(missing) if missing else {}).items():
             self.tensors[key] = tensor.to(self.device)
         return {k: self.tensors[k] for k in keys}
+
+
+class PipelinedCheckpoint:
+    """A checkpoint read through a GpuPipeline: tensors arrive on the GPU through the pinned buffers, without
+    mapping the file (a 16 GB single-file checkpoint read through its mapping is slower and counts as resident)."""
+
+    def __init__(self, checkpoint, pipeline: GpuPipeline):
+        self.checkpoint, self.pipeline, self.meta = checkpoint, pipeline, checkpoint.meta
+
+    def read(self, keys) -> dict:
+        from peftctl.merge.safetensors_io import storage_dtype
+
+        out = {}
+        for key in keys:
+            code, shape = self.meta[key]
+            out[key] = self.pipeline.read(self.checkpoint.file_of[key], key, storage_dtype(code), shape)
+        return out

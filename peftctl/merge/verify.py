@@ -22,6 +22,7 @@ from pathlib import Path
 
 from peftctl.errors import InvalidInput, PeftctlError
 from peftctl.merge.deltas import apply_deltas
+from peftctl.merge.device import DeviceCache, GpuPipeline, PipelinedCheckpoint
 from peftctl.merge.layout import assemble, checkpoint_layout
 from peftctl.merge.models import empty_model
 from peftctl.merge.quantized import by_checkpoint_key, quantized_weights, weight_transform
@@ -57,6 +58,11 @@ def verify_merge(base: Checkpoint, merged: Checkpoint, adapter_dir: Path, config
             tensor = weights(key, tensor) if weights else tensor
             return tensor.to(out_dtype) if tensor.is_floating_point() else tensor
         return convert
+
+    if torch.device(device).type == "cuda":  # read straight into GPU memory (a DeviceCache is there already)
+        pipeline = GpuPipeline(torch.device(device))
+        merged = PipelinedCheckpoint(merged, pipeline)
+        base = base if isinstance(base, DeviceCache) else PipelinedCheckpoint(base, pipeline)
 
     def run(model, source, weights):
         return stream_logits(model, source, ids, weights, notes, device=device)
