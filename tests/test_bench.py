@@ -201,3 +201,21 @@ def test_lora_branch_benchmark_runs_both_paths_and_takes_the_fused_one():
         assert calls == repeats + 3  # warm-up calls included
         assert out_diff < 2e-2 and grad_x_diff < 2e-2 and grad_a_diff < 2e-2, row  # bf16 rounding at most
     assert "layer sum" in done.stdout
+
+
+@pytest.mark.slow
+def test_merge_benchmark_runs_every_side_on_the_cpu(tmp_path):
+    """scripts/bench_merge.py shrunk on the CPU: plain peft and peftctl's LoRA and QLoRA merges all complete, the
+    peftctl ones verified (within their tolerance), with times and host peaks in the report."""
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_merge.py"), "--shrink", "64", "--device",
+                           "cpu", "--out", str(tmp_path)], capture_output=True, text=True, cwd=str(REPO), timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "bench_merge.json").read_text())
+    assert list(report["sides"]) == ["plain peft", "peftctl LoRA", "peftctl QLoRA"]
+    for name, side in report["sides"].items():
+        assert side["status"] == "completed" and side["seconds"] > 0 and side["host_peak_bytes"] > 0, name
+        assert side["output_bytes"] > 0.9 * report["base_bytes"], name  # a whole bf16 model was written
+    for name in ("peftctl LoRA", "peftctl QLoRA"):
+        check = report["sides"][name]["verification"]
+        assert check["relative_diff"] <= check["tolerance"] and check["base_relative_diff"] > 1e-4, name
+    assert "| peftctl QLoRA |" in (tmp_path / "bench_merge.md").read_text()

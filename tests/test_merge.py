@@ -1,6 +1,8 @@
-"""`peftctl merge`: merged logits equal base + adapter for every mergeable method and for quantised bases, the
-output is an ordinary model folder, verification catches an adapter that does nothing, nothing half-written is
-ever left at --out, refusals exit 2, and peak memory stays near one shard (slow test)."""
+"""`peftctl merge`: merged logits equal base + adapter for every mergeable method, quantised bases and model family
+(GPT-NeoX, Phi-3, Falcon, Mixtral, Qwen3-MoE experts), the bf16 tolerance follows from rounding while a wrong merge
+still fails, the GPU pipeline writes what the CPU path writes, the output is an ordinary model folder, verification
+catches an adapter that does nothing, nothing half-written is ever left at --out, refusals exit 2, and peak memory
+stays near one shard (slow test)."""
 
 from __future__ import annotations
 
@@ -239,11 +241,13 @@ def test_8bit_adapters_merge_onto_the_int8_weights(base, trained, tmp_path):
     assert onto_int8 < onto_original  # closer to what was trained, though not equal (inputs are quantised)
 
 
-def test_half_precision_output_checks_the_arithmetic_before_rounding(base, trained, tmp_path):
-    run = trained("lora", base, method=dict(METHOD_SECTIONS["lora"]))
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+def test_half_precision_output_checks_the_arithmetic_before_rounding(method, base, trained, tmp_path):
+    run = trained(method, base, method=dict(METHOD_SECTIONS[method]))
     report = merge_adapter(run, tmp_path / "bf16", dtype="bfloat16", max_shard_size="200KB")
     check = report.verification
     assert check["float32_relative_diff"] < 1e-5 and check["relative_diff"] < check["tolerance"]
+    assert check["written_relative_diff"] < 1e-6 and check["rounding_relative_diff"] > 0
     config = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert config["dtype"] == "bfloat16"
     merged = Checkpoint(tmp_path / "bf16")
@@ -540,3 +544,243 @@ def test_peak_memory_stays_near_one_shard(tiny_model, base, trained, tmp_path):
     print(f"model {model_bytes / 1e6:.0f} MB, largest shard {largest / 1e6:.0f} MB, imports {baseline / 1e6:.0f} MB, "
           f"merge + verify peak {peak / 1e6:.0f} MB (+{extra / 1e6:.0f} MB)")
     assert extra < 2 * largest and extra < 0.5 * model_bytes
+
+
+# --- the tolerance follows from rounding, and a wrong merge still fails ------------------------------------------
+
+
+def strong_lora(model: Path, out: Path, std: float = 0.5) -> Path:
+    """The issue's adapter: stock peft, r 16, alpha 64, all-linear, B drawn with std 0.5 (a large effect)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(load_plain(model), LoraConfig(r=16, lora_alpha=64, target_modules="all-linear",
+                                                                task_type="CAUSAL_LM"))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=std)
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+def test_a_strong_adapter_merged_in_bfloat16_verifies(base, tmp_path):
+    """Rounding the merged weights to bf16 moves the logits of a strong adapter by ~0.1: that is the tolerance (plus
+    float32 noise), while the arithmetic before rounding and the written shards are checked at float32 noise."""
+    adapter = strong_lora(base, tmp_path / "strong")
+    report = merge_adapter(adapter, tmp_path / "merged", dtype="bfloat16", base=str(base), device="cpu")
+    check = report.verification
+    assert check["relative_diff"] > 0.05  # the fixed tolerance of old refused this correct merge
+    assert check["relative_diff"] <= check["tolerance"] <= check["rounding_relative_diff"] + 2.01e-4
+    assert check["float32_relative_diff"] < 1e-4 and check["written_relative_diff"] < 1e-6
+    from peft import PeftModel
+
+    stock = PeftModel.from_pretrained(load_plain(base), str(adapter)).merge_and_unload().state_dict()
+    ours = Checkpoint(tmp_path / "merged")
+    for key, tensor in ours.read(list(ours.meta)).items():  # stock peft's merge, rounded to bf16: the same weights
+        theirs = stock[key].to(torch.bfloat16)
+        ulp = theirs.float().abs() * 2.0**-7
+        assert ((tensor.float() - theirs.float()).abs() <= ulp).all(), key  # at most one bf16 step apart
+        assert (tensor == theirs).float().mean() > 0.99, key
+
+
+def test_a_wrong_merge_fails_verification(base, tmp_path, monkeypatch, capsys):
+    """A merge whose arithmetic is off (here: the delta applied twice in the written shards) is refused with exit 1
+    even in bf16, where rounding alone moves the logits a lot: the shards must equal the merge rounded in memory."""
+    import peftctl.merge.write as write
+
+    adapter = strong_lora(base, tmp_path / "strong", std=0.05)
+    real = write.apply_deltas
+    monkeypatch.setattr(write, "apply_deltas", lambda tensor, deltas: real(real(tensor, deltas), deltas))
+    out = tmp_path / "merged"
+    assert run_merge_command(adapter, out, dtype="bfloat16", base=str(base), device="cpu") == 1
+    assert "verification failed" in capsys.readouterr().err and not out.exists() and not leftovers(out)
+
+
+# --- model families: names from the model's own mapping ----------------------------------------------------------
+
+
+FAMILIES = {
+    "gpt_neox": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                     tie_word_embeddings=False),
+    "phi3": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, pad_token_id=0),
+    "falcon": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, new_decoder_architecture=True,
+                   num_kv_heads=2),
+    "mixtral": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=48, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=16, intermediate_size=96, moe_intermediate_size=48, num_experts=4,
+                      num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[]),
+    # experts stored (experts, in, out) (is_transposed) and fused on disk too, with expert biases
+    "gpt_oss": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
+                    layer_types=["sliding_attention", "full_attention"]),
+    # square expert matrices (2 x 32 = 64 = hidden), a dense first layer, a shared expert, low-rank attention
+    "deepseek_v3": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                        intermediate_size=96, moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1,
+                        num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32,
+                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1),
+}
+MOE = ("mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3")
+EXPERT_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
+
+
+def family_model(family: str, folder: Path) -> Path:
+    """A tiny random model of `family` from transformers' own config, saved as save_pretrained saves it (for MoE:
+    one tensor per expert, as on the hub)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, vocab_size=256, max_position_embeddings=128, initializer_range=0.2,
+                                  **FAMILIES[family])
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(folder))
+    return folder
+
+
+def family_lora(model: Path, family: str, out: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    moe = family in MOE
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False,
+                        target_parameters=EXPERT_PARAMETERS if moe else None)
+    torch.manual_seed(1)
+    peft_model = get_peft_model(load_plain(model), config)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_merges_like_stock_peft(family, tmp_path):
+    """GPT-NeoX's head is embed_out and its qkv fused, Phi-3 fuses qkv_proj, Falcon ties its head, Mixtral,
+    Qwen3-MoE and DeepSeek-V3 hold experts as fused 3-D parameters stored one tensor per expert, gpt-oss stores them
+    fused and transposed: the merge reads each name from the model, folds expert adapters (peft's
+    target_parameters) and verifies; stock peft's merge_and_unload computes the same logits, and the merged folder
+    keeps the base's tensor names."""
+    from peft import PeftModel
+
+    model = family_model(family, tmp_path / "base")
+    adapter = family_lora(model, family, tmp_path / "adapter")
+    report = merge_adapter(adapter, tmp_path / "merged", base=str(model), device="cpu")
+    check = report.verification
+    assert check["relative_diff"] < 1e-5 and check["base_relative_diff"] > 1e-4, check
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
+    stock = PeftModel.from_pretrained(load_plain(model), str(adapter)).merge_and_unload().eval()
+    merged = load_plain(tmp_path / "merged")
+    assert relative(logits(merged, ids), logits(stock, ids)) < 1e-5
+    assert relative(logits(merged, ids), logits(load_plain(model), ids)) > 1e-4
+    assert set(Checkpoint(tmp_path / "merged").meta) == set(Checkpoint(model).meta)
+    if family in MOE:
+        changed = [k for k, (code, _) in Checkpoint(model).meta.items() if ".experts." in k and "bias" not in k]
+        before, after = Checkpoint(model).read(changed), Checkpoint(tmp_path / "merged").read(changed)
+        assert all(not torch.equal(before[k], after[k]) for k in changed)  # every expert got its delta
+
+
+def test_the_gpu_pipeline_writes_what_the_cpu_path_writes(base, trained, tmp_path, monkeypatch):
+    """The GPU path's reader (the file's own header offsets, chunked reads) and writer (chunks through two
+    buffers, a writer thread) run on the CPU too, without pinning: with tiny chunks, so that tensors span several,
+    the shards come out byte for byte as the plain path writes them."""
+    import peftctl.merge.device as device
+    from peftctl.merge.deltas import plan_deltas
+    from peftctl.merge.write import write_merged_shards
+
+    run = trained("lora", base, method=dict(METHOD_SECTIONS["lora"]))
+    adapter = run / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    checkpoint = Checkpoint(base)
+    deltas = plan_deltas(adapter, "lora", config, checkpoint)
+    monkeypatch.setattr(device, "CHUNK", 1000)
+    written = {}
+    for pipeline in (False, True):
+        out = tmp_path / str(pipeline)
+        out.mkdir()
+        shards, merged = write_merged_shards(checkpoint, out, deltas, None, torch.bfloat16, 300_000, lambda m: None,
+                                             pipeline=pipeline)
+        assert shards > 1 and merged == len(deltas)
+        written[pipeline] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    assert written[True] == written[False]
+    # The verification's reader on the GPU: the same tensors as safetensors' own, read through the buffers.
+    piped = device.PipelinedCheckpoint(checkpoint, device.GpuPipeline(torch.device("cpu")))
+    keys = list(checkpoint.meta)
+    theirs, ours = checkpoint.read(keys), piped.read(keys)
+    assert all(torch.equal(theirs[k], ours[k]) and theirs[k].dtype == ours[k].dtype for k in keys)
+
+
+def test_a_failing_writer_stops_the_merge(base, trained, tmp_path, monkeypatch):
+    """A disk error on the writer thread (here: a write that raises) reaches the caller, which waits for no
+    buffer the writer will never free."""
+    import peftctl.merge.device as device
+    from peftctl.merge.safetensors_io import ShardWriter
+    from peftctl.merge.write import write_merged_shards
+
+    monkeypatch.setattr(device, "CHUNK", 1000)
+
+    def full(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ShardWriter, "append", full)
+    for pipeline in (False, True):
+        out = tmp_path / str(pipeline)
+        out.mkdir()
+        with pytest.raises(OSError, match="No space"):
+            write_merged_shards(Checkpoint(base), out, {}, None, torch.float32, 10**9, lambda m: None,
+                                pipeline=pipeline)
+
+
+# --- on the GPU (run on the GPU machine with -m gpu) -------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("quantized", [False, True])
+def test_a_gpu_merge_writes_what_the_cpu_merge_writes(quantized, base, trained, tmp_path):
+    """--device cuda (bitsandbytes' GPU kernels for NF4) gives the CPU merge's weights: the same bf16 tensors up to
+    a last-bit difference in a few (float32 arithmetic on another device), and it verifies on the GPU."""
+    if quantized:
+        run = trained("qlora-gpu", base, method={"name": "qlora", "targets": "all-linear"}, quantization=QLORA)
+    else:
+        run = trained("lora", base, method=dict(METHOD_SECTIONS["lora"]))
+    on_gpu = merge_adapter(run, tmp_path / "gpu", dtype="bfloat16", device="cuda")
+    merge_adapter(run, tmp_path / "cpu", dtype="bfloat16", device="cpu")
+    assert on_gpu.device.startswith("cuda") and on_gpu.verification["device"].startswith("cuda")
+    assert on_gpu.verification["written_relative_diff"] < 1e-4
+    gpu, cpu = Checkpoint(tmp_path / "gpu"), Checkpoint(tmp_path / "cpu")
+    assert set(gpu.meta) == set(cpu.meta)
+    for key, tensor in gpu.read(list(gpu.meta)).items():
+        theirs = cpu.read([key])[key]
+        if not quantized:  # NF4 on another device may pick the neighbouring code for a value on a boundary
+            assert ((tensor.float() - theirs.float()).abs() <= theirs.float().abs() * 2.0**-7 + 1e-6).all(), key
+        assert (tensor == theirs).float().mean() > 0.99, key
+
+
+def test_device_choices_are_checked_before_any_weight_is_read(base, trained, tmp_path, capsys):
+    run = trained("lora", base, method=dict(METHOD_SECTIONS["lora"]))
+    assert run_merge_command(run, tmp_path / "out", device="tpu") == 2
+    assert "--device tpu: expected auto, cuda, cpu" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert run_merge_command(run, tmp_path / "out", device="cuda") == 2
+        assert "torch sees no GPU" in capsys.readouterr().err
+        report = merge_adapter(run, tmp_path / "auto")  # auto: the CPU here, and the report says so
+        assert report.device == "cpu" and report.verification["device"] == "cpu"
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_merge_computes_in_full_float32_and_restores_the_setting(base, trained, tmp_path, monkeypatch):
+    """A training process may switch TF32 on (10-bit mantissa in float32 matmuls on the GPU): the merge and its
+    verification run at full float32 precision, and the caller's setting comes back afterwards."""
+    import peftctl.merge.write as write
+
+    run = trained("lora", base, method=dict(METHOD_SECTIONS["lora"]))
+    seen = []
+    real = write.apply_deltas
+    monkeypatch.setattr(write, "apply_deltas", lambda *a: seen.append(torch.get_float32_matmul_precision()) or real(*a))
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        merge_adapter(run, tmp_path / "merged", device="cpu")
+        assert seen and set(seen) == {"highest"}
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)

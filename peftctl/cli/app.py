@@ -119,6 +119,8 @@ def merge(
                                        "or the original ones. 8-bit bases: dequantized uses bitsandbytes' int8 "
                                        "weights (its run-time input quantisation cannot be merged)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+    device: str = typer.Option("auto", "--device", help="Where to merge and verify: auto (the GPU when there is "
+                               "one), cuda or cpu."),
     trust_remote_code: bool = TrustRemoteCodeOption,
 ) -> None:
     """Fold an adapter into its base model and write an ordinary model folder."""
@@ -126,7 +128,7 @@ def merge(
 
     _exit(run_guarded(lambda: command.run(adapter_dir, out, base=base, dtype=dtype, verify=verify,
                                           max_shard_size=max_shard_size, from_quantized=from_quantized,
-                                          force=force, trust_remote_code=trust_remote_code)))
+                                          force=force, device=device, trust_remote_code=trust_remote_code)))
 
 
 @app.command("count-params", cls=PlainHelpCommand)
