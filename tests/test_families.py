@@ -7,7 +7,7 @@ in-process with `targets: all-linear`, the default dropout and `packing: auto`, 
 - stock transformers + peft reload the saved adapter to the trained model's logits;
 - (slow) merge verifies, and generate runs on the adapter and on the merged model.
 MoE families also show their expert rows by module path. One cell per family runs by default; merge and generate
-under `-m slow`. Cells that fail only because merge.py reads Llama's tensor names are xfail until that work lands.
+under `-m slow`.
 """
 
 from __future__ import annotations
@@ -28,10 +28,6 @@ TASK = [
     {"instruction": "Repeat the word 2 times.", "input": "candle", "output": "candle candle"},
 ]
 NO_PACKING = {"gpt_oss": "sinks and sliding windows ignore per-example positions"}
-MERGE_NAMING = {  # merge.py assumes Llama's tensor names / no expert tensors (other branch)
-    "gpt_neox": "output head embed_out",
-    **{f: "expert tensors (target_parameters)" for f in MOE_FAMILIES},
-}
 
 
 @pytest.fixture(scope="module")
@@ -127,13 +123,8 @@ def test_family_trains_counts_and_reloads(family, runs):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def _merge_cells():
-    return [pytest.param(f, marks=pytest.mark.xfail(strict=False, reason="merge naming: other branch"))
-            if f in MERGE_NAMING else f for f in FAMILIES]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("family", _merge_cells())
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_merges_and_verifies(family, runs, tmp_path):
     from peftctl.merge import merge_adapter
 
