@@ -214,6 +214,7 @@ def model_shape(model, config, recipe) -> ModelShape:
         qk_norm = any(n.rsplit(".", 1)[-1] in ("q_norm", "k_norm") for n in norm_names)
         norms = sum(1 for n in norm_names if "." not in n) or 2
         leaf_names = {n.rsplit(".", 1)[-1] for n, _ in layer0.named_modules()}
+        leaf_names |= {n.rsplit(".", 1)[-1] for n, _ in layer0.named_parameters()}  # fused experts' gate_up_proj
         gated = bool(leaf_names & {"gate_proj", "gate_up_proj", "w1", "w3"})
     activation = str(getattr(text, "hidden_act", None) or getattr(text, "activation_function", "") or "")
     mlp_saved = GATED_MLP_SAVED if gated else ACT_FN_SAVED.get(activation, 1)
