@@ -156,7 +156,9 @@ def _moe_shape(model, text) -> dict:
     the other weights), but a token's activations follow its top-k routed experts (and the shared ones), and
     peft's parameter wrapper materialises W + B @ A of each adapted expert tensor at every forward, which the
     grouped matmul keeps for the backward pass."""
-    experts = [(n, p) for n, p in model.named_parameters() if p.ndim == 3 and "lora_" not in n]
+    from peftctl.methods.moe import is_expert_tensor
+
+    experts = [(n, p) for n, p in model.named_parameters() if is_expert_tensor(n, p)]
     if not experts:
         return {}
     total = experts[0][1].shape[0]

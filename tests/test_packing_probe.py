@@ -124,3 +124,23 @@ def test_probe_refuses_attention_that_lets_packed_examples_meet(family, leak, no
         _noisy_logits(model, 0.01)
     isolated, difference, contamination = check_packing_isolation(model, "cpu", VOCAB)
     assert not isolated and difference > 0.5 * contamination, (difference, contamination)
+
+
+def test_probe_refuses_linear_attention_whose_state_runs_across_examples():
+    """Qwen3-Next: the gated delta rule's state and its short convolution run along the row, whatever the
+    position_ids say. The leak is real (far above float32 noise) though small with random weights."""
+    import torch
+
+    from peftctl.model import carries_state_along_the_row, check_packing_isolation
+
+    model = _model("qwen3_next", 0)
+    assert carries_state_along_the_row(model) and not carries_state_along_the_row(_model("mixtral", 0))
+    isolated, difference, contamination = check_packing_isolation(model, "cpu", VOCAB)
+    assert not isolated and difference > 1e-3 * contamination, (difference, contamination)
+    gen = torch.Generator().manual_seed(1)
+    a, b = (torch.randint(3, VOCAB - 1, (1, n), generator=gen) for n in (12, 9))
+    positions = torch.cat([torch.arange(12), torch.arange(9)]).unsqueeze(0)
+    with torch.no_grad():
+        alone = model(input_ids=b).logits
+        packed = model(input_ids=torch.cat([a, b], dim=1), position_ids=positions).logits[:, 12:]
+    assert (packed - alone)[:, :3].abs().max() > 1e-3  # the first tokens read the previous example
