@@ -144,3 +144,31 @@ def test_probe_refuses_linear_attention_whose_state_runs_across_examples():
         alone = model(input_ids=b).logits
         packed = model(input_ids=torch.cat([a, b], dim=1), position_ids=positions).logits[:, 12:]
     assert (packed - alone)[:, :3].abs().max() > 1e-3  # the first tokens read the previous example
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_probe_on_a_bf16_mixtral_of_the_bench_shape_on_a_gpu(seed, monkeypatch):
+    """The GPU case that misfired (scripts/bench_moe.py's shape, bf16, random weights): isolated on its own merit,
+    and a leak on the same model still refused."""
+    import torch
+
+    from peftctl.model import check_packing_isolation
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from bench_moe import FULL
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(family_config("mixtral", 32000, init_std=0.02, **FULL),
+                                                 dtype=torch.bfloat16)
+    _widen_init(model, 0.02)
+    model.eval()
+    isolated, difference, contamination = check_packing_isolation(model, torch.device("cuda"), 32000)
+    print(f"seed {seed}: median difference {difference:.4g} against {contamination:.4g}")
+    assert isolated, (difference, contamination)
+    _ignore_position_ids(monkeypatch)
+    leaked, difference, contamination = check_packing_isolation(model, torch.device("cuda"), 32000)
+    assert not leaked, (difference, contamination)
