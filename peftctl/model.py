@@ -178,31 +178,69 @@ def linear_layer_names(model) -> list[str]:
     return sorted(names)
 
 
+# How far above the run's own noise floor a difference must stand to count as a leak: bf16 noise between two
+# layouts varies from pass to pass, a leak is of the order of the contamination itself.
+NOISE_MARGIN = 4.0
+
+
 def check_packing_isolation(model, device, vocab_size: int) -> tuple[bool, float, float]:
     """Whether this model's attention keeps packed examples apart when given restarting position_ids.
 
     Two short documents are packed in one row; the second one's logits must match those it gets alone. The
     difference is judged against the contamination we get when isolation is forced off (a full attention mask),
     so the test is scale-free and works for random weights as well as trained ones.
+
+    Low precision makes the packed and the alone pass differ a little anyway, and a mixture-of-experts router
+    turns that into a large difference at a few tokens (a near-tied top-k choice flips, and that token's hidden
+    state changes). A leak, by contrast, reaches every position of the second document. So each statistic is
+    the median over positions of the largest logit difference there, and the difference must stand above both
+    5% of the contamination and the noise floor of this same run: the document computed at the start of a row of
+    the same length, which causality alone keeps isolated whatever the attention does with position_ids.
     Returns (isolated, difference, contamination).
     """
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    a = torch.randint(3, max(4, vocab_size - 1), (1, 12), generator=gen)
-    b = torch.randint(3, max(4, vocab_size - 1), (1, 9), generator=gen)
-    packed = torch.cat([a, b], dim=1).to(device)
-    positions = torch.cat([torch.arange(a.shape[1]), torch.arange(b.shape[1])]).unsqueeze(0).to(device)
+    a, b, c = (torch.randint(3, max(4, vocab_size - 1), (1, n), generator=gen) for n in (12, 9, 12))
+
+    def row(first, second):
+        ids = torch.cat([first, second], dim=1).to(device)
+        positions = torch.cat([torch.arange(first.shape[1]), torch.arange(second.shape[1])]).unsqueeze(0)
+        return ids, positions.to(device)
+
+    packed, positions = row(a, b)
+    b_first, b_first_positions = row(b, c)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             alone = model(input_ids=b.to(device), use_cache=False).logits.float()
-            isolated = model(input_ids=packed, position_ids=positions, use_cache=False).logits[:, a.shape[1]:].float()
+            isolated = model(input_ids=packed, position_ids=positions, use_cache=False).logits[:, a.shape[1]:]
             mixed = model(input_ids=packed, position_ids=positions, use_cache=False,
-                          attention_mask=torch.ones_like(packed)).logits[:, a.shape[1]:].float()
+                          attention_mask=torch.ones_like(packed)).logits[:, a.shape[1]:]
+            first = model(input_ids=b_first, position_ids=b_first_positions, use_cache=False).logits[:, :b.shape[1]]
     finally:
         model.train(was_training)
-    difference = (isolated - alone).abs().max().item()
-    contamination = (mixed - alone).abs().max().item()
-    return difference <= 0.05 * contamination + 1e-6 * (1 + alone.abs().max().item()), difference, contamination
+
+    def spread(logits) -> float:  # median over positions of the largest logit difference from `alone`
+        return (logits.float() - alone).abs().amax(dim=-1).median().item()
+
+    difference, contamination, noise = spread(isolated), spread(mixed), spread(first)
+    bound = max(0.05 * contamination, NOISE_MARGIN * noise) + 1e-6 * (1 + alone.abs().max().item())
+    return difference <= bound and not carries_state_along_the_row(model), difference, contamination
+
+
+# Layer kinds (config.layer_types) whose state runs along the whole row: linear attention (Qwen3-Next's gated
+# delta rule and its short convolution), Mamba, convolution blocks. Restarting position_ids do not reset that
+# state (transformers resets it only from flash-attention's cu_seqlens, which packed rows here do not carry),
+# so the first tokens of a packed example read the previous one. With random weights the state forgets fast
+# and the leak can fall under the probe's 5% bound, so it is judged from the layer kinds.
+RECURRENT_LAYER_KINDS = ("linear", "mamba", "conv", "recurrent", "ssm")
+
+
+def carries_state_along_the_row(model) -> bool:
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kinds = getattr(text, "layer_types", None) or []
+    return any(part in str(kind) for kind in kinds for part in RECURRENT_LAYER_KINDS)
+

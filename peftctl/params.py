@@ -173,13 +173,14 @@ def attach_on_meta(model, section, *, tokenizer_path: str = "", where: str = "")
 def check_targets(model, section, where: str = "") -> None:
     """Every name in method.targets must match a module (peft only refuses a list where none matches, and
     silently skips the others). Matching is peft's: the whole module path or its last parts."""
+    from peftctl.methods import moe
     from peftctl.model import linear_layer_names
 
     targets = getattr(section, "targets", None)
     if not isinstance(targets, list):
         return
     names = [name for name, _ in model.named_modules() if name]
-    names += [name for name, p in model.named_parameters() if p.ndim == 3]  # fused MoE experts (methods/moe.py)
+    names += moe.expert_parameters(model)  # fused MoE experts (methods/moe.py)
     unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if unmatched:
         prefix = f"{where}: " if where else ""

@@ -156,7 +156,9 @@ def _moe_shape(model, text) -> dict:
     the other weights), but a token's activations follow its top-k routed experts (and the shared ones), and
     peft's parameter wrapper materialises W + B @ A of each adapted expert tensor at every forward, which the
     grouped matmul keeps for the backward pass."""
-    experts = [(n, p) for n, p in model.named_parameters() if p.ndim == 3 and "lora_" not in n]
+    from peftctl.methods.moe import is_expert_tensor
+
+    experts = [(n, p) for n, p in model.named_parameters() if is_expert_tensor(n, p)]
     if not experts:
         return {}
     total = experts[0][1].shape[0]
@@ -214,6 +216,7 @@ def model_shape(model, config, recipe) -> ModelShape:
         qk_norm = any(n.rsplit(".", 1)[-1] in ("q_norm", "k_norm") for n in norm_names)
         norms = sum(1 for n in norm_names if "." not in n) or 2
         leaf_names = {n.rsplit(".", 1)[-1] for n, _ in layer0.named_modules()}
+        leaf_names |= {n.rsplit(".", 1)[-1] for n, _ in layer0.named_parameters()}  # fused experts' gate_up_proj
         gated = bool(leaf_names & {"gate_proj", "gate_up_proj", "w1", "w3"})
     activation = str(getattr(text, "hidden_act", None) or getattr(text, "activation_function", "") or "")
     mlp_saved = GATED_MLP_SAVED if gated else ACT_FN_SAVED.get(activation, 1)

@@ -57,8 +57,8 @@ def main(argv=None) -> int:
     recipe = {
         "model": {"name": str(model_dir), "dtype": dtype},
         "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"},
-        "dataset": {"path": str(data), "format": "completion", "validation": 0.0, "max_length": max_length,
-                    "packing": True},
+        # packing left at the user's default (auto): the bench shows whether the model packs on its own merit
+        "dataset": {"path": str(data), "format": "completion", "validation": 0.0, "max_length": max_length},
         "training": {"max_steps": args.steps, "micro_batch_size": args.micro_batch_size, "gradient_accumulation": 1,
                      "learning_rate": 1e-4, "warmup_steps": 0, "save_every": 10_000, "eval_every": 10_000,
                      "gradient_checkpointing": args.checkpointing == "true"},
@@ -86,6 +86,7 @@ def main(argv=None) -> int:
         print(f"  plan {c.name:<20} {c.bytes / 2 ** 30:8.2f} GiB  {c.detail}")
     print(f"plan peak {plan.peak / 2 ** 30:.2f} GiB; measured peak "
           + (f"{peak / 2 ** 30:.2f} GiB ({(peak - plan.peak) / plan.peak:+.1%})" if peak else "n/a (no CUDA)"))
+    print(f"packed rows: {manifest['data']['packed']}")
     print(f"tokens/s {manifest.get('tokens_per_s') or manifest.get('throughput', '')}; run.json: {run_dir / 'run.json'}")
     return 0
 

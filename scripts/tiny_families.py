@@ -50,8 +50,11 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "deepseek_v3": ("llama", {"n_routed_experts": 4, "n_shared_experts": 1, "first_k_dense_replace": 1,
                               "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
                               "v_head_dim": 16, "head_dim": None, "num_key_value_heads": HEADS, "n_group": 1, "topk_group": 1, "rope_parameters": None, **MOE}),
+    "qwen3_next": ("qwen2", {"num_experts": 4, **MOE, "shared_expert_intermediate_size": 32,
+                             "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
+                             "linear_value_head_dim": 16, "layer_types": ["linear_attention", "full_attention"]}),
 }
-MOE_FAMILIES = ("gpt_oss", "mixtral", "qwen3_moe", "deepseek_v3")
+MOE_FAMILIES = ("gpt_oss", "mixtral", "qwen3_moe", "deepseek_v3", "qwen3_next")
 
 
 def family_config(family: str, vocab_size: int, token_ids: dict | None = None, *, init_std: float = DEFAULT_INIT_STD,

@@ -16,7 +16,9 @@ import json
 import math
 
 import pytest
+import transformers
 import yaml
+from packaging.version import Version
 
 from conftest import read_jsonl, recipe_dict
 from tiny_families import FAMILIES, MOE_FAMILIES, make_family_model
@@ -27,7 +29,11 @@ TASK = [
     {"instruction": "Spell the word with dashes.", "input": "forest", "output": "f-o-r-e-s-t"},
     {"instruction": "Repeat the word 2 times.", "input": "candle", "output": "candle candle"},
 ]
-NO_PACKING = {"gpt_oss": "sinks and sliding windows ignore per-example positions"}
+NO_PACKING = {"gpt_oss": "sinks and sliding windows ignore per-example positions",
+              "qwen3_next": "linear attention's state runs across packed examples"}
+OLD_TRANSFORMERS = Version(transformers.__version__) < Version("5.24")
+if OLD_TRANSFORMERS:  # seen on 5.17 (the oldest CI stage); 5.24 passes position_ids to falcon's mask
+    NO_PACKING["falcon"] = "transformers < 5.24: falcon's attention mask ignores position_ids"
 
 
 @pytest.fixture(scope="module")

@@ -108,7 +108,7 @@ def after_attach(model, section: LoraSection) -> list[str]:
                         if is_param_wrapper(m)})
         notes.append(f"method.dropout {section.dropout} applies to the Linear layers only: peft cannot drop out "
                      f"on fused expert tensors ({', '.join(kinds)}); set method.dropout: 0 to silence this")
-    experts = [p for n, p in model.named_parameters() if p.ndim == 3 and "lora_" not in n]
+    experts = [p for n, p in model.named_parameters() if moe.is_expert_tensor(n, p)]
     if experts and any(moe.is_quantised(p) for p in model.parameters()):
         size = sum(p.numel() * p.element_size() for p in experts)
         notes.append(f"4-bit quantisation covers the Linear layers only: the routed experts ({size / 2 ** 30:.2f} "

@@ -28,7 +28,13 @@ ROUTER_NAMES = ("gate", "router")
 
 def expert_parameters(model) -> list[str]:
     """Paths of the fused expert tensors (3-D parameters: experts x in x out), e.g. model.layers.1.mlp.experts.down_proj."""
-    return [name for name, p in model.named_parameters() if p.ndim == 3 and "lora_" not in name]
+    return [name for name, p in model.named_parameters() if is_expert_tensor(name, p)]
+
+
+def is_expert_tensor(name: str, param) -> bool:
+    """A fused expert tensor: 3-D and held by an `experts` module (a depthwise Conv1d's weight, as in Qwen3-Next's
+    linear attention, is 3-D too but no expert)."""
+    return param.ndim == 3 and "lora_" not in name and ".experts." in f".{name}"
 
 
 def is_moe(model) -> bool:
@@ -36,12 +42,13 @@ def is_moe(model) -> bool:
 
 
 def router_modules(model) -> list[str]:
-    """The routers: a `gate` or `router` module beside an `experts` module."""
+    """The routers: a `gate` or `router` module beside an `experts` module, and the shared expert's gate (Qwen2-MoE,
+    Qwen3-Next: a Linear to one scalar that weighs the shared expert against the routed ones)."""
     names = {name for name, _ in model.named_modules()}
     out = []
     for name in names:
         parent, _, leaf = name.rpartition(".")
-        if leaf in ROUTER_NAMES and f"{parent}.experts" in names:
+        if (leaf in ROUTER_NAMES or leaf == "shared_expert_gate") and f"{parent}.experts" in names:
             out.append(name)
     return sorted(out)
 

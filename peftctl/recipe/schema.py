@@ -85,9 +85,9 @@ class DatasetSection(Section):
     train_on_prompt: bool = Field(False, description="false: loss only on responses / assistant turns.")
     packing: bool | Literal["auto"] = Field(
         "auto", description="Put several examples in one row, each attending only to itself. auto: pack where "
-        "the model keeps packed examples apart (checked at start-up; gpt-oss's sinks and sliding windows do not), "
-        "else one example a row, with a note; true: pack or stop with exit 2. Off for prefix/prompt/p_tuning, "
-        "which cannot pack.")
+        "the model keeps packed examples apart (checked at start-up; gpt-oss's sinks and sliding windows and "
+        "Qwen3-Next's linear attention do not), else one example a row, with a note; true: pack or stop with "
+        "exit 2. Off for prefix/prompt/p_tuning, which cannot pack.")
     on_bad_rows: Literal["error", "skip"] = Field("error", description="error: stop at the first bad row "
                                                   "(file and row named); skip: skip and count them.")
     system_prompt: str | None = Field(None, description="System message for chat rows that have none.")
