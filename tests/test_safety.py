@@ -562,6 +562,26 @@ def test_damaged_adapter_configs_are_refused_before_allocating(damage, words, tr
     assert code == 2 and words in err and "unexpected" not in err, err
 
 
+def test_the_rank_check_knows_expert_factors_are_stacked(tmp_path):
+    """peft's parameter wrapper stores one rank-r factor per expert in one lora_A (r x experts rows): a real MoE
+    adapter passes the rank check, the same weights under a plain LoRA config do not."""
+    import torch
+    from safetensors.torch import save_file
+
+    from peftctl.errors import InvalidInput
+    from peftctl.methods.runtime import check_config
+
+    save_file({"base_model.model.layers.0.mlp.experts.base_layer.lora_A.weight": torch.zeros(8 * 4, 16),
+               "base_model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(8, 16)},
+              str(tmp_path / "adapter_model.safetensors"))
+    moe = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_parameters": ["experts.gate_up_proj"]}
+    check_config(tmp_path, "lora", moe)
+    with pytest.raises(InvalidInput, match="r 8 does not match the weights \\(rank 32\\)"):
+        check_config(tmp_path, "lora", {**moe, "target_parameters": None})
+    with pytest.raises(InvalidInput, match="does not match the weights"):
+        check_config(tmp_path, "lora", {**moe, "r": 3})
+
+
 def test_a_hub_dataset_without_network_is_a_network_failure(tokenizer, monkeypatch, capsys):
     import datasets
     import httpx2

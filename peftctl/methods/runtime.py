@@ -114,8 +114,11 @@ def _check_lora_ranks(adapter_dir: Path, where: Path, config: dict) -> None:
             found = {f.get_slice(k).get_shape()[0] for k in f.keys() if ".lora_A." in k}
     except Exception:  # noqa: BLE001 - a damaged file: peft_common.load reports it
         return
-    if found - ranks:
-        raise InvalidInput(f"{where}: r {config.get('r')} does not match the weights (rank {sorted(found)[0]})",
+    # peft's parameter wrapper (MoE expert tensors, target_parameters) stacks one rank-r factor per expert.
+    stacked = bool(config.get("target_parameters"))
+    odd = {n for n in found if not any(n == r or (stacked and r and n % r == 0) for r in ranks if r)}
+    if odd:
+        raise InvalidInput(f"{where}: r {config.get('r')} does not match the weights (rank {sorted(odd)[0]})",
                            hint="the config is damaged; use the adapter folder as training wrote it")
 
 
