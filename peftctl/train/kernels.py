@@ -28,9 +28,10 @@ def import_quietly(name: str, logger_prefix: str = "liger_kernel") -> str:
     """Import a module without its import-time chatter reaching the user's terminal; returns what it printed.
 
     liger-kernel 0.8 logs "Backend impl ... could not be imported" for each optional backend it lacks (CuTe DSL,
-    Ascend) at import, on every rank and also under --quiet, through a logger it configures itself (so setting its
-    level beforehand does not hold). During the import, logging below ERROR is disabled and stdout/stderr go to a
-    buffer; afterwards its loggers are left at WARNING. PEFTCTL_DEBUG=1 lets everything through.
+    Ascend), on every rank and also under --quiet, through a logger it configures itself (so setting its level
+    beforehand does not hold) -- at import and again when an op's backends are first looked up (when the kernels
+    are applied). During the import, logging below ERROR is disabled and stdout/stderr go to a buffer; afterwards
+    its loggers are left at ERROR, so the lazy lookups stay quiet too. PEFTCTL_DEBUG=1 lets everything through.
     """
     if name in sys.modules or os.environ.get("PEFTCTL_DEBUG"):
         importlib.import_module(name)
@@ -49,11 +50,11 @@ def import_quietly(name: str, logger_prefix: str = "liger_kernel") -> str:
 
 
 def _quiet_loggers(prefix: str, buffer) -> None:
-    """Its loggers to warnings-only, and any handler made during the import back onto the real stderr."""
+    """Its loggers to errors-only, and any handler made during the import back onto the real stderr."""
     for logger_name in list(logging.root.manager.loggerDict):
         if logger_name == prefix or logger_name.startswith(prefix + "."):
             logger = logging.getLogger(logger_name)
-            logger.setLevel(logging.WARNING)
+            logger.setLevel(logging.ERROR)
             for handler in logger.handlers:
                 if getattr(handler, "stream", None) is buffer:
                     handler.setStream(sys.stderr)
@@ -72,8 +73,15 @@ def apply_fast_kernels(model, device) -> list[str]:
     model_type = getattr(model.config, "model_type", None)
     if model_type not in getattr(monkey_patch, "MODEL_TYPE_TO_APPLY_LIGER_FN", {}):
         return []
-    monkey_patch._apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
-                                                 cross_entropy=False, fused_linear_cross_entropy=False)
+    # Its backend registry logs the optional backends it lacks here too (on first lookup of each op).
+    previous = logging.root.manager.disable
+    if not os.environ.get("PEFTCTL_DEBUG"):
+        logging.disable(logging.WARNING)
+    try:
+        monkey_patch._apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
+                                                     cross_entropy=False, fused_linear_cross_entropy=False)
+    finally:
+        logging.disable(previous)
     return ["rope", "rms_norm", "swiglu"]
 
 
