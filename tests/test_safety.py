@@ -318,6 +318,21 @@ def test_disk_full_while_saving_the_adapter_is_a_failure_with_a_clear_message(ti
     assert not _leftovers(tmp_path / "run")
 
 
+def test_a_merge_that_fails_after_training_is_a_failure_in_run_json(tiny_model, write_recipe, tmp_path, capsys,
+                                                                   monkeypatch):
+    import peftctl.merge
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(peftctl.merge, "merge_adapter", broken)
+    recipe = write_recipe(tiny_model("llama"), training={"max_steps": 2}, output={"merge": True})
+    assert _train_in_process(recipe, capsys) == 1
+    manifest = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert manifest["status"] == "failed" and "No space left" in manifest["merge"]["error"]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()  # the adapter is kept
+
+
 # --- recipes that cannot be built, values that cannot train --------------------------------------------------------
 
 

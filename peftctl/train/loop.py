@@ -489,9 +489,17 @@ def save_adapter(model, spec, recipe, tokenizer, run: RunFolder, *, loraplus=Non
 
 
 def _merge(run: RunFolder, recipe, say) -> None:
+    """output.merge: after training completed; a merge that fails makes the run a failure in run.json too (the
+    adapter stays: `peftctl merge RUN --out DIR` retries)."""
     from peftctl.merge import merge_adapter
 
-    merge_adapter(run.adapter, run.merged, force=True, report=say)
+    try:
+        merge_adapter(run.adapter, run.merged, force=True, report=say)
+    except BaseException as e:
+        error = f"{type(e).__name__}: {getattr(e, 'message', None) or e}"[:500]
+        run.write_manifest({**run.read_manifest(), "status": "failed", "exit_code": getattr(e, "exit_code", 1),
+                            "error": error, "merge": {"error": error}})
+        raise
 
 
 def _input_paths(recipe) -> list[str]:
