@@ -243,9 +243,11 @@ def test_resume_auto_on_a_completed_run_says_so(tiny_model, write_recipe, tmp_pa
     code = _train_in_process(recipe, capsys, resume="auto", quiet=False)
     assert code == 0 and "complete" in _train_in_process.err
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes() == before
+    # A checkpoint named on the command line is a request to train from it again: the same adapter comes out.
     checkpoint = tmp_path / "run" / "checkpoints" / "step_000002"
-    assert _train_in_process(recipe, capsys, resume=str(checkpoint)) == 2
-    assert "complete" in _train_in_process.err
+    assert _train_in_process(recipe, capsys, resume=str(checkpoint), quiet=False) == 0
+    assert "complete" in _train_in_process.err and "as asked" in _train_in_process.err
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes() == before
 
 
 # --- exits that tell the truth ------------------------------------------------------------------------------------

@@ -521,8 +521,9 @@ def _input_paths(recipe) -> list[str]:
 
 
 def _completed(run: RunFolder, requested: str | None, recipe_yaml: str, say):
-    """--resume with the very recipe of a run that already completed: nothing to redo (its final state is adapter/,
-    not a checkpoint). A changed recipe (more steps, say) goes the usual way through the checkpoints."""
+    """--resume auto with the very recipe of a run that already completed: nothing to redo (its final state is
+    adapter/, not a checkpoint). A named checkpoint, or a changed recipe (more steps, say), goes the usual way
+    through the checkpoints."""
     manifest = run.read_manifest()
     if requested is None or manifest.get("status") != "completed":
         return None
@@ -531,11 +532,10 @@ def _completed(run: RunFolder, requested: str | None, recipe_yaml: str, say):
             return None
     except OSError:
         return None
-    if requested != "auto":
-        raise InvalidInput(f"--resume {requested}: the run in {run.path} is complete "
-                           f"({manifest.get('steps_done')} steps); resuming would train it again from a checkpoint",
-                           hint="its adapter is in adapter/; start again with --force, or train longer in a new "
-                                "output.dir with method.init_from pointing at that adapter")
+    if requested != "auto":  # a checkpoint named on the command line: the user asks to train from it again
+        say(f"note: the run in {run.path} is complete ({manifest.get('steps_done')} steps); training again from "
+            f"{requested} as asked")
+        return None
     say(f"the run in {run.path} is complete ({manifest.get('steps_done')} steps): nothing to resume")
     final = manifest.get("final") or {}
     return RunResult(str(run.path), manifest.get("steps_done") or 0, final.get("train_loss"),
