@@ -12,10 +12,11 @@ import statistics
 import subprocess
 import sys
 
-import bench  # scripts/ is on sys.path (conftest)
-import bench_gates
 import pytest
 import yaml
+
+import bench  # scripts/ is on sys.path (conftest)
+import bench_gates
 from bench_reference import PadToLongest
 from conftest import REPO
 

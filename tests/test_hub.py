@@ -3,7 +3,6 @@ run against an unreachable hub (offline mode, a closed local port)."""
 
 from __future__ import annotations
 
-
 import pytest
 
 from conftest import run_cli

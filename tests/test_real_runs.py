@@ -12,8 +12,7 @@ from safetensors.torch import load_file
 from conftest import read_jsonl, run_cli
 from peftctl.errors import InvalidInput
 from peftctl.recipe.loader import load_recipe
-from peftctl.train import checkpoint as ckpt
-from peftctl.train import loop
+from peftctl.train import checkpoint as ckpt, loop
 from peftctl.train.loop import TrainOptions, train
 
 EVALUATED = dict(dataset={"validation": 0.2}, training={"max_steps": 10, "eval_every": 2, "save_every": 100,
