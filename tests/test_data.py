@@ -182,7 +182,7 @@ def test_pack_examples_best_fit():
     assert all(sum(lengths[i] for i in row) <= 512 for row in rows)
     fill = sum(lengths) / (len(rows) * 512)
     assert fill > 0.97, fill
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"example 0 is longer \(600\) than a row \(512\)"):
         pack_examples([600], 512)
 
 

@@ -113,7 +113,7 @@ def test_push_uploads_the_adapter_with_a_model_card(finished_run):
 
 
 def test_push_refuses_what_is_not_a_finished_run(finished_run, tmp_path):
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput, match="not a finished run folder"):
         hub.push(tmp_path, "someone/x", api=RecordingApi(), say=lambda m: None)
     with pytest.raises(InvalidInput) as err:
         hub.push(finished_run, "someone/x", merged=True, api=RecordingApi(), say=lambda m: None)

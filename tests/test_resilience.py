@@ -127,7 +127,7 @@ def test_damaged_checkpoint_is_refused_and_auto_falls_back(tiny_model, write_rec
     newest = points[-1]
     weights = newest / "adapter_state.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])  # truncated
-    with pytest.raises(ckpt.DamagedCheckpoint):
+    with pytest.raises(ckpt.DamagedCheckpoint, match="does not match its hash"):
         ckpt.verify(newest)
     result = run_cli("train", str(recipe), "--resume", str(newest))
     assert result.returncode == 2 and "does not match its hash" in result.stderr
@@ -186,7 +186,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_state(tiny_model, write_re
     recipe = write_recipe(tiny_model("llama"), training={"max_steps": 6, "save_every": 100})
     from peftctl.errors import PeftctlError
 
-    with pytest.raises(PeftctlError) as err:
+    with pytest.raises(PeftctlError, match="non-finite loss at step 3") as err:
         train(load_recipe(str(recipe)), TrainOptions(quiet=True))
     assert "non-finite loss at step 3" in err.value.message and err.value.exit_code == 1
     assert "learning_rate" in err.value.hint
@@ -211,7 +211,7 @@ def test_nonfinite_skip_stops_after_many_in_a_row(tiny_model, write_recipe, monk
     recipe = write_recipe(tiny_model("llama"), training={"max_steps": 20, "on_nonfinite": "skip"})
     from peftctl.errors import PeftctlError
 
-    with pytest.raises(PeftctlError):
+    with pytest.raises(PeftctlError, match=r"non-finite loss at step 1; stopped"):  # skipped a few, never stepped
         train(load_recipe(str(recipe)), TrainOptions(quiet=True))
 
 
@@ -248,7 +248,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tiny_model, write_recipe, t
         return real(path) if saves["n"] == 1 else Usage(10**9, 10**9, 1000)
 
     monkeypatch.setattr(shutil, "disk_usage", disk_usage)
-    with pytest.raises(PeftctlError) as err:
+    with pytest.raises(PeftctlError, match="not enough disk space") as err:
         train(load_recipe(str(recipe)), TrainOptions(quiet=True))
     assert "not enough disk space" in err.value.message and "previous checkpoint is intact" in err.value.hint
     points = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
