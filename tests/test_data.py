@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_jsonl, run_cli
+from conftest import cli, read_jsonl, run_cli
 from peftctl.data.formats import FormatOptions, render
 from peftctl.data.packing import collate, pack_examples
 from peftctl.data.prepare import prepare
@@ -295,7 +295,7 @@ def test_second_process_reuses_the_tokenisation_cache(tmp_path, tiny_model, writ
 
 def test_inspect_data_shows_masks_and_eos(tiny_model, write_recipe):
     recipe = write_recipe(tiny_model("llama"))
-    result = run_cli("inspect-data", str(recipe), "-n", "2")
+    result = cli("inspect-data", str(recipe), "-n", "2")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "<|end_of_text|>" in out and "### Response:" in out
@@ -385,11 +385,11 @@ def test_special_token_text_inside_a_row_is_reported_with_its_line(tmp_path, tok
     bad_role = {"messages": [{"role": "[/x]", "content": "a"}, {"role": "assistant", "content": "b"}]}
     data = write_jsonl(tmp_path / "mixed.jsonl", rows + [bad_role])
     recipe = write_recipe(tiny_model("qwen2"), data=data, dataset={"format": "chat", "on_bad_rows": "skip"})
-    dry = run_cli("train", str(recipe), "--dry-run")
+    dry = cli("train", str(recipe), "--dry-run")
     assert dry.returncode == 0, dry.stderr
     said = (dry.stdout + dry.stderr).replace("\n", "")
     assert "1 example(s) hold a special token's text" in said and "mixed.jsonl line 2: '<|im_end|>'" in said
-    shown = run_cli("inspect-data", str(recipe), "-n", "1")
+    shown = cli("inspect-data", str(recipe), "-n", "1")
     assert shown.returncode == 0, shown.stderr
     assert "line 2: '<|im_end|>'" in shown.stdout and "unknown role '[/x]'" in shown.stdout
 

@@ -13,7 +13,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, read_jsonl, run_cli
+from conftest import REPO, cli, read_jsonl, run_cli
 from peftctl.recipe.loader import load_recipe
 from peftctl.train.loop import TrainOptions, train
 
@@ -111,6 +111,6 @@ def test_fsdp_shards_and_trains_the_same_adapter(tiny_model, write_recipe, tmp_p
 
 
 def test_fsdp_refuses_a_quantised_base(tiny_model, write_recipe):
-    result = run_cli("validate", str(write_recipe(tiny_model("llama"), quantization={"bits": 4},
+    result = cli("validate", str(write_recipe(tiny_model("llama"), quantization={"bits": 4},
                                                   training={"distributed": "fsdp"})))
     assert result.returncode == 2 and "FSDP2 is not supported" in result.stderr

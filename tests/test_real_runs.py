@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import read_jsonl, run_cli
+from conftest import cli, read_jsonl
 from peftctl.errors import InvalidInput
 from peftctl.recipe.loader import load_recipe
 from peftctl.train import checkpoint as ckpt, loop
@@ -40,7 +40,7 @@ def test_keep_best_and_patience(tiny_model, write_recipe, tmp_path, monkeypatch)
 
 
 def test_keep_best_needs_validation_data(tiny_model, write_recipe):
-    result = run_cli("validate", str(write_recipe(tiny_model("llama"), training={"keep_best": True})))
+    result = cli("validate", str(write_recipe(tiny_model("llama"), training={"keep_best": True})))
     assert result.returncode == 2 and "training.keep_best: needs validation data" in result.stderr
 
 
@@ -97,7 +97,7 @@ def test_missing_tracker_extra_is_exit_2_with_the_pip_command(tiny_model, write_
 
     if importlib.util.find_spec(tracker) is not None:
         pytest.skip(f"{tracker} is installed here")
-    result = run_cli("train", str(write_recipe(tiny_model("llama"), output={"trackers": [tracker]})))
+    result = cli("train", str(write_recipe(tiny_model("llama"), output={"trackers": [tracker]})))
     assert result.returncode == 2 and f"pip install 'peftctl[{tracker}]'" in result.stderr
     assert not (tmp_path / "run").exists()  # refused before the run folder was claimed
 
@@ -105,7 +105,7 @@ def test_missing_tracker_extra_is_exit_2_with_the_pip_command(tiny_model, write_
 def test_8bit_optimisers_need_a_gpu(tiny_model, write_recipe):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    result = run_cli("train", str(write_recipe(tiny_model("llama"), training={"optimizer": "adamw_8bit"})))
+    result = cli("train", str(write_recipe(tiny_model("llama"), training={"optimizer": "adamw_8bit"})))
     assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
 
 
@@ -164,11 +164,11 @@ def test_micro_batches_sized_by_a_token_budget(tiny_model, write_recipe, tmp_pat
 
 
 def test_token_budget_rules(tiny_model, write_recipe):
-    both = run_cli("validate", str(write_recipe(tiny_model("llama"), training={"micro_batch_tokens": 512})))
+    both = cli("validate", str(write_recipe(tiny_model("llama"), training={"micro_batch_tokens": 512})))
     assert both.returncode == 2 and "not both" in both.stderr  # the recipe also sets micro_batch_size
     path = write_recipe(tiny_model("llama"), name="small.yaml", training={"micro_batch_tokens": 64})
     path.write_text(path.read_text().replace("  micro_batch_size: 2\n", ""))
-    small = run_cli("validate", str(path))
+    small = cli("validate", str(path))
     assert small.returncode == 2 and "less than dataset.max_length (128)" in small.stderr
 
 
