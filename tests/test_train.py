@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, read_jsonl, run_cli
+from conftest import REPO, cli, read_jsonl, run_cli
 from peftctl.recipe.loader import load_recipe
 from peftctl.train.loop import TrainOptions, train
 
@@ -145,7 +145,7 @@ def test_packing_changes_nothing_but_the_rows(tiny_model, write_recipe):
         assert packed_loss.item() == pytest.approx(unpacked_loss.item(), rel=1e-5), arch
 
 
-def test_json_log_format_prints_one_object_per_step(tiny_model, write_recipe):
+def test_json_log_format_prints_one_object_per_step(tiny_model, write_recipe):  # train's one CLI smoke test
     result = run_cli("train", str(write_recipe(tiny_model("llama"))), "--log-format", "json")
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
@@ -211,18 +211,24 @@ def test_dry_run_plan_goes_to_stdout(tiny_model, write_recipe, capsys):
     assert code == 0 and "plan (dry run" in out and "total steps" in out and "plan (dry run" not in err
 
 
-def test_an_existing_run_is_not_overwritten(tiny_model, write_recipe):
-    path = write_recipe(tiny_model("llama"))
-    assert run_cli("train", str(path), "--quiet").returncode == 0
-    again = run_cli("train", str(path), "--quiet")
+def test_an_existing_run_is_not_overwritten(tiny_model, trained, write_recipe):
+    """Refused before anything is written (that --force then trains over it: test_safety's force tests)."""
+    from peftctl.train.run_folder import LOCK_FILE
+
+    run = trained("existing", tiny_model("llama"))
+    def files():  # all but the lock, which every attempt takes
+        return {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.name != LOCK_FILE}
+
+    before = files()
+    again = cli("train", str(write_recipe(tiny_model("llama"), out=run)), "--quiet")
     assert again.returncode == 2 and "already holds a run" in again.stderr and "--force" in again.stderr
-    assert run_cli("train", str(path), "--quiet", "--force").returncode == 0
+    assert files() == before
 
 
 def test_missing_models_exit_2_and_say_what_was_tried(tmp_path, write_recipe):
-    result = run_cli("train", str(write_recipe("./no-such-model")))
+    result = cli("train", str(write_recipe("./no-such-model")))
     assert result.returncode == 2 and "no such folder" in result.stderr
-    result = run_cli("train", str(write_recipe("nobody/no-such-model-xyz")), env={"HF_HUB_OFFLINE": "1"})
+    result = cli("train", str(write_recipe("nobody/no-such-model-xyz")), env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2, result.stderr
     assert "nobody/no-such-model-xyz" in result.stderr and "tried" in result.stderr
     assert "Traceback" not in result.stderr
@@ -231,7 +237,7 @@ def test_missing_models_exit_2_and_say_what_was_tried(tmp_path, write_recipe):
 def test_bad_rows_stop_before_training_with_row_number(tmp_path, tiny_model, write_recipe):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
-    result = run_cli("train", str(write_recipe(tiny_model("llama"), data=data)))
+    result = cli("train", str(write_recipe(tiny_model("llama"), data=data)))
     assert result.returncode == 2 and f"{data} line 2: missing field 'output'" in result.stderr
     assert not (tmp_path / "run" / "adapter").exists()
 
