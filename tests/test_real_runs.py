@@ -44,7 +44,7 @@ def test_keep_best_needs_validation_data(tiny_model, write_recipe):
     assert result.returncode == 2 and "training.keep_best: needs validation data" in result.stderr
 
 
-def test_init_from_continues_from_the_adapters_weights(tiny_model, write_recipe, tmp_path):
+def test_init_from_continues_from_the_adapters_weights(tiny_model, trained, write_recipe, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -53,10 +53,7 @@ def test_init_from_continues_from_the_adapters_weights(tiny_model, write_recipe,
     from peftctl.train.loss import loss_sum
 
     model_dir = tiny_model("llama")
-    first = write_recipe(model_dir, name="first.yaml", out=tmp_path / "first",
-                         training={"max_steps": 6, "learning_rate": 5e-3})
-    train(load_recipe(str(first)), TrainOptions(quiet=True))
-    adapter = tmp_path / "first" / "adapter"
+    adapter = trained("first", model_dir) / "adapter"  # read only: the session's shared run
     second = write_recipe(model_dir, name="second.yaml", out=tmp_path / "second",
                           method={"init_from": str(adapter)}, training={"max_steps": 1, "seed": 7})
     train(load_recipe(str(second)), TrainOptions(quiet=True))
@@ -74,11 +71,9 @@ def test_init_from_continues_from_the_adapters_weights(tiny_model, write_recipe,
     assert logged == pytest.approx(expected, rel=1e-5)
 
 
-def test_init_from_refuses_an_adapter_that_does_not_fit(tiny_model, write_recipe, tmp_path):
+def test_init_from_refuses_an_adapter_that_does_not_fit(tiny_model, trained, write_recipe, tmp_path):
     model_dir = tiny_model("llama")
-    first = write_recipe(model_dir, name="first.yaml", out=tmp_path / "first", training={"max_steps": 1})
-    train(load_recipe(str(first)), TrainOptions(quiet=True))
-    adapter = str(tmp_path / "first" / "adapter")
+    adapter = str(trained("first", model_dir) / "adapter")  # a lora adapter of r 8
     other = write_recipe(model_dir, name="other.yaml", out=tmp_path / "other",
                          method={"init_from": adapter, "r": 4})
     with pytest.raises(InvalidInput) as err:

@@ -106,9 +106,8 @@ def test_second_sigint_aborts_at_once(tiny_model, write_recipe, tmp_path):
     assert all((p / ckpt.MANIFEST).exists() for p in ckpt.list_checkpoints(run / "checkpoints"))
 
 
-def test_checkpoint_layout_and_pruning(tiny_model, write_recipe, tmp_path):
-    train(load_recipe(str(write_recipe(tiny_model("llama"), **RESUMABLE))), TrainOptions(quiet=True))
-    points = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
+def test_checkpoint_layout_and_pruning(reference_run):
+    points = ckpt.list_checkpoints(reference_run / "checkpoints")  # RESUMABLE: 8 steps, save_every 2, keep 2
     assert [p.name for p in points] == ["step_000004", "step_000006"]  # keep 2; none at the final step
     files = {p.name for p in points[-1].iterdir()}
     assert {"adapter_state.safetensors", "optimizer.pt", "scheduler.json", "rng.json", "trainer_state.json",

@@ -36,7 +36,7 @@ def falls(values: list[float]) -> bool:
     return sum(tail) / len(tail) < sum(head) / len(head) - 1.0
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["qwen2"])  # llama: test_only_the_adapter_changes... trains the same recipe
 def test_lora_learns(tiny_model, write_recipe, arch):
     result, recipe = run_train(write_recipe(tiny_model(arch), **LEARN))
     values = losses(recipe.output.dir)
@@ -78,6 +78,9 @@ def test_only_the_adapter_changes_and_it_reloads_in_stock_peft(tiny_model, write
         result, recipe = run_train(write_recipe(model_dir, **LEARN))
     finally:
         loop.save_adapter = original
+    values = losses(recipe.output.dir)  # LoRA learns on llama (test_lora_learns for the other families)
+    assert len(values) == 14 and all(math.isfinite(v) for v in values)
+    assert falls(values), values
 
     fresh = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
     trained = {n for n, (_, grad) in seen["params"].items() if grad}
