@@ -279,13 +279,17 @@ def test_validation_fraction_and_own_path(tmp_path, tokenizers):
     assert (data.train.stats.examples, data.validation.stats.examples) == (20, 3)
 
 
-def test_second_process_reuses_the_tokenisation_cache(tmp_path, tiny_model, write_recipe):
+def test_second_process_reuses_the_tokenisation_cache(tmp_path, tiny_model, write_recipe, monkeypatch):
+    import datasets
+
     data = write_jsonl(tmp_path / "cache.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(30)])
     recipe = write_recipe(tiny_model("llama"), data=data)
     env = {"HF_DATASETS_CACHE": str(tmp_path / "hf-cache")}
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")  # read at import: set it here
+    first = cli("train", str(recipe), "--dry-run", "--log-format", "json")  # this process
+    second = run_cli("train", str(recipe), "--dry-run", "--log-format", "json", env=env)  # another one
     plans = []
-    for _ in range(2):
-        result = run_cli("train", str(recipe), "--dry-run", "--log-format", "json", env=env)
+    for result in (first, second):
         assert result.returncode == 0, result.stderr
         plans.append(json.loads(result.stdout))
     assert plans[0]["tokenization_cached"] is False and plans[1]["tokenization_cached"] is True

@@ -246,10 +246,8 @@ def test_bad_rows_stop_before_training_with_row_number(tmp_path, tiny_model, wri
 
 
 def test_demo_recipe_loss_falls(tiny_model, tmp_path):
-    """The README's main job, on the model the demo uses (made the same way, with the same seed)."""
-    from make_tiny_model import make_tiny_model
-
-    model = make_tiny_model("llama", tmp_path / "tiny-llama", corpus=REPO / "recipes" / "data" / "demo.jsonl")
+    """The README's main job, on the model the demo uses (tiny_model makes it the same way, with the same seed)."""
+    model = tiny_model("llama")
     loaded = load_recipe(str(REPO / "recipes" / "demo.yaml"), [f"model.name={model}", f"output.dir={tmp_path}/run",
                                                                 "training.max_steps=30"])
     result = train(loaded, TrainOptions(quiet=True))
