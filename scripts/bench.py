@@ -652,7 +652,7 @@ def run_gates(ctx: Context, case: Case) -> dict:
     spec_path.write_text(json.dumps(spec, indent=2))
     log(f"gates (as case {case.number}): {len(lengths)} examples of {lengths} tokens")
     outcome = run_process("gates", [sys.executable, str(SCRIPTS / "bench_gates.py"), str(spec_path)], work=ctx.work,
-                          logs=ctx.logs, timeout=ctx.timeout(ctx.args.gates_timeout), on_line=lambda _t, l: log(l))
+                          logs=ctx.logs, timeout=ctx.timeout(ctx.args.gates_timeout), on_line=lambda _t, s: log(s))
     try:
         result = json.loads(result_path.read_text())
     except (OSError, json.JSONDecodeError):

@@ -130,7 +130,6 @@ def _peftctl_model(recipe, loaded, device):
     from peftctl.methods import runtime
     from peftctl.methods.peft_common import AttachContext
     from peftctl.model import load_model
-
     from peftctl.train.fused_lora import fuse_lora_layers
     from peftctl.train.kernels import apply_fast_kernels
 

@@ -96,7 +96,7 @@ def main() -> None:
         grad = torch.randn(args.tokens, width_out, device=device, dtype=torch.bfloat16)
         fused = types.MethodType(_fused_forward, layer)
 
-        def step(forward):
+        def step(forward, x=x, grad=grad):  # bound now: B023
             with torch.autocast(device, dtype=torch.bfloat16):
                 out = forward(x)
             out.backward(grad)
@@ -113,9 +113,9 @@ def main() -> None:
         diffs = " / ".join(f"{(a - b).abs().max().item() / max(a.abs().max().item(), 1e-9):.1e}"
                            for a, b in zip(*outputs))
         layer.lora_dropout["default"].train()
-        peft_ms = _time(lambda: step(layer.forward), args.repeats, device)
+        peft_ms = _time(lambda layer=layer: step(layer.forward), args.repeats, device)
         calls.clear()
-        fused_ms = _time(lambda: step(fused), args.repeats, device)
+        fused_ms = _time(lambda fused=fused: step(fused), args.repeats, device)
         totals["peft"] += peft_ms
         totals["fused"] += fused_ms
         print(f"{name:<10} {peft_ms:8.3f} {fused_ms:9.3f} {peft_ms / fused_ms:6.2f} {diffs:>32} {len(calls):>11}")

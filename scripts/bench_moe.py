@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     print(f"plan peak {plan.peak / 2 ** 30:.2f} GiB; measured peak "
           + (f"{peak / 2 ** 30:.2f} GiB ({(peak - plan.peak) / plan.peak:+.1%})" if peak else "n/a (no CUDA)"))
     print(f"packed rows: {manifest['data']['packed']}")
-    print(f"tokens/s {manifest.get('tokens_per_s') or manifest.get('throughput', '')}; run.json: {run_dir / 'run.json'}")
+    print(f"tokens/s {manifest.get('tokens_per_s') or manifest.get('throughput', '')}; "
+          f"run.json: {run_dir / 'run.json'}")
     return 0
 
 

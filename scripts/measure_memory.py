@@ -122,8 +122,9 @@ def make_model(folder: Path, tiny: bool) -> None:
         make_tiny_model("llama", folder, dtype="bfloat16", max_positions=1024)
     else:
         # In its own process: the parent must not hold GPU memory while the cases run.
-        code = ("import sys; sys.path[:0] = [%r, %r]; from measure_memory import _save_random_model; "
-                "_save_random_model(%r, %r)" % (str(REPO / "scripts"), str(REPO), str(folder), json.dumps(LLAMA3_8B)))
+        code = (f"import sys; sys.path[:0] = [{str(REPO / 'scripts')!r}, {str(REPO)!r}]; "
+                f"from measure_memory import _save_random_model; "
+                f"_save_random_model({str(folder)!r}, {json.dumps(LLAMA3_8B)!r})")
         subprocess.run([sys.executable, "-c", code], check=True)
     marker.write_text("ok\n")
 
@@ -394,9 +395,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out_dir = os.environ.get("OUT")
     if out_dir:
-        from peftctl.plan import ACTIVATION_SCALE
-
         import peftctl
+        from peftctl.plan import ACTIVATION_SCALE
 
         report = {"date": time.strftime("%Y-%m-%d"), "peftctl": peftctl.__version__, "tiny": args.tiny,
                   "path": "plain" if args.plain else "fast path where liger-kernel is installed",

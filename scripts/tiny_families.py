@@ -18,7 +18,13 @@ import math
 import sys
 from pathlib import Path
 
-from make_tiny_model import DEFAULT_INIT_STD, FAMILIES as TOKENIZER_FAMILIES, _save_tokenizer, _token_ids, make_tokenizer
+from make_tiny_model import (
+    DEFAULT_INIT_STD,
+    FAMILIES as TOKENIZER_FAMILIES,
+    _save_tokenizer,
+    _token_ids,
+    make_tokenizer,
+)
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE, POSITIONS = 64, 2, 4, 2, 16, 128, 512
 WINDOW = 16  # sliding windows shorter than a packed row of the tests
@@ -40,8 +46,8 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "starcoder2": ("llama", {"sliding_window": WINDOW}),
     "glm4": ("llama", {}),
     "smollm3": ("llama", {}),
-    "falcon": ("llama", {"head_dim": None, "num_kv_heads": KV_HEADS, "new_decoder_architecture": True, "parallel_attn": True,
-                         "bias": False, "alibi": False}),
+    "falcon": ("llama", {"head_dim": None, "num_kv_heads": KV_HEADS, "new_decoder_architecture": True,
+                         "parallel_attn": True, "bias": False, "alibi": False}),
     "gpt_neox": ("llama", {"rotary_pct": 0.5, "use_parallel_residual": True}),
     "gpt_oss": ("llama", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": WINDOW,
                           "layer_types": ["sliding_attention", "full_attention"]}),
@@ -49,7 +55,8 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "qwen3_moe": ("qwen2", {"num_experts": 4, **MOE}),
     "deepseek_v3": ("llama", {"n_routed_experts": 4, "n_shared_experts": 1, "first_k_dense_replace": 1,
                               "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
-                              "v_head_dim": 16, "head_dim": None, "num_key_value_heads": HEADS, "n_group": 1, "topk_group": 1, "rope_parameters": None, **MOE}),
+                              "v_head_dim": 16, "head_dim": None, "num_key_value_heads": HEADS,
+                              "n_group": 1, "topk_group": 1, "rope_parameters": None, **MOE}),
     "qwen3_next": ("qwen2", {"num_experts": 4, **MOE, "shared_expert_intermediate_size": 32,
                              "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
                              "linear_value_head_dim": 16, "layer_types": ["linear_attention", "full_attention"]}),
@@ -106,7 +113,7 @@ def _widen_init(model, std: float) -> None:
     import torch
 
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim >= 2:
                 p.normal_(0.0, std)
 

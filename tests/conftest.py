@@ -3,6 +3,7 @@ model folders), recipes written for them, and the CLI run in-process or as a sub
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -39,9 +40,11 @@ def tiny_model(tmp_path_factory):
     return get
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """trained(name, model, **sections) -> run folder, trained once per test module (4 steps on the demo data)."""
+    """trained(name, model, **sections) -> run folder (4 steps on the demo data), trained once per test session:
+    modules that ask for the same model and sections share one run, whatever name they give it. Tests read these
+    folders; one that changes a run must copy it first."""
     from peftctl.recipe.loader import load_recipe
     from peftctl.train.loop import TrainOptions, train
 
@@ -49,13 +52,14 @@ def trained(tmp_path_factory):
     done: dict[str, Path] = {}
 
     def get(name: str, model: Path, **sections) -> Path:
-        if name not in done:
-            out = root / name
-            recipe = root / f"{name}.yaml"
+        key = yaml.safe_dump(recipe_dict(model, **copy.deepcopy(sections)), sort_keys=True)  # what is trained
+        if key not in done:
+            out = root / f"{name}-{len(done)}"
+            recipe = root / f"{name}-{len(done)}.yaml"
             recipe.write_text(yaml.safe_dump(recipe_dict(model, out=out, **sections), sort_keys=False))
             train(load_recipe(str(recipe), []), TrainOptions(quiet=True))
-            done[name] = out
-        return done[name]
+            done[key] = out
+        return done[key]
 
     return get
 
@@ -88,6 +92,20 @@ def write_recipe(tmp_path):
         return path
 
     return write
+
+
+def cli(*args: str, input: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `peftctl ARGS` in this process (no second torch import): the exit code as `returncode`, stdout and
+    stderr apart, as run_cli returns them. Use run_cli only for what needs a process of its own: signals,
+    the console script's start-up, one smoke test per behaviour."""
+    from typer.testing import CliRunner
+
+    from peftctl.cli.app import app
+
+    result = CliRunner().invoke(app, list(args), input=input, env=env)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception  # a traceback the CLI would print: the test fails with it
+    return subprocess.CompletedProcess(["peftctl", *args], result.exit_code, result.stdout, result.stderr)
 
 
 def run_cli(*args: str, input: str | None = None, env: dict | None = None, timeout: int = 600):

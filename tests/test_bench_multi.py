@@ -13,10 +13,11 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
-import bench  # scripts/ is on sys.path (conftest)
-import bench_multi
 import pytest
 import yaml
+
+import bench  # scripts/ is on sys.path (conftest)
+import bench_multi
 from conftest import REPO
 
 GiB = 1 << 30

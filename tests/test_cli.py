@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, cli, run_cli
 from peftctl.cli.errors import run_guarded
 from peftctl.errors import EXIT_FAILURE, InvalidInput
 
@@ -31,17 +31,17 @@ def no_traceback(result):
 def test_validate_bad_recipes_exit_2_with_position(tmp_path, text, fragment):
     path = tmp_path / "recipe.yaml"
     path.write_text(text)
-    result = run_cli("validate", str(path))
+    result = cli("validate", str(path))
     assert result.returncode == 2, result.stderr
     assert fragment in result.stderr
     no_traceback(result)
 
 
 def test_validate_missing_file_and_bad_set():
-    result = run_cli("validate", "no/such/recipe.yaml")
+    result = cli("validate", "no/such/recipe.yaml")
     assert result.returncode == 2 and "no such recipe file" in result.stderr
     no_traceback(result)
-    result = run_cli("validate", LORA_RECIPE, "--set", "method.r=zero")
+    result = cli("validate", LORA_RECIPE, "--set", "method.r=zero")
     assert result.returncode == 2 and "--set method.r=zero: method.r: expected an integer" in result.stderr
     no_traceback(result)
 
@@ -49,47 +49,47 @@ def test_validate_missing_file_and_bad_set():
 def test_validate_invalid_utf8(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_bytes(b"model: {name: \xfe}\n")
-    result = run_cli("validate", str(path))
+    result = cli("validate", str(path))
     assert result.returncode == 2 and "not valid UTF-8" in result.stderr and ":1:15:" in result.stderr
 
 
 def test_validate_json_and_several_recipes(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(Path(LORA_RECIPE).read_text().replace("r: 16", "r: 0"))
-    result = run_cli("validate", "--json", LORA_RECIPE, str(bad))
+    result = cli("validate", "--json", LORA_RECIPE, str(bad))
     assert result.returncode == 2
     report = json.loads(result.stdout)
     assert [r["valid"] for r in report] == [True, False]
     assert report[1]["errors"][0]["key"] == "method.r" and report[1]["errors"][0]["line"] == 7
-    ok = run_cli("validate", "--json", LORA_RECIPE)
+    ok = cli("validate", "--json", LORA_RECIPE)
     assert ok.returncode == 0 and json.loads(ok.stdout)["valid"] is True
 
 
 def test_validate_reads_stdin():
-    result = run_cli("validate", "-", input=Path(LORA_RECIPE).read_text())
+    result = cli("validate", "-", input=Path(LORA_RECIPE).read_text())
     assert result.returncode == 0, result.stderr
-    result = run_cli("validate", "-", input="model: {name: x}\n")
+    result = cli("validate", "-", input="model: {name: x}\n")
     assert result.returncode == 2 and "<stdin>" in result.stderr
 
 
 def test_init_prints_a_recipe_that_validates(tmp_path):
-    result = run_cli("init", "--method", "ia3", "--model", "Qwen/Qwen2.5-7B")
+    result = cli("init", "--method", "ia3", "--model", "Qwen/Qwen2.5-7B")
     assert result.returncode == 0
     path = tmp_path / "r.yaml"
     path.write_text(result.stdout)
-    assert run_cli("validate", str(path)).returncode == 0
-    bad = run_cli("init", "--method", "nope")
+    assert cli("validate", str(path)).returncode == 0
+    bad = cli("init", "--method", "nope")
     assert bad.returncode == 2 and "unknown method" in bad.stderr
 
 
 def test_schema_is_json():
-    result = run_cli("schema")
+    result = cli("schema")
     assert result.returncode == 0
     schema = json.loads(result.stdout)
     assert schema["title"] == "peftctl recipe" and "method" in schema["properties"]
 
 
-def test_version_and_module_entry_point():
+def test_version_and_module_entry_point():  # the one subprocess here: `python -m peftctl` itself
     from peftctl import __version__
 
     result = run_cli("--version")
@@ -97,7 +97,7 @@ def test_version_and_module_entry_point():
 
 
 def test_unknown_option_is_exit_2():
-    result = run_cli("validate", LORA_RECIPE, "--colour")
+    result = cli("validate", LORA_RECIPE, "--colour")
     assert result.returncode == 2
 
 

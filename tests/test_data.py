@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_jsonl, run_cli
+from conftest import cli, read_jsonl, run_cli
 from peftctl.data.formats import FormatOptions, render
 from peftctl.data.packing import collate, pack_examples
 from peftctl.data.prepare import prepare
@@ -182,7 +182,7 @@ def test_pack_examples_best_fit():
     assert all(sum(lengths[i] for i in row) <= 512 for row in rows)
     fill = sum(lengths) / (len(rows) * 512)
     assert fill > 0.97, fill
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"example 0 is longer \(600\) than a row \(512\)"):
         pack_examples([600], 512)
 
 
@@ -279,13 +279,17 @@ def test_validation_fraction_and_own_path(tmp_path, tokenizers):
     assert (data.train.stats.examples, data.validation.stats.examples) == (20, 3)
 
 
-def test_second_process_reuses_the_tokenisation_cache(tmp_path, tiny_model, write_recipe):
+def test_second_process_reuses_the_tokenisation_cache(tmp_path, tiny_model, write_recipe, monkeypatch):
+    import datasets
+
     data = write_jsonl(tmp_path / "cache.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(30)])
     recipe = write_recipe(tiny_model("llama"), data=data)
     env = {"HF_DATASETS_CACHE": str(tmp_path / "hf-cache")}
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")  # read at import: set it here
+    first = cli("train", str(recipe), "--dry-run", "--log-format", "json")  # this process
+    second = run_cli("train", str(recipe), "--dry-run", "--log-format", "json", env=env)  # another one
     plans = []
-    for _ in range(2):
-        result = run_cli("train", str(recipe), "--dry-run", "--log-format", "json", env=env)
+    for result in (first, second):
         assert result.returncode == 0, result.stderr
         plans.append(json.loads(result.stdout))
     assert plans[0]["tokenization_cached"] is False and plans[1]["tokenization_cached"] is True
@@ -295,7 +299,7 @@ def test_second_process_reuses_the_tokenisation_cache(tmp_path, tiny_model, writ
 
 def test_inspect_data_shows_masks_and_eos(tiny_model, write_recipe):
     recipe = write_recipe(tiny_model("llama"))
-    result = run_cli("inspect-data", str(recipe), "-n", "2")
+    result = cli("inspect-data", str(recipe), "-n", "2")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "<|end_of_text|>" in out and "### Response:" in out
@@ -385,11 +389,11 @@ def test_special_token_text_inside_a_row_is_reported_with_its_line(tmp_path, tok
     bad_role = {"messages": [{"role": "[/x]", "content": "a"}, {"role": "assistant", "content": "b"}]}
     data = write_jsonl(tmp_path / "mixed.jsonl", rows + [bad_role])
     recipe = write_recipe(tiny_model("qwen2"), data=data, dataset={"format": "chat", "on_bad_rows": "skip"})
-    dry = run_cli("train", str(recipe), "--dry-run")
+    dry = cli("train", str(recipe), "--dry-run")
     assert dry.returncode == 0, dry.stderr
     said = (dry.stdout + dry.stderr).replace("\n", "")
     assert "1 example(s) hold a special token's text" in said and "mixed.jsonl line 2: '<|im_end|>'" in said
-    shown = run_cli("inspect-data", str(recipe), "-n", "1")
+    shown = cli("inspect-data", str(recipe), "-n", "1")
     assert shown.returncode == 0, shown.stderr
     assert "line 2: '<|im_end|>'" in shown.stdout and "unknown role '[/x]'" in shown.stdout
 

@@ -1,6 +1,6 @@
 """Several processes through torch.distributed on the CPU (gloo): two ranks with DDP train the same adapter as one
 process with twice the gradient accumulation; a SIGTERM to the launcher checkpoints every rank; a resume at N=2
-continues the same run."""
+continues the same run. The torchrun tests are slow (`python -m pytest -m slow tests/test_distributed.py`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, read_jsonl, run_cli
+from conftest import REPO, cli, read_jsonl, run_cli
 from peftctl.recipe.loader import load_recipe
 from peftctl.train.loop import TrainOptions, train
 
@@ -30,6 +30,7 @@ def torchrun(recipe, *args: str) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.slow  # two processes of torch each, minutes on a 2-core machine
 def test_two_ranks_equal_one_process_with_twice_the_accumulation(tiny_model, write_recipe, tmp_path):
     model = tiny_model("llama")
     single = write_recipe(model, name="single.yaml", out=tmp_path / "single",
@@ -48,6 +49,7 @@ def test_two_ranks_equal_one_process_with_twice_the_accumulation(tiny_model, wri
     assert [r["rank"] for r in manifest["memory_per_rank"]] == [0, 1]  # every rank's peak, gathered at the end
 
 
+@pytest.mark.slow  # two processes of torch each, minutes on a 2-core machine
 def test_sigterm_to_the_launcher_checkpoints_every_rank_and_resume_continues(tiny_model, write_recipe, tmp_path):
     model = tiny_model("llama")
     reference = write_recipe(model, name="ref.yaml", out=tmp_path / "ref",
@@ -80,6 +82,7 @@ def test_sigterm_to_the_launcher_checkpoints_every_rank_and_resume_continues(tin
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
+@pytest.mark.slow  # two processes of torch each, minutes on a 2-core machine
 def test_fsdp_shards_and_trains_the_same_adapter(tiny_model, write_recipe, tmp_path):
     """training.distributed: fsdp (FSDP2, every decoder layer sharded): the same adapter as one process, checkpoints
     gathered in full, and a resume continues."""
@@ -111,6 +114,6 @@ def test_fsdp_shards_and_trains_the_same_adapter(tiny_model, write_recipe, tmp_p
 
 
 def test_fsdp_refuses_a_quantised_base(tiny_model, write_recipe):
-    result = run_cli("validate", str(write_recipe(tiny_model("llama"), quantization={"bits": 4},
+    result = cli("validate", str(write_recipe(tiny_model("llama"), quantization={"bits": 4},
                                                   training={"distributed": "fsdp"})))
     assert result.returncode == 2 and "FSDP2 is not supported" in result.stderr

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import read_jsonl, run_cli
 
+from conftest import read_jsonl, run_cli
 from peftctl.cli import eval as command
 from peftctl.cli.errors import run_guarded
 from peftctl.eval import metrics as M
@@ -344,7 +344,6 @@ def test_eval_data_is_tokenised_and_masked_as_training_does(base, tmp_path):
     """Every example's tokens and labels equal those of training's own pass; prompts and references split where
     the trained span starts (alpaca) or at the last assistant turn (chat)."""
     from conftest import DEMO_DATA
-
     from peftctl.data.formats import FormatOptions
     from peftctl.data.prepare import _tokenize_all
     from peftctl.data.sources import load_sources

@@ -156,7 +156,6 @@ def test_qlora_on_moe_quantises_linear_layers_and_says_the_experts_stay(runs, tm
     """bitsandbytes quantises Linear layers only: on a 4-bit base the routed experts stay at model.dtype, the
     adapter trains on both, and a note says so."""
     from peftctl.methods import runtime
-    from peftctl.methods.lora import LoraSection
     from peftctl.methods.peft_common import AttachContext
     from peftctl.model import load_model
     from peftctl.recipe.loader import load_recipe
@@ -178,5 +177,6 @@ def test_qlora_on_moe_quantises_linear_layers_and_says_the_experts_stay(runs, tm
     batch = _probe(run["model_dir"])
     loss = model(**batch, labels=batch["input_ids"]).loss
     loss.backward()
-    grads = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0]
+    grads = [n for n, p in model.named_parameters()
+             if p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0]
     assert any("experts" in n for n in grads) and any("q_proj" in n for n in grads)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
 
+from conftest import run_cli
 from peftctl.cli import generate as command
 from peftctl.cli.errors import run_guarded
 

@@ -8,8 +8,7 @@ import json
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import DEMO_DATA, recipe_dict
 from peftctl.cli.errors import run_guarded

@@ -3,14 +3,12 @@ run against an unreachable hub (offline mode, a closed local port)."""
 
 from __future__ import annotations
 
-
 import pytest
 
 from conftest import run_cli
 from peftctl import hub
 from peftctl.errors import InvalidInput, PeftctlError
-from peftctl.recipe.loader import load_recipe, parse_recipe
-from peftctl.train.loop import TrainOptions, train
+from peftctl.recipe.loader import parse_recipe
 
 HUB_RECIPE = """\
 model: {name: meta-llama/Meta-Llama-3-8B, revision: abc123}
@@ -87,17 +85,8 @@ class RecordingApi:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tiny_model, tmp_path_factory):
-    import yaml
-
-    from conftest import recipe_dict
-
-    folder = tmp_path_factory.mktemp("pushed")
-    path = folder / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe_dict(tiny_model("llama"), out=folder / "run",
-                                               training={"max_steps": 2})))
-    train(load_recipe(str(path)), TrainOptions(quiet=True))
-    return folder / "run"
+def finished_run(tiny_model, trained):
+    return trained("pushed", tiny_model("llama"))  # push only reads the run: the session's shared one
 
 
 def test_push_uploads_the_adapter_with_a_model_card(finished_run):
@@ -109,17 +98,17 @@ def test_push_uploads_the_adapter_with_a_model_card(finished_run):
     assert folder["folder_path"] == str(finished_run / "adapter")
     text = card["path_or_fileobj"].decode()
     assert card["path_in_repo"] == "README.md" and text.startswith("---\nbase_model:")
-    assert "library_name: peft" in text and "lora" in text and "steps: 2" in text
+    assert "library_name: peft" in text and "lora" in text and "steps: 4" in text  # the shared run's 4
     assert "AutoPeftModelForCausalLM" in text and str(finished_run) not in text  # no local paths leak
 
 
 def test_push_refuses_what_is_not_a_finished_run(finished_run, tmp_path):
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput, match="not a finished run folder"):
         hub.push(tmp_path, "someone/x", api=RecordingApi(), say=lambda m: None)
     with pytest.raises(InvalidInput) as err:
         hub.push(finished_run, "someone/x", merged=True, api=RecordingApi(), say=lambda m: None)
     assert "merged/" in err.value.message
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput, match="a repository id is owner/name"):
         hub.push(finished_run, "no-owner", api=RecordingApi(), say=lambda m: None)
 
 

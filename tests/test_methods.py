@@ -17,13 +17,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import yaml
 
-from conftest import recipe_dict, run_cli
+from conftest import cli, recipe_dict
 
 # A task to memorise: four examples, each seen every step.
 TASK = [
@@ -407,7 +407,7 @@ def test_validate_refuses_incompatible_combinations(write_recipe):
                                        "down_proj not in targets"),
     }
     paths = [str(write_recipe(HUB_MODEL, name=name, **sections)) for name, (sections, _) in refused.items()]
-    result = run_cli("validate", "--json", *paths)
+    result = cli("validate", "--json", *paths)
     assert result.returncode == 2, result.stderr
     reports = json.loads(result.stdout)
     assert [r["valid"] for r in reports] == [False] * len(refused)
@@ -423,7 +423,7 @@ def test_validate_accepts_every_method_on_a_4bit_base(write_recipe):
     paths = [str(write_recipe(HUB_MODEL, name=f"{case_id}.yaml", method={"_replace": True, **case.method},
                               quantization={"bits": 4}))
              for case_id, case in CASES.items()]
-    result = run_cli("validate", "--json", *paths)
+    result = cli("validate", "--json", *paths)
     assert result.returncode == 0, result.stdout + result.stderr
     assert all(spec.works_on_4bit for spec in METHODS.values())
 

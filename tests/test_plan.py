@@ -176,7 +176,6 @@ def measured_and_planned(folder: Path, arch: str, method: dict, *, dtype="bfloat
     from peftctl.methods import runtime
     from peftctl.methods.peft_common import AttachContext
     from peftctl.model import load_model
-
     from peftctl.train.kernels import skip_adapter_input_casts
 
     recipe = make_recipe(str(folder), method, quantization=quant, dtype=dtype, micro_batch_size=b, max_length=s)
@@ -459,7 +458,6 @@ def test_measure_memory_cases_are_planned_for_one_h200():
     """The GPU cases: both seq lengths, both micro-batches, checkpointing both ways, two held out; all fit."""
     sys.path.insert(0, str(REPO / "scripts"))
     import measure_memory
-
     from peftctl import plan
 
     cases = measure_memory.CASES

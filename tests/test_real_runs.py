@@ -9,11 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import read_jsonl, run_cli
+from conftest import cli, read_jsonl
 from peftctl.errors import InvalidInput
 from peftctl.recipe.loader import load_recipe
-from peftctl.train import checkpoint as ckpt
-from peftctl.train import loop
+from peftctl.train import checkpoint as ckpt, loop
 from peftctl.train.loop import TrainOptions, train
 
 EVALUATED = dict(dataset={"validation": 0.2}, training={"max_steps": 10, "eval_every": 2, "save_every": 100,
@@ -41,11 +40,11 @@ def test_keep_best_and_patience(tiny_model, write_recipe, tmp_path, monkeypatch)
 
 
 def test_keep_best_needs_validation_data(tiny_model, write_recipe):
-    result = run_cli("validate", str(write_recipe(tiny_model("llama"), training={"keep_best": True})))
+    result = cli("validate", str(write_recipe(tiny_model("llama"), training={"keep_best": True})))
     assert result.returncode == 2 and "training.keep_best: needs validation data" in result.stderr
 
 
-def test_init_from_continues_from_the_adapters_weights(tiny_model, write_recipe, tmp_path):
+def test_init_from_continues_from_the_adapters_weights(tiny_model, trained, write_recipe, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -54,10 +53,7 @@ def test_init_from_continues_from_the_adapters_weights(tiny_model, write_recipe,
     from peftctl.train.loss import loss_sum
 
     model_dir = tiny_model("llama")
-    first = write_recipe(model_dir, name="first.yaml", out=tmp_path / "first",
-                         training={"max_steps": 6, "learning_rate": 5e-3})
-    train(load_recipe(str(first)), TrainOptions(quiet=True))
-    adapter = tmp_path / "first" / "adapter"
+    adapter = trained("first", model_dir) / "adapter"  # read only: the session's shared run
     second = write_recipe(model_dir, name="second.yaml", out=tmp_path / "second",
                           method={"init_from": str(adapter)}, training={"max_steps": 1, "seed": 7})
     train(load_recipe(str(second)), TrainOptions(quiet=True))
@@ -75,11 +71,9 @@ def test_init_from_continues_from_the_adapters_weights(tiny_model, write_recipe,
     assert logged == pytest.approx(expected, rel=1e-5)
 
 
-def test_init_from_refuses_an_adapter_that_does_not_fit(tiny_model, write_recipe, tmp_path):
+def test_init_from_refuses_an_adapter_that_does_not_fit(tiny_model, trained, write_recipe, tmp_path):
     model_dir = tiny_model("llama")
-    first = write_recipe(model_dir, name="first.yaml", out=tmp_path / "first", training={"max_steps": 1})
-    train(load_recipe(str(first)), TrainOptions(quiet=True))
-    adapter = str(tmp_path / "first" / "adapter")
+    adapter = str(trained("first", model_dir) / "adapter")  # a lora adapter of r 8
     other = write_recipe(model_dir, name="other.yaml", out=tmp_path / "other",
                          method={"init_from": adapter, "r": 4})
     with pytest.raises(InvalidInput) as err:
@@ -98,7 +92,7 @@ def test_missing_tracker_extra_is_exit_2_with_the_pip_command(tiny_model, write_
 
     if importlib.util.find_spec(tracker) is not None:
         pytest.skip(f"{tracker} is installed here")
-    result = run_cli("train", str(write_recipe(tiny_model("llama"), output={"trackers": [tracker]})))
+    result = cli("train", str(write_recipe(tiny_model("llama"), output={"trackers": [tracker]})))
     assert result.returncode == 2 and f"pip install 'peftctl[{tracker}]'" in result.stderr
     assert not (tmp_path / "run").exists()  # refused before the run folder was claimed
 
@@ -106,7 +100,7 @@ def test_missing_tracker_extra_is_exit_2_with_the_pip_command(tiny_model, write_
 def test_8bit_optimisers_need_a_gpu(tiny_model, write_recipe):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    result = run_cli("train", str(write_recipe(tiny_model("llama"), training={"optimizer": "adamw_8bit"})))
+    result = cli("train", str(write_recipe(tiny_model("llama"), training={"optimizer": "adamw_8bit"})))
     assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
 
 
@@ -165,11 +159,11 @@ def test_micro_batches_sized_by_a_token_budget(tiny_model, write_recipe, tmp_pat
 
 
 def test_token_budget_rules(tiny_model, write_recipe):
-    both = run_cli("validate", str(write_recipe(tiny_model("llama"), training={"micro_batch_tokens": 512})))
+    both = cli("validate", str(write_recipe(tiny_model("llama"), training={"micro_batch_tokens": 512})))
     assert both.returncode == 2 and "not both" in both.stderr  # the recipe also sets micro_batch_size
     path = write_recipe(tiny_model("llama"), name="small.yaml", training={"micro_batch_tokens": 64})
     path.write_text(path.read_text().replace("  micro_batch_size: 2\n", ""))
-    small = run_cli("validate", str(path))
+    small = cli("validate", str(path))
     assert small.returncode == 2 and "less than dataset.max_length (128)" in small.stderr
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, read_jsonl, run_cli
+from conftest import REPO, cli, read_jsonl
 from peftctl.recipe.loader import load_recipe
 from peftctl.train import checkpoint as ckpt
 from peftctl.train.loop import TrainOptions, train
@@ -75,7 +75,7 @@ def test_sigterm_checkpoints_and_resume_is_exact(tiny_model, write_recipe, refer
     stopped_at = manifest["steps_done"]
     assert 3 <= stopped_at < 8 and (run / "checkpoints" / ckpt.name_for(stopped_at)).is_dir()
 
-    result = run_cli("train", str(recipe), "--resume", "auto", "--quiet")
+    result = cli("train", str(recipe), "--resume", "auto", "--quiet")
     assert result.returncode == 0, result.stderr
     assert losses(run) == losses(reference_run)  # the same loss at every step, to the last digit logged
     resumed_manifest = json.loads((run / "run.json").read_text())
@@ -106,9 +106,8 @@ def test_second_sigint_aborts_at_once(tiny_model, write_recipe, tmp_path):
     assert all((p / ckpt.MANIFEST).exists() for p in ckpt.list_checkpoints(run / "checkpoints"))
 
 
-def test_checkpoint_layout_and_pruning(tiny_model, write_recipe, tmp_path):
-    train(load_recipe(str(write_recipe(tiny_model("llama"), **RESUMABLE))), TrainOptions(quiet=True))
-    points = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
+def test_checkpoint_layout_and_pruning(reference_run):
+    points = ckpt.list_checkpoints(reference_run / "checkpoints")  # RESUMABLE: 8 steps, save_every 2, keep 2
     assert [p.name for p in points] == ["step_000004", "step_000006"]  # keep 2; none at the final step
     files = {p.name for p in points[-1].iterdir()}
     assert {"adapter_state.safetensors", "optimizer.pt", "scheduler.json", "rng.json", "trainer_state.json",
@@ -121,18 +120,17 @@ def test_checkpoint_layout_and_pruning(tiny_model, write_recipe, tmp_path):
 
 def test_damaged_checkpoint_is_refused_and_auto_falls_back(tiny_model, write_recipe, tmp_path):
     recipe = write_recipe(tiny_model("llama"), **RESUMABLE)
-    proc = start_train(recipe, "--set", "training.max_steps=6", "--set", "training.keep_checkpoints=3")
-    proc.communicate(timeout=300)
+    train(load_recipe(str(recipe), ["training.max_steps=6", "training.keep_checkpoints=3"]), TrainOptions(quiet=True))
     points = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
     newest = points[-1]
     weights = newest / "adapter_state.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])  # truncated
-    with pytest.raises(ckpt.DamagedCheckpoint):
+    with pytest.raises(ckpt.DamagedCheckpoint, match="does not match its hash"):
         ckpt.verify(newest)
-    result = run_cli("train", str(recipe), "--resume", str(newest))
+    result = cli("train", str(recipe), "--resume", str(newest))
     assert result.returncode == 2 and "does not match its hash" in result.stderr
     # The run completed at 6 steps: the same recipe has nothing to resume (see test_safety); training on to 8 does.
-    result = run_cli("train", str(recipe), "--resume", "auto", "--set", "training.max_steps=8",
+    result = cli("train", str(recipe), "--resume", "auto", "--set", "training.max_steps=8",
                      "--set", "training.keep_checkpoints=3")
     assert result.returncode == 0, result.stderr
     assert f"skipping {newest.name}" in result.stderr and f"resuming from {points[-2]}" in result.stderr
@@ -148,13 +146,12 @@ def test_folder_without_manifest_is_not_a_checkpoint(tmp_path):
 
 def test_resume_refuses_a_changed_recipe_but_allows_cadence(tiny_model, write_recipe, tmp_path):
     recipe = write_recipe(tiny_model("llama"), **RESUMABLE)
-    proc = start_train(recipe, "--set", "training.max_steps=4")
-    proc.communicate(timeout=300)
-    result = run_cli("train", str(recipe), "--resume", "auto", "--set", "method.r=4")
+    train(load_recipe(str(recipe), ["training.max_steps=4"]), TrainOptions(quiet=True))
+    result = cli("train", str(recipe), "--resume", "auto", "--set", "method.r=4")
     assert result.returncode == 2 and "method.r: 8 -> 4" in result.stderr
-    result = run_cli("train", str(recipe), "--resume", "auto", "--set", "training.learning_rate=0.1")
+    result = cli("train", str(recipe), "--resume", "auto", "--set", "training.learning_rate=0.1")
     assert result.returncode == 2 and "training.learning_rate" in result.stderr
-    result = run_cli("train", str(recipe), "--resume", "auto", "--set", "training.eval_every=3")
+    result = cli("train", str(recipe), "--resume", "auto", "--set", "training.eval_every=3")
     assert result.returncode == 0, result.stderr
     assert "changed since the checkpoint: training.eval_every" in result.stderr
 
@@ -186,7 +183,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_state(tiny_model, write_re
     recipe = write_recipe(tiny_model("llama"), training={"max_steps": 6, "save_every": 100})
     from peftctl.errors import PeftctlError
 
-    with pytest.raises(PeftctlError) as err:
+    with pytest.raises(PeftctlError, match="non-finite loss at step 3") as err:
         train(load_recipe(str(recipe)), TrainOptions(quiet=True))
     assert "non-finite loss at step 3" in err.value.message and err.value.exit_code == 1
     assert "learning_rate" in err.value.hint
@@ -211,7 +208,7 @@ def test_nonfinite_skip_stops_after_many_in_a_row(tiny_model, write_recipe, monk
     recipe = write_recipe(tiny_model("llama"), training={"max_steps": 20, "on_nonfinite": "skip"})
     from peftctl.errors import PeftctlError
 
-    with pytest.raises(PeftctlError):
+    with pytest.raises(PeftctlError, match=r"non-finite loss at step 1; stopped"):  # skipped a few, never stepped
         train(load_recipe(str(recipe)), TrainOptions(quiet=True))
 
 
@@ -248,7 +245,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tiny_model, write_recipe, t
         return real(path) if saves["n"] == 1 else Usage(10**9, 10**9, 1000)
 
     monkeypatch.setattr(shutil, "disk_usage", disk_usage)
-    with pytest.raises(PeftctlError) as err:
+    with pytest.raises(PeftctlError, match="not enough disk space") as err:
         train(load_recipe(str(recipe)), TrainOptions(quiet=True))
     assert "not enough disk space" in err.value.message and "previous checkpoint is intact" in err.value.hint
     points = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
@@ -259,8 +256,8 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tiny_model, write_recipe, t
 def test_no_token_is_printed_or_written(tiny_model, write_recipe, tmp_path):
     sentinel = "hf_SENTINELTOKEN1234567890abcdef"
     recipe = write_recipe(tiny_model("llama"))
-    result = run_cli("train", str(recipe), "--log-format", "json", env={"HF_TOKEN": sentinel,
-                                                                          "HUGGING_FACE_HUB_TOKEN": sentinel})
+    result = cli("train", str(recipe), "--log-format", "json", env={"HF_TOKEN": sentinel,
+                                                                      "HUGGING_FACE_HUB_TOKEN": sentinel})
     assert result.returncode == 0, result.stderr
     assert sentinel not in result.stdout and sentinel not in result.stderr
     for path in (tmp_path / "run").rglob("*"):

@@ -149,6 +149,7 @@ def test_a_run_never_overwrites_files_it_did_not_write(tiny_model, tmp_path, cap
 
 
 def test_force_deletes_only_what_the_previous_run_wrote(tiny_model, write_recipe, tmp_path, capsys):
+    from peftctl.errors import InvalidInput
     from peftctl.train.run_folder import RunFolder
 
     run = tmp_path / "run"
@@ -169,7 +170,7 @@ def test_force_deletes_only_what_the_previous_run_wrote(tiny_model, write_recipe
     other = tmp_path / "other"
     (other / "checkpoints").mkdir(parents=True)
     (other / "tensorboard").mkdir()
-    with pytest.raises(Exception) as refused:
+    with pytest.raises(InvalidInput, match="which no peftctl run wrote") as refused:
         RunFolder(other).claim(resume=False, force=True)
     assert "checkpoints" in str(refused.value) and (other / "checkpoints").is_dir()
     RunFolder(other).release()
@@ -232,7 +233,9 @@ def test_an_output_dir_that_cannot_be_created_exits_2(kind, tmp_path):
     else:
         (tmp_path / "file").write_text("x")
         path = str(tmp_path / "file" / "run")
-    with pytest.raises(InvalidInput):
+    reason = {"nul": "contains a NUL byte", "loop": "cannot be created: Too many levels of symbolic links",
+              "under_a_file": "cannot be created"}
+    with pytest.raises(InvalidInput, match=reason[kind]):
         RunFolder(path).claim(resume=False, force=False)
 
 
@@ -449,6 +452,7 @@ def test_a_checkpoint_with_non_finite_weights_is_not_good(checkpointed, tmp_path
     import torch
     from safetensors.torch import load_file, save_file
 
+    from peftctl.errors import PeftctlError
     from peftctl.train import checkpoint as ckpt
 
     recipe = _copy_run(checkpointed, tmp_path)
@@ -460,7 +464,7 @@ def test_a_checkpoint_with_non_finite_weights_is_not_good(checkpointed, tmp_path
     _rehash(newest)
     path, notes = ckpt.find_resumable(tmp_path / "run" / "checkpoints", "auto")
     assert path.name == "step_000002" and "non-finite" in notes[0]
-    with pytest.raises(Exception) as refused:  # and none is ever written
+    with pytest.raises(PeftctlError, match="not finite") as refused:  # and none is ever written
         ckpt.save(tmp_path / "ck", weights, {}, None, ckpt.TrainerState(step=9), "", "", 2)
     assert "not finite" in str(refused.value) and not (tmp_path / "ck" / "step_000009").exists()
     assert _train_in_process(recipe, capsys, resume="auto") == 0, _train_in_process.err
@@ -509,7 +513,7 @@ def test_a_pathological_json_row_is_one_bad_row(tokenizer, tmp_path):
     assert f"{path} line 4" in refused.value.message and "nested" in refused.value.message
     whole = tmp_path / "rows.json"
     whole.write_text("[" + deep_row() + "]")
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match="nested too deeply to be a list of rows"):
         _prepare(tokenizer, path=str(whole), on_bad_rows="skip")
 
 
@@ -621,7 +625,7 @@ def test_no_message_ever_repeats_torchs_weights_only_advice(tmp_path):
 
     _Planted.sentinel = str(tmp_path / "SENTINEL")
     (tmp_path / "adapter_model.bin").write_bytes(pickle.dumps(_Planted()))
-    with pytest.raises(Exception) as raised:
+    with pytest.raises(pickle.UnpicklingError, match="weights_only") as raised:
         torch.load(tmp_path / "adapter_model.bin", weights_only=True)
     message, hint, code = classify(raised.value)
     assert "weights_only" in str(raised.value)  # torch's own text, which we must not pass on

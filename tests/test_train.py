@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, read_jsonl, run_cli
+from conftest import REPO, cli, read_jsonl, run_cli
 from peftctl.recipe.loader import load_recipe
 from peftctl.train.loop import TrainOptions, train
 
@@ -36,7 +36,7 @@ def falls(values: list[float]) -> bool:
     return sum(tail) / len(tail) < sum(head) / len(head) - 1.0
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["qwen2"])  # llama: test_only_the_adapter_changes... trains the same recipe
 def test_lora_learns(tiny_model, write_recipe, arch):
     result, recipe = run_train(write_recipe(tiny_model(arch), **LEARN))
     values = losses(recipe.output.dir)
@@ -78,6 +78,9 @@ def test_only_the_adapter_changes_and_it_reloads_in_stock_peft(tiny_model, write
         result, recipe = run_train(write_recipe(model_dir, **LEARN))
     finally:
         loop.save_adapter = original
+    values = losses(recipe.output.dir)  # LoRA learns on llama (test_lora_learns for the other families)
+    assert len(values) == 14 and all(math.isfinite(v) for v in values)
+    assert falls(values), values
 
     fresh = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
     trained = {n for n, (_, grad) in seen["params"].items() if grad}
@@ -145,7 +148,7 @@ def test_packing_changes_nothing_but_the_rows(tiny_model, write_recipe):
         assert packed_loss.item() == pytest.approx(unpacked_loss.item(), rel=1e-5), arch
 
 
-def test_json_log_format_prints_one_object_per_step(tiny_model, write_recipe):
+def test_json_log_format_prints_one_object_per_step(tiny_model, write_recipe):  # train's one CLI smoke test
     result = run_cli("train", str(write_recipe(tiny_model("llama"))), "--log-format", "json")
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
@@ -211,18 +214,24 @@ def test_dry_run_plan_goes_to_stdout(tiny_model, write_recipe, capsys):
     assert code == 0 and "plan (dry run" in out and "total steps" in out and "plan (dry run" not in err
 
 
-def test_an_existing_run_is_not_overwritten(tiny_model, write_recipe):
-    path = write_recipe(tiny_model("llama"))
-    assert run_cli("train", str(path), "--quiet").returncode == 0
-    again = run_cli("train", str(path), "--quiet")
+def test_an_existing_run_is_not_overwritten(tiny_model, trained, write_recipe):
+    """Refused before anything is written (that --force then trains over it: test_safety's force tests)."""
+    from peftctl.train.run_folder import LOCK_FILE
+
+    run = trained("existing", tiny_model("llama"))
+    def files():  # all but the lock, which every attempt takes
+        return {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.name != LOCK_FILE}
+
+    before = files()
+    again = cli("train", str(write_recipe(tiny_model("llama"), out=run)), "--quiet")
     assert again.returncode == 2 and "already holds a run" in again.stderr and "--force" in again.stderr
-    assert run_cli("train", str(path), "--quiet", "--force").returncode == 0
+    assert files() == before
 
 
 def test_missing_models_exit_2_and_say_what_was_tried(tmp_path, write_recipe):
-    result = run_cli("train", str(write_recipe("./no-such-model")))
+    result = cli("train", str(write_recipe("./no-such-model")))
     assert result.returncode == 2 and "no such folder" in result.stderr
-    result = run_cli("train", str(write_recipe("nobody/no-such-model-xyz")), env={"HF_HUB_OFFLINE": "1"})
+    result = cli("train", str(write_recipe("nobody/no-such-model-xyz")), env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2, result.stderr
     assert "nobody/no-such-model-xyz" in result.stderr and "tried" in result.stderr
     assert "Traceback" not in result.stderr
@@ -231,16 +240,14 @@ def test_missing_models_exit_2_and_say_what_was_tried(tmp_path, write_recipe):
 def test_bad_rows_stop_before_training_with_row_number(tmp_path, tiny_model, write_recipe):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
-    result = run_cli("train", str(write_recipe(tiny_model("llama"), data=data)))
+    result = cli("train", str(write_recipe(tiny_model("llama"), data=data)))
     assert result.returncode == 2 and f"{data} line 2: missing field 'output'" in result.stderr
     assert not (tmp_path / "run" / "adapter").exists()
 
 
 def test_demo_recipe_loss_falls(tiny_model, tmp_path):
-    """The README's main job, on the model the demo uses (made the same way, with the same seed)."""
-    from make_tiny_model import make_tiny_model
-
-    model = make_tiny_model("llama", tmp_path / "tiny-llama", corpus=REPO / "recipes" / "data" / "demo.jsonl")
+    """The README's main job, on the model the demo uses (tiny_model makes it the same way, with the same seed)."""
+    model = tiny_model("llama")
     loaded = load_recipe(str(REPO / "recipes" / "demo.yaml"), [f"model.name={model}", f"output.dir={tmp_path}/run",
                                                                 "training.max_steps=30"])
     result = train(loaded, TrainOptions(quiet=True))
