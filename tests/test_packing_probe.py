@@ -157,8 +157,9 @@ def test_probe_on_a_bf16_mixtral_of_the_bench_shape_on_a_gpu(seed, monkeypatch):
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from bench_moe import FULL
     from transformers import AutoModelForCausalLM
+
+    from bench_moe import FULL
 
     torch.manual_seed(seed)
     with torch.device("cuda"):

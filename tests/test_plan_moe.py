@@ -13,9 +13,9 @@ from test_count_params import CONFIGS
 from test_plan import make_recipe, shape_and_setting
 
 MIXTRAL = CONFIGS / "mixtral-8x7b"
-H, I, LAYERS, HEADS, KV, VOCAB, EXPERTS, TOP_K = 4096, 14336, 32, 32, 8, 32000, 8, 2
+H, INTER, LAYERS, HEADS, KV, VOCAB, EXPERTS, TOP_K = 4096, 14336, 32, 32, 8, 32000, 8, 2
 ATTENTION = 2 * H * H + 2 * (H // HEADS * KV) * H  # q, o; k, v
-EXPERT_WEIGHTS = EXPERTS * 3 * H * I  # gate_up_proj (E, 2I, H) + down_proj (E, H, I)
+EXPERT_WEIGHTS = EXPERTS * 3 * H * INTER  # gate_up_proj (E, 2I, H) + down_proj (E, H, INTER)
 
 
 def _mixtral(tmp_path, **changes):
@@ -50,9 +50,9 @@ def test_mixtral_8x7b_activations_follow_the_routed_experts():
     from peftctl import plan
 
     shape, setting, _ = _plan(MIXTRAL)
-    assert shape.intermediate == TOP_K * I  # a token goes through its top-2 experts, not all eight
+    assert shape.intermediate == TOP_K * INTER  # a token goes through its top-2 experts, not all eight
     assert shape.mlp_saved == 3  # the experts are gated (SwiGLU) though fused: gate, act(gate), up
-    assert plan.activation_bytes(shape, setting)["mlp"] == 2 * 3 * TOP_K * I  # bf16
+    assert plan.activation_bytes(shape, setting)["mlp"] == 2 * 3 * TOP_K * INTER  # bf16
 
 
 @pytest.mark.parametrize("changes, weights_grow, mlp_scale", [
@@ -65,7 +65,7 @@ def test_weights_scale_with_all_experts_and_activations_with_top_k(changes, weig
     shape, setting, components = _plan(MIXTRAL)
     other_shape, other_setting, other = _plan(_mixtral(tmp_path, **changes))
     extra_experts = changes.get("num_local_experts", EXPERTS) - EXPERTS
-    extra = LAYERS * extra_experts * (3 * H * I + H)  # their weights and router rows
+    extra = LAYERS * extra_experts * (3 * H * INTER + H)  # their weights and router rows
     assert other["base weights"] - components["base weights"] == 2 * extra
     assert (extra > 0) is weights_grow
     mlp, other_mlp = (plan.activation_bytes(s, t)["mlp"] for s, t in ((shape, setting), (other_shape, other_setting)))

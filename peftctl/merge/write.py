@@ -68,7 +68,8 @@ def write_merged_shards(base: Checkpoint, out: Path, deltas: dict, transform, ou
                 if gpu is not None:
                     gpu.write(writer, shards[-1], key, tensor)
                 else:
-                    writer.submit(lambda shard=shards[-1], key=key, tensor=tensor.cpu(): shard.write(key, tensor))
+                    on_host = tensor.cpu()  # bound now: the writer thread runs the write later
+                    writer.submit(lambda shard=shards[-1], key=key, tensor=on_host: shard.write(key, tensor))
                 del tensor  # dropped as soon as it is written
         if shards:
             writer.submit(lambda shard=shards[-1]: shard.close(sync=False))
