@@ -583,6 +583,37 @@ def test_a_strong_adapter_merged_in_bfloat16_verifies(base, tmp_path):
         assert (tensor == theirs).float().mean() > 0.99, key
 
 
+@pytest.mark.parametrize("base_dtype", ["float32", "bfloat16"])
+def test_cpu_verification_skips_the_rounded_pass_only_when_the_shards_match(base_dtype, tiny_model, tmp_path,
+                                                                            monkeypatch):
+    """On the CPU the written shards are compared bit for bit with the merge rounded in memory during the exact pass;
+    then the rounded pass (the same weights through the same model) is not run, and every figure is the one the
+    full rounded pass gives. A float32 base rounds after the deltas, a bfloat16 one reuses the exact weights."""
+    import peftctl.merge.verify as verify
+
+    model = tiny_model("llama", dtype=base_dtype) if base_dtype != "float32" else tiny_model("llama", shards=3)
+    adapter = strong_lora(model, tmp_path / "strong", std=0.05)
+    passes = []
+    real_stream = verify.stream_logits
+    monkeypatch.setattr(verify, "stream_logits", lambda *a, **k: passes.append(1) or real_stream(*a, **k))
+    fast = merge_adapter(adapter, tmp_path / "fast", dtype="bfloat16", base=str(model), device="cpu").verification
+    assert len(passes) == 4  # with adapter, base, merged, exact: no rounded pass
+    assert fast["written_relative_diff"] == 0 and fast["rounding_relative_diff"] > 0
+
+    class Mismatch(verify.WrittenCheck):  # as if one tensor differed: the rounded pass runs
+        def compare(self, key, tensor, exact):
+            super().compare(key, tensor, exact)
+            self.differing.append(key)
+
+    passes.clear()
+    monkeypatch.setattr(verify, "WrittenCheck", Mismatch)
+    full = merge_adapter(adapter, tmp_path / "full", dtype="bfloat16", base=str(model), device="cpu").verification
+    assert len(passes) == 5
+    for name in ("relative_diff", "float32_relative_diff", "rounding_relative_diff", "written_relative_diff",
+                 "tolerance", "base_relative_diff"):
+        assert full[name] == fast[name], name  # the same weights through the same model: the same logits
+
+
 def test_a_wrong_merge_fails_verification(base, tmp_path, monkeypatch, capsys):
     """A merge whose arithmetic is off (here: the delta applied twice in the written shards) is refused with exit 1
     even in bf16, where rounding alone moves the logits a lot: the shards must equal the merge rounded in memory."""
