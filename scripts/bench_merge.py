@@ -63,8 +63,8 @@ def write_base(folder: Path, config: dict, device: str) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from peftctl.merge.safetensors_io import ShardWriter
     from peftctl.merge.models import empty_model
+    from peftctl.merge.safetensors_io import ShardWriter
 
     folder.mkdir(parents=True)
     hf_config = AutoConfig.for_model("llama", **config, dtype="bfloat16")
@@ -126,7 +126,6 @@ def host_peak() -> int:
 def worker(args: argparse.Namespace) -> int:
     """One side, measured in this process; prints one JSON line."""
     import torch
-
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
