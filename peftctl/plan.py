@@ -39,6 +39,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
+from peftctl import fast_path as fast_path_rules  # the parameter `fast_path` below means "liger is there"
 from peftctl.errors import InvalidInput
 from peftctl.params import is_tuner_layer
 
@@ -76,10 +77,6 @@ FAST_NORM_ROW_BYTES = 4  # liger's RMSNorm keeps its input as it is plus an fp32
 # state, its flattened copy, the input gradient it computes in the forward pass and keeps, and one chunk of
 # logits sized like the hidden states: 4 x hidden elements per token, plus an fp32 loss per token
 FUSED_LOSS_HIDDEN_COPIES = 4
-# liger's patch table (liger_kernel.transformers.monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN, 0.8.5), for planning on
-# a machine without liger for a GPU that has it; where liger is importable its own table is read instead
-LIGER_MODEL_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
-                     "granite", "olmo2", "olmo3", "glm4", "nemotron"}
 BACKWARD_TRANSIENT = (3, 4)  # one layer's backward: ~3 gradients of the MLP width and ~4 of the hidden width
 #                              (estimate, not measured; it matters only where a layer outweighs the loss)
 ACTIVATION_SCALE = 1.0  # calibration knob on all activations: set from scripts/measure_memory.py's table
@@ -266,12 +263,12 @@ def _features(module) -> tuple[int, int]:
 
 
 def _first_decoder_layer(model, layers: int):
-    from torch import nn
+    from peftctl.model import decoder_layers
 
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == layers and layers:
-            return module[0]
-    return None
+    try:
+        return decoder_layers(model, layers)[0] if layers else None
+    except ValueError:
+        return None
 
 
 def _input_key(name: str) -> tuple[str, str] | None:
@@ -353,19 +350,14 @@ def setting_for(recipe, shape: ModelShape, checkpointing: bool, *, fast_path: bo
     """The loop's choices for this recipe on a CUDA device. fast_path: whether liger-kernel is there (default:
     whether it can be imported here, where the plan runs)."""
     from peftctl.methods.registry import METHODS
-    from peftctl.train.kernels import PLAIN_HEAD_MODEL_TYPES
 
     quant = recipe.quantization
     dtype = recipe.model.dtype
     if dtype == "auto":
         dtype = shape.config_dtype if shape.config_dtype in DTYPE_BYTES else "float32"
-    # train/loop.py's _autocast_dtype: the compute dtype of a quantised base, else the weights' own (bf16/fp16)
-    if quant is not None:
-        autocast = quant.compute_dtype if quant.compute_dtype in ("bfloat16", "float16") else None
-    else:
-        autocast = recipe.model.dtype if recipe.model.dtype in ("bfloat16", "float16") else None
+    autocast = fast_path_rules.autocast_name(recipe)
     attention = recipe.model.attn_implementation
-    fast = liger_available() if fast_path is None else fast_path
+    fast = fast_path_rules.liger_available() if fast_path is None else fast_path
     prompt_learning = METHODS[recipe.method.name].prompt_learning
     rows = recipe.training.micro_batch_size
     if recipe.training.micro_batch_tokens:  # the budget in rows of max_length (padding counted, as the loop does)
@@ -376,25 +368,10 @@ def setting_for(recipe, shape: ModelShape, checkpointing: bool, *, fast_path: bo
                    double_quant=bool(quant and quant.double_quant),
                    upcast_embeddings=bool(quant and quant.upcast_embeddings), autocast=autocast,
                    attention=shape.attention if attention == "auto" else attention,
-                   fast_kernels=fast and shape.model_type in liger_model_types(),
-                   fused_loss=(fast and not prompt_learning and shape.plain_head
-                               and shape.model_type in PLAIN_HEAD_MODEL_TYPES),
+                   fast_kernels=fast_path_rules.fast_kernels_apply(shape.model_type, fast),
+                   fused_loss=fast_path_rules.fused_loss_applies(shape.model_type, plain_head=shape.plain_head,
+                                                                 prompt_learning=prompt_learning, liger=fast),
                    adapter_input_casts=autocast is None)
-
-
-def liger_available() -> bool:
-    from peftctl.train.kernels import liger_available as available
-
-    return available()
-
-
-def liger_model_types() -> set[str]:
-    try:
-        from liger_kernel.transformers import monkey_patch
-
-        return set(monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN)
-    except Exception:  # noqa: BLE001 - not installed, or triton failing: the table this plan was written against
-        return LIGER_MODEL_TYPES
 
 
 def weight_bytes(shape: ModelShape, s: Setting) -> int:
@@ -691,7 +668,7 @@ def plan_memory(recipe, counted=None, *, card: Card | None = None, checkpointing
         chosen.notes.append("liger-kernel's fast path assumed (it is importable here): "
                             + ", ".join(n for n, on in (("fused RMSNorm/RoPE/SwiGLU", s.fast_kernels),
                                                         ("fused linear cross-entropy", s.fused_loss)) if on))
-    elif fast_path is None and not liger_available():
+    elif fast_path is None and not fast_path_rules.liger_available():
         chosen.notes.append("liger-kernel is not importable here: planned for the plain path (on a GPU with "
                             "peftctl[gpu] installed the peak is lower)")
     if s.attention == "sdpa" and s.attention_mask:

@@ -321,7 +321,8 @@ def test_parameter_groups_without_loraplus(tiny_model):
     from transformers import AutoConfig
 
     from peftctl.methods.ia3 import Ia3Section
-    from peftctl.methods.lora import LoraSection, parameter_groups
+    from peftctl.methods.lora import LoraSection
+    from peftctl.train.optim import parameter_groups
     from peftctl.methods.peft_common import AttachContext
     from peftctl.methods.runtime import attach
     from peftctl.params import meta_model

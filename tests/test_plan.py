@@ -54,9 +54,9 @@ def make_recipe(model: str, method: dict, *, quantization: dict | None = None, d
 @pytest.fixture(autouse=True)
 def plain_path(monkeypatch):
     """Plans for the plain path (no liger-kernel) unless a test says otherwise, wherever the suite runs."""
-    from peftctl import plan
+    from peftctl import fast_path
 
-    monkeypatch.setattr(plan, "liger_available", lambda: False)
+    monkeypatch.setattr(fast_path, "liger_available", lambda: False)
 
 
 @pytest.fixture(scope="module")

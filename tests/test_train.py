@@ -250,7 +250,7 @@ def test_demo_recipe_loss_falls(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_run_folder_files_follow_the_umask(tmp_path, umask):
-    from peftctl.train.run_folder import atomic_write_text, staged_dir
+    from peftctl.files import atomic_write_text, staged_dir
 
     previous = os.umask(umask)
     try:

@@ -64,6 +64,20 @@ class Batch:
                      self.n_trained, self.n_tokens)
 
 
+def model_inputs(batch, *, prompt_learning: bool) -> dict:
+    """Packed rows are delimited by position_ids alone: a 2D attention mask (or a cache) would make transformers
+    skip the per-example mask, so none is passed and use_cache is always False. Prompt-learning methods prepend
+    virtual tokens and cannot use position_ids; they get the padding mask only."""
+    if prompt_learning:
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
+    inputs = {"input_ids": batch.input_ids, "use_cache": False}
+    if batch.position_ids is not None:
+        inputs["position_ids"] = batch.position_ids
+    if batch.attention_mask is not None:
+        inputs["attention_mask"] = batch.attention_mask
+    return inputs
+
+
 def collate(rows: list[list[dict]], pad_id: int, packed: bool, pad_to: int | None = None) -> Batch:
     """Tensors for a micro-batch. `rows` holds, per row, its examples (dicts with input_ids and labels)."""
     import torch

@@ -18,7 +18,7 @@ from peftctl.data.formats import FormatOptions, RowError, render
 from peftctl.data.packing import Batch, collate, pack_examples
 from peftctl.data.sources import RAW, Source, load_sources
 from peftctl.data.tokenize import special_ids, special_text_in, special_texts, tokenize_rendered
-from peftctl.errors import DataError, InvalidInput
+from peftctl.errors import DataError, InvalidInput, first_line
 
 CACHE_VERSION = "3"  # bump when tokenisation changes its output for the same inputs
 MAX_REPORTED_ROWS = 20
@@ -381,7 +381,7 @@ def _tokenize_source(source: Source, options, tokenizer, max_length: int, key: s
             except RowError:
                 raise
             except Exception as e:  # noqa: BLE001 - a chat template that raises on this conversation
-                raise RowError(f"the chat template refused this row: {str(e).splitlines()[0] if str(e) else e!r}")
+                raise RowError(f"the chat template refused this row: {first_line(e)}")
             special_text = special_text_in(row, special_pattern) if special_pattern else ""
             return {**tokenize_rendered(rendered, tokenizer, max_length, eos_id, specials), "error": "",
                     "special_text": special_text}

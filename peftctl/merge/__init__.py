@@ -44,12 +44,13 @@ from typing import Callable
 
 from peftctl.errors import InvalidInput
 from peftctl.generation_config import write_into_merged as write_generation_config
-from peftctl.merge.common import (ADAPTER_INFO, DEVICES, FROM_QUANTIZED, MERGE_INFO, OUTPUT_DTYPES,  # noqa: F401
+from peftctl.adapter_folder import read_info
+from peftctl.merge.common import (DEVICES, FROM_QUANTIZED, MERGE_INFO, OUTPUT_DTYPES,  # noqa: F401
                                   TOKENIZER_FILES)
 from peftctl.merge.device import DeviceCache, full_float32, resolve_device
 from peftctl.merge.layout import checkpoint_layout
 from peftctl.merge.deltas import Delta, apply_deltas, plan_deltas  # noqa: F401
-from peftctl.merge.inputs import (adapter_folder, adapter_info, check_out_dir, mergeable, parse_size,  # noqa: F401
+from peftctl.merge.inputs import (adapter_folder, check_out_dir, mergeable, parse_size,  # noqa: F401
                                   resolve_base)
 from peftctl.merge.quantized import (_quant_note, by_checkpoint_key, dequantized_weight, quantized_weights,  # noqa: F401
                                      weight_transform)
@@ -96,7 +97,7 @@ def merge_adapter(adapter_dir, out_dir, *, base: str | None = None, dtype: str |
     # Everything that can be wrong with the arguments is checked before any weight is read.
     adapter_dir = adapter_folder(Path(adapter_dir))
     method, config = mergeable(adapter_dir)
-    info = adapter_info(adapter_dir)
+    info = read_info(adapter_dir)
     if from_quantized not in FROM_QUANTIZED:
         raise InvalidInput(f"--from-quantized {from_quantized}: expected dequantized or original")
     if dtype is not None and dtype not in OUTPUT_DTYPES:

@@ -190,7 +190,7 @@ def stream_logits(model, source: Checkpoint, ids, transform, notes: list[str], *
     import torch
     from torch import nn
 
-    from peftctl.methods.bottleneck import decoder_layers
+    from peftctl.model import decoder_layers
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:

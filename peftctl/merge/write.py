@@ -114,7 +114,7 @@ def write_model_files(out: Path, base_folder: Path, adapter_dir: Path, base_conf
 
 def staging_dir(final: Path):
     """The output folder is built beside --out under `.OUT.merging-PID-*` and renamed into place at the end."""
-    from peftctl.train.run_folder import staged_dir
+    from peftctl.files import staged_dir
 
     return staged_dir(final, label="merging")
 

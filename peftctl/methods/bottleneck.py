@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from peftctl.model import decoder_layers
+
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 FEEDFORWARD_NAMES = ("mlp", "feed_forward", "ffn")
@@ -31,15 +33,6 @@ class Bottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(self.dropout(self.act(self.down(x.to(self.down.weight.dtype)))))
         return x + h.to(x.dtype)
-
-
-def decoder_layers(model) -> nn.ModuleList:
-    """The model's list of decoder layers: the ModuleList as long as config.num_hidden_layers."""
-    n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
-            return module
-    raise ValueError("cannot find the decoder layers of this model")
 
 
 def block_of(layer: nn.Module, names: tuple[str, ...]) -> nn.Module:

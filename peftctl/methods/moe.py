@@ -115,3 +115,18 @@ def targets_param_names(model) -> list[str]:
 
 def is_quantised(weight) -> bool:
     return type(weight).__name__ in ("Params4bit", "Int8Params")
+
+
+def unit_name(name: str, module) -> str:
+    """A tuner layer's row path; for peft's LoRA on a parameter (MoE experts, nested as experts.base_layer...) the
+    unwrapped module path and the parameter: model.layers.0.mlp.experts.gate_up_proj."""
+    parameter = getattr(module, "parameter_name", None)
+    if parameter is None:
+        return name
+    path = ".".join(p for p in name.split(".") if p != "base_layer")
+    return path if parameter == "weight" else f"{path}.{parameter}"
+
+
+def is_param_wrapper(module) -> bool:
+    """peft's LoRA on a parameter (fused MoE experts): not a Linear layer."""
+    return type(module).__name__ == "ParamWrapper" and hasattr(module, "parameter_name")

@@ -20,10 +20,11 @@ from peftctl.errors import EXIT_OOM, EXIT_SIGTERM, DataError, InvalidInput, OutO
 from peftctl.methods.registry import METHODS
 from peftctl.train import checkpoint as ckpt
 from peftctl.train import distributed as dist
-from peftctl.train.run_folder import RunFolder, atomic_write_text, staged_dir
+from peftctl.adapter_folder import ADAPTER_INFO
+from peftctl.files import atomic_write_text, staged_dir
+from peftctl.train.run_folder import RunFolder
 
 MAX_NONFINITE_IN_A_ROW = 5
-ADAPTER_INFO = "peftctl_adapter.json"  # beside peft's files: what peft's format cannot say (base quantisation...)
 
 
 @dataclass
@@ -622,12 +623,10 @@ def _gradient_checkpointing(recipe, device, data) -> bool:
 def _autocast_dtype(recipe, device):
     import torch
 
-    if device.type != "cuda":
-        return None  # CPU autocast is slow and would blur exact comparisons; weights compute in their own dtype
-    names = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-    if recipe.quantization is not None:
-        return names.get(recipe.quantization.compute_dtype)
-    return names.get(recipe.model.dtype)
+    from peftctl.fast_path import autocast_name
+
+    name = autocast_name(recipe, device.type)
+    return getattr(torch, name) if name else None
 
 
 def _start_loop_peak(device) -> int | None:

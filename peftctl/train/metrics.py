@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from peftctl.train.run_folder import atomic_write_text
+from peftctl.files import atomic_write_text
 
 
 class Metrics:
