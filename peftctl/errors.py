@@ -1,4 +1,4 @@
-"""The exceptions peftctl raises on purpose, each with the exit code of RECIPE.md.
+"""The exceptions peftctl raises on purpose, each with its exit code (docs/RECIPE.md).
 
 The library raises these; `peftctl.cli.errors` turns them (and a few foreign ones) into one message, one hint and
 an exit code. Nothing here imports torch, so every command can use them.

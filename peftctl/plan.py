@@ -44,7 +44,7 @@ from peftctl.errors import InvalidInput
 from peftctl.params import is_tuner_layer
 
 KiB, MiB, GiB = 1024, 1024 ** 2, 1024 ** 3
-# The fast path's measured peaks, 2026-11-28, one H200 (BENCHMARKS.md, issue 8's cases), which this plan
+# The fast path's measured peaks, 2026-11-28, one H200 (BENCHMARKS.md's cases 1-4), which this plan
 # reproduces within 2% (+0.3% to +1.6%; tests/test_plan.py::test_plan_reproduces_the_h200_benchmarks; case 4
 # showed when gradients and autocast copies exist at the peak, so it is not independent): bf16 LoRA q,k,v,o
 # 4 x 2048 full rows 50.51 GiB, packed rows 54.53 GiB; QLoRA all-linear 4 x 2048 57.89 GiB; 1 x 2048 checkpointed
@@ -88,7 +88,7 @@ LOSS_BACKWARD_BYTES = 4 + 4 + 4
 WORKSPACE = 64 * MiB  # cuBLAS/cuBLASLt workspaces, taken from PyTorch's caching allocator (32 MiB each on Hopper)
 CUDA_CONTEXT = int(0.6 * GiB)  # CUDA context and kernel images: outside max_memory_allocated (nvidia-smi sees it)
 ALLOCATOR_SLACK = 0.08  # the caching allocator reserves more than it hands out (block rounding, fragmentation)
-# Cross-check with DESIGN.md's H200 baselines (HF Trainer, so not the same loop): bf16 LoRA q,k,v,o at 4 x 2048 with
+# Cross-check with the reference H200 figures of BENCHMARKS.md (HF Trainer, so not the same loop): bf16 LoRA q,k,v,o at 4 x 2048 with
 # checkpointing measured 29.0 GiB; this plan says 29.2 GiB for peftctl's loop.
 
 ATTENTION_INPUT_NAMES = {"q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query_key_value", "W_pack", "Wqkv"}
@@ -757,7 +757,7 @@ _UNITS = {"": GiB, "b": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB, "kb": 
           "gb": 1000 ** 3, "tb": 1000 ** 4, "kib": KiB, "mib": MiB, "gib": GiB, "tib": 1024 * GiB}
 
 
-def parse_size(text: str) -> int:
+def parse_gpu_memory(text: str) -> int:
     """'24GiB', '24 GB' (10^9), '80G' (GiB), '81559MiB', '24' (GiB) -> bytes."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text or "")
     unit = match.group(2).lower() if match else None
@@ -768,7 +768,7 @@ def parse_size(text: str) -> int:
 
 def card_from_option(text: str | None) -> Card:
     if text is not None:
-        return Card(parse_size(text), f"--gpu-memory {text.strip()}")
+        return Card(parse_gpu_memory(text), f"--gpu-memory {text.strip()}")
     return local_card()
 
 

@@ -459,7 +459,7 @@ def _tiny_base(model_dir):
 def test_bottleneck_adapter_refuses_what_does_not_fit(tiny_model, tmp_path):
     from peftctl.errors import InvalidInput
     from peftctl.methods import runtime
-    from peftctl.methods.adapter import CONFIG_FILE, WEIGHTS_FILE, AdapterSection
+    from peftctl.methods.bottleneck import CONFIG_FILE, WEIGHTS_FILE, AdapterSection
     from peftctl.methods.peft_common import AttachContext
     from peftctl.methods.registry import METHODS
 

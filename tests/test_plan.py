@@ -378,9 +378,9 @@ def test_remedies_come_in_order_until_it_fits():
     ("24GiB", 24 * GiB), ("24 GiB", 24 * GiB), ("80GB", 80 * 10 ** 9), ("81559MiB", 81559 * 1024 ** 2),
     ("24", 24 * GiB), ("1.5T", int(1.5 * 1024 * GiB)), ("16g", 16 * GiB)])
 def test_gpu_memory_sizes(text, expected):
-    from peftctl.plan import parse_size
+    from peftctl.plan import parse_gpu_memory
 
-    assert parse_size(text) == expected
+    assert parse_gpu_memory(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", "lots", "-4GiB", "24 parsecs", "0"])

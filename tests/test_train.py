@@ -1,5 +1,5 @@
 """`peftctl train` end to end on tiny models: LoRA and QLoRA learn, only the adapter changes, the adapter reloads
-through stock peft, the run folder holds what RECIPE.md promises, and packing changes nothing but speed."""
+through stock peft, the run folder holds what docs/RECIPE.md promises, and packing changes nothing but speed."""
 
 from __future__ import annotations
 

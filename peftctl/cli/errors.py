@@ -1,4 +1,4 @@
-"""The one place where failures become a message, a hint and an exit code (RECIPE.md's exit codes).
+"""The one place where failures become a message, a hint and an exit code (docs/RECIPE.md's exit codes).
 
 Known errors (`PeftctlError` and a few foreign ones recognised by name, so that this module imports no torch)
 print a short paragraph; anything unclassified exits 1 with a one-line summary and the hint to rerun with

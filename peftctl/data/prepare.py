@@ -87,8 +87,8 @@ class PreparedData:
     max_length: int
     warnings: list[str] = field(default_factory=list)  # silent drops made loud: counts, for the run to print
 
-    def step_plan(self, training, world_size: int = 1) -> "StepPlan":
-        return StepPlan(self, training, world_size)
+    def step_schedule(self, training, world_size: int = 1) -> "StepSchedule":
+        return StepSchedule(self, training, world_size)
 
     def trained_tokens(self, split: Split, row_ids) -> int:
         """Trained tokens in these rows, from the table's counts: no collation, no device sync."""
@@ -116,7 +116,7 @@ class PreparedData:
         return collate([[next(examples) for _ in row] for row in chunk], self.pad_id, self.packed)
 
 
-class StepPlan:
+class StepSchedule:
     """Which rows each optimiser step takes, epoch by epoch, in micro-batches.
 
     Each epoch shuffles the rows with the seed; micro-batches take `micro_batch_size` rows, or -- with

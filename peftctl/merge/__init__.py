@@ -49,12 +49,12 @@ from peftctl.merge.common import (DEVICES, FROM_QUANTIZED, MERGE_INFO, OUTPUT_DT
                                   TOKENIZER_FILES)
 from peftctl.merge.device import DeviceCache, full_float32, resolve_device
 from peftctl.merge.layout import checkpoint_layout
-from peftctl.merge.deltas import Delta, apply_deltas, plan_deltas  # noqa: F401
-from peftctl.merge.inputs import (adapter_folder, check_out_dir, mergeable, parse_size,  # noqa: F401
+from peftctl.merge.deltas import Delta, apply_deltas, collect_deltas  # noqa: F401
+from peftctl.merge.inputs import (adapter_folder, check_out_dir, mergeable, parse_shard_size,  # noqa: F401
                                   resolve_base)
 from peftctl.merge.quantized import (_quant_note, by_checkpoint_key, dequantized_weight, quantized_weights,  # noqa: F401
                                      weight_transform)
-from peftctl.merge.safetensors_io import Checkpoint, ShardWriter  # noqa: F401
+from peftctl.merge.safetensors_io import SafetensorsFolder, ShardWriter  # noqa: F401
 from peftctl.merge.models import empty_model, parameter_targets  # noqa: F401
 from peftctl.merge.verify import (VerificationFailed, adapter_model, check_verification, stream_logits,  # noqa: F401
                                   verify_merge)
@@ -102,7 +102,7 @@ def merge_adapter(adapter_dir, out_dir, *, base: str | None = None, dtype: str |
         raise InvalidInput(f"--from-quantized {from_quantized}: expected dequantized or original")
     if dtype is not None and dtype not in OUTPUT_DTYPES:
         raise InvalidInput(f"--dtype {dtype}: expected {', '.join(OUTPUT_DTYPES)}")
-    shard_limit = parse_size(max_shard_size)
+    shard_limit = parse_shard_size(max_shard_size)
     if device not in DEVICES:
         raise InvalidInput(f"--device {device}: expected {', '.join(DEVICES)}")
     base_name = base or info.get("base_model") or config.get("base_model_name_or_path")
@@ -124,7 +124,7 @@ def merge_adapter(adapter_dir, out_dir, *, base: str | None = None, dtype: str |
 
     from transformers import AutoConfig
 
-    base_ckpt = Checkpoint(base_folder)
+    base_ckpt = SafetensorsFolder(base_folder)
     base_config = json.loads((base_folder / "config.json").read_text())
     # The base's own code runs only when the caller (the user, on the command line) says so, never the adapter.
     trust = trust_remote_code
@@ -144,7 +144,7 @@ def merge_adapter(adapter_dir, out_dir, *, base: str | None = None, dtype: str |
     targets = None
     if config.get("target_parameters"):
         targets = parameter_targets(empty_model(model_config, trust_remote_code=trust), adapter_dir)
-    deltas = plan_deltas(adapter_dir, method, config, base_ckpt, layout, targets)
+    deltas = collect_deltas(adapter_dir, method, config, base_ckpt, layout, targets)
     transform = None
     if quant:
         # The dtype the base was loaded in for training is what bitsandbytes quantised.
@@ -170,7 +170,7 @@ def merge_adapter(adapter_dir, out_dir, *, base: str | None = None, dtype: str |
             write_generation_config(tmp, adapter_dir)  # the adapter's stop tokens and pad id over the base's
             if verify:
                 say("verifying: base + adapter against the merged shards, one layer at a time")
-                merge_report.verification = verify_merge(cache or base_ckpt, Checkpoint(tmp), adapter_dir, model_config,
+                merge_report.verification = verify_merge(cache or base_ckpt, SafetensorsFolder(tmp), adapter_dir, model_config,
                                                          out_dtype_name, quant, transform, deltas,
                                                          trust_remote_code=trust, device=target)
                 merge_report.notes += merge_report.verification.pop("notes", [])

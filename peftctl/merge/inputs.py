@@ -44,7 +44,7 @@ def mergeable(adapter_dir: Path) -> tuple[str, dict]:
     return method, config
 
 
-def parse_size(value: int | str) -> int:
+def parse_shard_size(value: int | str) -> int:
     """'5GB' -> 5_000_000_000 (KB/MB/GB are powers of 10, KiB/MiB/GiB of 2, as in transformers)."""
     if isinstance(value, int):
         size = value

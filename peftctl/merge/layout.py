@@ -32,7 +32,7 @@ class Piece:
 
 def checkpoint_layout(model, checkpoint_meta, params: dict | None = None, *, strict: bool = True
                       ) -> dict[str, list[Piece]]:
-    """model parameter name -> the checkpoint tensors that hold it (checkpoint_meta: Checkpoint.meta, key ->
+    """model parameter name -> the checkpoint tensors that hold it (checkpoint_meta: SafetensorsFolder.meta, key ->
     (dtype code, shape)). Raises when one cannot be found.
 
     strict=False leaves out the parameters it cannot find (the merge then refuses only an adapter that changes one).

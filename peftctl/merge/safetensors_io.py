@@ -14,7 +14,7 @@ from peftctl.errors import InvalidInput
 from peftctl.merge.common import OUTPUT_DTYPES
 
 
-class Checkpoint:
+class SafetensorsFolder:
     """A model folder's safetensors weights: which file holds each tensor, with shapes and dtypes from the headers
     (reading a header maps no tensor data)."""
 
@@ -165,7 +165,7 @@ def sync_files(paths) -> None:
             os.close(fd)
 
 
-def plan_output_shards(base: Checkpoint, out_dtype, limit: int) -> list[list[tuple[str, str, tuple, int]]]:
+def plan_output_shards(base: SafetensorsFolder, out_dtype, limit: int) -> list[list[tuple[str, str, tuple, int]]]:
     """Output shards in the base's tensor order, each as large as `limit` allows (a larger tensor gets its own)."""
     import torch
 

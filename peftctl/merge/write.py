@@ -14,7 +14,7 @@ from peftctl.errors import EXIT_SIGTERM, PeftctlError
 from peftctl.merge.common import TOKENIZER_FILES
 from peftctl.merge.deltas import apply_deltas, deltas_to
 from peftctl.merge.device import BackgroundWriter, GpuPipeline
-from peftctl.merge.safetensors_io import Checkpoint, ShardWriter, plan_output_shards, storage_dtype, sync_files
+from peftctl.merge.safetensors_io import SafetensorsFolder, ShardWriter, plan_output_shards, storage_dtype, sync_files
 
 
 class MergeStopped(PeftctlError):
@@ -23,7 +23,7 @@ class MergeStopped(PeftctlError):
         self.exit_code = exit_code
 
 
-def write_merged_shards(base: Checkpoint, out: Path, deltas: dict, transform, out_dtype, limit: int, say,
+def write_merged_shards(base: SafetensorsFolder, out: Path, deltas: dict, transform, out_dtype, limit: int, say,
                         device="cpu", pipeline: bool | None = None, cache=None, syncs: list | None = None):
     """Stream every base tensor through `transform` (dequantisation) and its deltas into the output shards, on
     `device`, with the disk writes on a thread of their own (device.py has the pipeline). pipeline: read and write

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from peftctl.errors import InvalidInput
-from peftctl.methods import adapter as bottleneck_method
+from peftctl.methods import bottleneck as bottleneck_method
 from peftctl.methods import peft_common
 from peftctl.methods.registry import METHODS, MethodSpec
 

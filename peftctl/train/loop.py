@@ -19,7 +19,7 @@ import yaml
 from peftctl.errors import EXIT_OOM, EXIT_SIGTERM, DataError, InvalidInput, OutOfMemory, PeftctlError, TrainingStopped
 from peftctl.methods.registry import METHODS
 from peftctl.train import checkpoint as ckpt
-from peftctl.train import distributed as dist
+from peftctl.train import distributed
 from peftctl.adapter_folder import ADAPTER_INFO
 from peftctl.files import atomic_write_text, staged_dir
 from peftctl.train.run_folder import RunFolder
@@ -116,15 +116,15 @@ def _train(loaded, options: TrainOptions, console=None):
     run = RunFolder(recipe.output.dir)
     recipe_yaml = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
-    world = dist.from_environment()
-    device = dist.init(world) if world.distributed else None  # the collectives below need the process group
+    world = distributed.from_environment()
+    device = distributed.init(world) if world.distributed else None  # the collectives below need the process group
     if not world.main:
         say = _sayer(None, True)  # one voice: rank 0 reports for all
 
     # The run folder is claimed before anything slow, so a wrong output.dir fails in a second, not after loading.
     if not options.dry_run:
         check_trackers(recipe.output.trackers)  # a missing extra fails now, not after the model has loaded
-        dist.on_main(world, lambda: run.claim(resume=options.resume is not None, force=options.force,
+        distributed.on_main(world, lambda: run.claim(resume=options.resume is not None, force=options.force,
                                               inputs=_input_paths(recipe)))
         done = _completed(run, options.resume, recipe_yaml, say)
         if done is not None:
@@ -134,7 +134,7 @@ def _train(loaded, options: TrainOptions, console=None):
     # The tokenizer comes first: the data needs it, and a dry run stops after the data without loading weights.
     # Rank 0 tokenises first; the others then read its cache instead of all writing it at once.
     tokenizer = load_tokenizer(recipe.model, base_dir=loaded.base_dir)
-    data = dist.on_main(world, lambda: prepare(recipe.dataset, tokenizer, seed=training.seed,
+    data = distributed.on_main(world, lambda: prepare(recipe.dataset, tokenizer, seed=training.seed,
                                                pad_id=tokenizer.pad_token_id))
     if not world.main:
         data = prepare(recipe.dataset, tokenizer, seed=training.seed, pad_id=tokenizer.pad_token_id)
@@ -149,10 +149,10 @@ def _train(loaded, options: TrainOptions, console=None):
         say(f"warning: {warning}")
 
     # The number of steps comes from the data; the schedule needs it, so the optimiser is built after the data.
-    plan = data.step_plan(training, world.size)
-    total_steps = training.max_steps or plan.total(training.epochs)
+    schedule = data.step_schedule(training, world.size)
+    total_steps = training.max_steps or schedule.total(training.epochs)
     if options.dry_run:
-        return _plan(recipe, data, plan.steps_in(0), total_steps, say)
+        return _dry_run_report(recipe, data, schedule.steps_in(0), total_steps, say)
 
     device = device or pick_device()
     checkpointing = _gradient_checkpointing(recipe, device, data)
@@ -165,12 +165,12 @@ def _train(loaded, options: TrainOptions, console=None):
             say(f"note: {model.config.model_type}'s attention does not keep packed examples apart: one example "
                 "a row (dataset.packing: auto)")
             unpacked = recipe.dataset.model_copy(update={"packing": False})
-            data = dist.on_main(world, lambda: prepare(unpacked, tokenizer, seed=training.seed,
+            data = distributed.on_main(world, lambda: prepare(unpacked, tokenizer, seed=training.seed,
                                                        pad_id=tokenizer.pad_token_id))
             if not world.main:
                 data = prepare(unpacked, tokenizer, seed=training.seed, pad_id=tokenizer.pad_token_id)
-            plan = data.step_plan(training, world.size)
-            total_steps = training.max_steps or plan.total(training.epochs)
+            schedule = data.step_schedule(training, world.size)
+            total_steps = training.max_steps or schedule.total(training.epochs)
         elif not isolated:
             raise InvalidInput(f"{model.config.model_type}: this model's attention does not keep packed examples "
                                f"apart (difference {difference:.3g} against {contamination:.3g} unpacked)",
@@ -190,8 +190,8 @@ def _train(loaded, options: TrainOptions, console=None):
         kernels = kernels + ["fused_lora_branch"]
     model.train()
     loss_fn, loss_name = build_loss(model, spec, device)
-    engine = dist.choose_engine(recipe, world, device)  # None, ddp or fsdp
-    step_module = dist.wrap(model, loss_fn, world, device, engine)
+    engine = distributed.choose_engine(recipe, world, device)  # None, ddp or fsdp
+    step_module = distributed.wrap(model, loss_fn, world, device, engine)
     # Evaluation: through the sharded module under FSDP (its forward gathers the weights); around DDP's wrapper
     # otherwise, since rank 0 evaluates alone and DDP's forward would wait for the others.
     eval_loss = (lambda m, batch: step_module(batch)) if engine == "fsdp" else loss_fn
@@ -226,15 +226,15 @@ def _train(loaded, options: TrainOptions, console=None):
     def save_checkpoint():
         # Collectives first, on every rank: the full weights and optimiser state (gathered under FSDP) and every
         # rank's random streams (for an exact resume); then rank 0 writes.
-        weights = dist.full_trainable_state(model)
-        optimizer_state = dist.optimizer_state(model, optimizer, engine)
-        rngs = dist.gather_objects(world, ckpt.rng_state())
+        weights = distributed.full_trainable_state(model)
+        optimizer_state = distributed.optimizer_state(model, optimizer, engine)
+        rngs = distributed.gather_objects(world, ckpt.rng_state())
         path = None
         if world.main:
             path = ckpt.save(run.checkpoints, weights, optimizer_state, scheduler, state, recipe_yaml,
                              data.fingerprint, training.keep_checkpoints, rngs=rngs, world_size=world.size,
                              engine=engine)
-        dist.barrier(world)
+        distributed.barrier(world)
         return path
 
     def finish(status: str, exit_code: int, **extra) -> None:
@@ -257,13 +257,13 @@ def _train(loaded, options: TrainOptions, console=None):
     train_s, last_loss, last_eval, nonfinite_in_a_row, first_step_s = 0.0, None, None, 0, None
     setup_peak = _start_loop_peak(device)
     t_loop = time.time()
-    batches = StepBatches(data, plan, world, pin=device.type == "cuda")
+    batches = StepBatches(data, schedule, world, pin=device.type == "cuda")
     try:
         with graceful_stop() as stop, batches:
             if metrics is not None:
                 metrics.on_output_closed = stop.output_closed  # a broken pipe stops like a signal, exit 1
             while state.step < total_steps:
-                if state.step_in_epoch >= plan.steps_in(state.epoch):
+                if state.step_in_epoch >= schedule.steps_in(state.epoch):
                     state.epoch, state.step_in_epoch = state.epoch + 1, 0
                 t_step = time.perf_counter()
                 # This step's rows and micro-batches (collated in the background while the previous step ran).
@@ -277,14 +277,14 @@ def _train(loaded, options: TrainOptions, console=None):
                 for i, mb in enumerate(micro_batches):
                     mb = mb.to(device)
                     last = i == len(micro_batches) - 1
-                    with dist.accumulating(step_module, engine, last):
+                    with distributed.accumulating(step_module, engine, last):
                         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                             token_loss = step_module(mb)
                         scaled = token_loss * scale
                         (scaler.scale(scaled) if scaler else scaled).backward()
                     step_loss[0] += token_loss.detach()
                 step_loss[1] = float(stop.requested)
-                dist.all_sum(world, step_loss)  # one collective: the global loss, and whether any rank must stop
+                distributed.all_sum(world, step_loss)  # one collective: the global loss, and whether any rank must stop
                 if scaler:
                     scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, training.max_grad_norm or math.inf)
@@ -341,7 +341,7 @@ def _train(loaded, options: TrainOptions, console=None):
                                              eval_loss)
                     if world.main:
                         metrics.log({"step": state.step, "eval_loss": last_eval, "eval_ppl": _ppl(last_eval)})
-                    last_eval = dist.broadcast_object(world, last_eval)  # every rank decides the same below
+                    last_eval = distributed.broadcast_object(world, last_eval)  # every rank decides the same below
                     improved = state.best_eval_loss is None or last_eval < state.best_eval_loss
                     if improved:
                         state.best_eval_loss, state.best_step, state.evals_without_improvement = last_eval, \
@@ -383,9 +383,9 @@ def _train(loaded, options: TrainOptions, console=None):
     if training.keep_best and state.best_step is not None and state.best_step != state.step:
         ckpt.load_adapter_weights(run.checkpoints / ckpt.name_for(state.best_step), model)
         adapter_step = state.best_step
-    weights = dist.full_trainable_state(model)  # gathered on every rank under FSDP
+    weights = distributed.full_trainable_state(model)  # gathered on every rank under FSDP
     # Every rank's peak, not rank 0's alone: ranks differ (FSDP shards, rank 0 also evaluates and saves).
-    memory_per_rank = dist.gather_objects(world, _rank_memory(device, setup_peak, world.rank))
+    memory_per_rank = distributed.gather_objects(world, _rank_memory(device, setup_peak, world.rank))
     if world.main:
         save_adapter(model, spec, recipe, tokenizer, run, loraplus=getattr(recipe.method, "loraplus_lr_ratio", None),
                      weights=weights)
@@ -397,8 +397,8 @@ def _train(loaded, options: TrainOptions, console=None):
                tokens_per_s=round(tokens_per_s), adapter_step=adapter_step,
                best={"step": state.best_step, "eval_loss": state.best_eval_loss},
                stopped_early=state.step < total_steps, serving=serving, memory_per_rank=memory_per_rank)
-    dist.barrier(world)
-    dist.close(world)
+    distributed.barrier(world)
+    distributed.close(world)
     if recipe.output.merge and world.main:
         _merge(run, recipe, say)
     evaluation = None
@@ -418,8 +418,8 @@ class StepBatches:
     """The micro-batches of each step (this rank's share), collated one step ahead in a background thread (into
     pinned memory on the GPU), so the host prepares step k+1 while the device computes step k."""
 
-    def __init__(self, data, plan, world, *, pin: bool):
-        self.data, self.plan, self.world, self.pin = data, plan, world, pin
+    def __init__(self, data, schedule, world, *, pin: bool):
+        self.data, self.schedule, self.world, self.pin = data, schedule, world, pin
         self._pending = None  # ((epoch, step_in_epoch), future)
         self._pool = None
 
@@ -433,7 +433,7 @@ class StepBatches:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _build(self, epoch: int, step_in_epoch: int):
-        micro = self.plan.step(epoch, step_in_epoch)
+        micro = self.schedule.step(epoch, step_in_epoch)
         rows = [r for mb in micro for r in mb]
         mine = [self.data.collate_rows(self.data.train, mb) for mb in micro[self.world.rank::self.world.size]]
         if self.pin:
@@ -447,7 +447,7 @@ class StepBatches:
             result = self._pending[1].result()
         else:
             result = self._build(epoch, step_in_epoch)
-        last = step_in_epoch + 1 >= self.plan.steps_in(epoch)
+        last = step_in_epoch + 1 >= self.schedule.steps_in(epoch)
         following = (epoch + 1, 0) if last else (epoch, step_in_epoch + 1)
         self._pending = (following, self._pool.submit(self._build, *following))
         return result
@@ -728,11 +728,11 @@ def _warn_special_text(data, say) -> None:
             "inference. Clean the data if that is not meant (`peftctl inspect-data` lists them)")
 
 
-def _plan(recipe, data, steps_per_epoch: int, total_steps: int, say) -> dict:
+def _dry_run_report(recipe, data, steps_per_epoch: int, total_steps: int, say) -> dict:
     from peftctl.params import count_for_recipe
 
     train = data.train.stats
-    plan = {
+    report = {
         "examples": train.examples, "tokens": train.tokens, "trained_tokens": train.trained_tokens,
         "truncated": train.truncated, "skipped_no_trained_token": train.skipped_no_trained_token,
         "bad_rows": train.bad_rows, "special_text_rows": train.special_text_rows, "rows": len(data.train.rows),
@@ -742,14 +742,14 @@ def _plan(recipe, data, steps_per_epoch: int, total_steps: int, say) -> dict:
         "tokenization_cached": train.from_cache,
     }
     if train.sources:
-        plan["sources"] = train.sources
+        report["sources"] = train.sources
     if data.warnings:
-        plan["warnings"] = data.warnings
+        report["warnings"] = data.warnings
     try:
-        plan["params"] = count_for_recipe(recipe).as_dict()
+        report["params"] = count_for_recipe(recipe).as_dict()
     except PeftctlError as e:
-        plan["params"] = {"error": e.message}
-    return plan
+        report["params"] = {"error": e.message}
+    return report
 
 
 def _summary(result: RunResult, data, console, options: TrainOptions) -> None:

@@ -1,7 +1,7 @@
 """The loss of a micro-batch, as a sum over its trained tokens.
 
 The loop divides by the trained tokens of the whole optimiser step (all micro-batches), so packing, accumulation
-and several processes optimise the same quantity (RECIPE.md). Labels are shifted here: position t predicts
+and several processes optimise the same quantity (docs/RECIPE.md). Labels are shifted here: position t predicts
 token t+1.
 
 Two ways to the same number: from the logits (any model, any method), or -- on the GPU with liger-kernel, for
