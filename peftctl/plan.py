@@ -88,8 +88,8 @@ LOSS_BACKWARD_BYTES = 4 + 4 + 4
 WORKSPACE = 64 * MiB  # cuBLAS/cuBLASLt workspaces, taken from PyTorch's caching allocator (32 MiB each on Hopper)
 CUDA_CONTEXT = int(0.6 * GiB)  # CUDA context and kernel images: outside max_memory_allocated (nvidia-smi sees it)
 ALLOCATOR_SLACK = 0.08  # the caching allocator reserves more than it hands out (block rounding, fragmentation)
-# Cross-check with the reference H200 figures of BENCHMARKS.md (HF Trainer, so not the same loop): bf16 LoRA q,k,v,o at 4 x 2048 with
-# checkpointing measured 29.0 GiB; this plan says 29.2 GiB for peftctl's loop.
+# Cross-check with the reference H200 figures of BENCHMARKS.md (HF Trainer, so not the same loop): bf16 LoRA
+# q,k,v,o at 4 x 2048 with checkpointing measured 29.0 GiB; this plan says 29.2 GiB for peftctl's loop.
 
 ATTENTION_INPUT_NAMES = {"q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query_key_value", "W_pack", "Wqkv"}
 MLP_INPUT_NAMES = {"gate_proj", "up_proj", "gate_up_proj", "c_fc", "fc1", "w1", "w3"}

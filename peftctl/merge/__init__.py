@@ -170,8 +170,8 @@ def merge_adapter(adapter_dir, out_dir, *, base: str | None = None, dtype: str |
             write_generation_config(tmp, adapter_dir)  # the adapter's stop tokens and pad id over the base's
             if verify:
                 say("verifying: base + adapter against the merged shards, one layer at a time")
-                merge_report.verification = verify_merge(cache or base_ckpt, SafetensorsFolder(tmp), adapter_dir, model_config,
-                                                         out_dtype_name, quant, transform, deltas,
+                merge_report.verification = verify_merge(cache or base_ckpt, SafetensorsFolder(tmp), adapter_dir,
+                                                         model_config, out_dtype_name, quant, transform, deltas,
                                                          trust_remote_code=trust, device=target)
                 merge_report.notes += merge_report.verification.pop("notes", [])
                 check_verification(merge_report.verification, out_dir)

@@ -37,8 +37,9 @@ class VerificationFailed(PeftctlError):
     """The merged model does not compute what base + adapter computes (exit 1; nothing is written)."""
 
 
-def verify_merge(base: SafetensorsFolder, merged: SafetensorsFolder, adapter_dir: Path, config, dtype_name: str, quant: dict | None,
-                 transform, deltas: dict, *, trust_remote_code: bool = False, device="cpu") -> dict:
+def verify_merge(base: SafetensorsFolder, merged: SafetensorsFolder, adapter_dir: Path, config, dtype_name: str,
+                 quant: dict | None, transform, deltas: dict, *, trust_remote_code: bool = False,
+                 device="cpu") -> dict:
     """Logit differences (relative to the largest reference logit) of the merged shards as written against base +
     adapter and against the base; for a half-precision output also of the merge before and after rounding."""
     import torch

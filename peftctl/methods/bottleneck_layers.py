@@ -1,4 +1,5 @@
-"""The layers of the bottleneck adapter method (see bottleneck.py, the method `adapter`): torch code, imported only when it runs.
+"""The layers of the bottleneck adapter method (bottleneck.py, the recipe method `adapter`): torch code, imported
+only when it runs.
 
 Adapters are attached with forward hooks on each decoder layer's attention and/or feed-forward block, so the base
 model's own module names and state dict stay untouched; only the adapter weights are saved.
