@@ -4,7 +4,7 @@ Each case runs the same recipe at 1 GPU and at N GPUs in one invocation, peftctl
 the reference (the HF Trainer under `torchrun --nproc-per-node N`, DDP, as users run it), and reports tokens/s of
 all ranks together, the scaling ratio N/1, MFU (against N x one GPU's measured matmul rate), every rank's peak
 memory (run.json's memory_per_rank; the loop's own peak apart from the model load's) and the memory plan's
-per-GPU estimate beside each peak (peftctl/plan.py, for the engine and world size of the run).
+per-GPU estimate beside each peak (peftctl/plan/, for the engine and world size of the run).
 
     export PYTHONPATH=$PWD/.gpu-site:$PWD PYTHONUNBUFFERED=1
     python scripts/bench.py --gpus 2 --cases ddp --out $OUT                  # DDP bf16 LoRA q,k,v,o

@@ -336,11 +336,11 @@ def test_needs_checkpointing_only_when_the_plan_without_it_does_not_fit(monkeypa
     without = plan.plan_memory(recipe, card=card(80), checkpointing=False)
     assert without.fits is False and without.other.fits  # 80 GiB: only with checkpointing
     for size, expected in ((141, False), (80, True), (24, True)):
-        monkeypatch.setattr(plan, "local_card", lambda device=None, size=size: card(size))
+        monkeypatch.setattr(plan.card, "local_card", lambda device=None, size=size: card(size))
         assert plan.needs_checkpointing(recipe, device=None) is expected
     prefix = make_recipe(str(LLAMA3_8B), {"name": "prefix_tuning"}, micro_batch_size=4, max_length=2048)
     assert plan.needs_checkpointing(prefix, device=None) is False  # it cannot checkpoint at all
-    monkeypatch.setattr(plan, "local_card", lambda device=None: plan.Card(None, "no GPU"))
+    monkeypatch.setattr(plan.card, "local_card", lambda device=None: plan.Card(None, "no GPU"))
     assert plan.needs_checkpointing(recipe, device=None) is False
 
 
