@@ -6,7 +6,10 @@ an exit code. Nothing here imports torch, so every command can use them.
 
 from __future__ import annotations
 
+import signal
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # runtime failure, network error, anything unexpected
@@ -135,3 +138,21 @@ def hub_failure(e: BaseException) -> str | None:
     if names & NETWORK_ERRORS:
         return "network"
     return None
+
+
+@contextmanager
+def sigterm_raises(error: Callable[[], BaseException]):
+    """Inside the block SIGTERM raises error(), so that what is half-built is removed on the way out (SIGINT already
+    raises KeyboardInterrupt). Outside the main thread no handler can be set, and nothing changes."""
+    def handle(signum, frame):
+        raise error()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -94,13 +94,6 @@ def choose_pad(tokenizer) -> int:
     return eos
 
 
-def load_config(model_section):
-    from transformers import AutoConfig
-
-    return from_pretrained(AutoConfig.from_pretrained, model_section.name, "model",
-                            revision=model_section.revision, trust_remote_code=model_section.trust_remote_code)
-
-
 def quantization_config(quant):
     """bitsandbytes settings for the recipe's quantization section (None: no quantisation)."""
     if quant is None:

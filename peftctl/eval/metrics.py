@@ -91,10 +91,6 @@ def parse_metrics(names: list[str] | None) -> list[str]:
     return out
 
 
-def needs_generation(metrics: list[str]) -> bool:
-    return any(m not in LOSS_METRICS for m in metrics)
-
-
 def load_user_metric(spec: str) -> Callable[[str, str], object]:
     """Import `module:function` (a module on the path or in the current folder, or a .py file)."""
     module_name, _, function_name = spec.rpartition(":")

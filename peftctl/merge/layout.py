@@ -62,15 +62,6 @@ def checkpoint_layout(model, checkpoint_meta, params: dict | None = None, *, str
     return layout
 
 
-def keys_to_params(layout: dict[str, list[Piece]]) -> dict[str, list[Piece]]:
-    """checkpoint key -> the pieces it holds (several when a tied tensor feeds two parameters)."""
-    out: dict[str, list[Piece]] = {}
-    for pieces in layout.values():
-        for piece in pieces:
-            out.setdefault(piece.key, []).append(piece)
-    return out
-
-
 def tied_keys(model) -> dict[str, str]:
     """output-embedding weight -> input-embedding weight, when the checkpoint stores them once."""
     config = getattr(model, "config", None)

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 
-from peftctl.errors import EXIT_SIGTERM, PeftctlError
+from peftctl.errors import EXIT_SIGTERM, PeftctlError, sigterm_raises
 from peftctl.merge.common import TOKENIZER_FILES
 from peftctl.merge.deltas import apply_deltas, deltas_to
 from peftctl.merge.device import BackgroundWriter, GpuPipeline
@@ -119,18 +117,6 @@ def staging_dir(final: Path):
     return staged_dir(final, label="merging")
 
 
-@contextmanager
 def _stop_on_sigterm():
-    """SIGTERM raises, so the staging folder is removed on the way out (SIGINT already raises KeyboardInterrupt)."""
-    def handle(signum, frame):
-        raise MergeStopped("stopped by SIGTERM; nothing written", EXIT_SIGTERM)
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handle)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    """SIGTERM raises, so the staging folder is removed on the way out."""
+    return sigterm_raises(lambda: MergeStopped("stopped by SIGTERM; nothing written", EXIT_SIGTERM))

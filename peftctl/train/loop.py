@@ -10,16 +10,15 @@ from __future__ import annotations
 import math
 import os
 import random
-import signal
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
 import yaml
 
 from peftctl.adapter_folder import ADAPTER_INFO
-from peftctl.errors import EXIT_OOM, EXIT_SIGTERM, InvalidInput, OutOfMemory, PeftctlError, TrainingStopped
+from peftctl.errors import (EXIT_OOM, EXIT_SIGTERM, InvalidInput, OutOfMemory, PeftctlError, TrainingStopped,
+                            sigterm_raises)
 from peftctl.files import atomic_write_text, staged_dir
 from peftctl.methods.registry import METHODS
 from peftctl.train import checkpoint as ckpt
@@ -76,21 +75,10 @@ def _record_exit(run: RunFolder, e: BaseException) -> None:
                         "error": f"{type(e).__name__}: {getattr(e, 'message', None) or e}"[:500]})
 
 
-@contextmanager
 def _sigterm_raises():
-    def handle(signum, frame):
-        raise TrainingStopped("stopped by SIGTERM outside the training loop; no checkpoint was written for it",
-                              EXIT_SIGTERM, hint="the last checkpoint, if any, is intact: --resume auto continues")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handle)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return sigterm_raises(lambda: TrainingStopped(
+        "stopped by SIGTERM outside the training loop; no checkpoint was written for it", EXIT_SIGTERM,
+        hint="the last checkpoint, if any, is intact: --resume auto continues"))
 
 
 @dataclass
