@@ -1,4 +1,4 @@
-"""The exceptions peftctl raises on purpose, each with the exit code of RECIPE.md.
+"""The exceptions peftctl raises on purpose, each with its exit code (docs/RECIPE.md).
 
 The library raises these; `peftctl.cli.errors` turns them (and a few foreign ones) into one message, one hint and
 an exit code. Nothing here imports torch, so every command can use them.
@@ -6,6 +6,9 @@ an exit code. Nothing here imports torch, so every command can use them.
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 EXIT_OK = 0
@@ -97,3 +100,59 @@ class RecipeError(InvalidInput):
         count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
         super().__init__(f"invalid recipe ({count}):\n{lines}", hint or "fix the lines above; "
                          "`peftctl init` prints a commented recipe and `peftctl schema` the full reference")
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's text (library errors carry pages of context below it); its class name when
+    it has no text."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def class_names(e: BaseException) -> set[str]:
+    """The names of an exception's class and its bases. Foreign exceptions are recognised by name, not imported:
+    huggingface_hub, datasets, requests and httpx have moved them between releases."""
+    return {cls.__name__ for cls in type(e).__mro__}
+
+
+# requests' and httpx's names for a network that does not answer (huggingface_hub moved from one to the other);
+# huggingface_hub's OfflineModeIsEnabled is a ConnectionError
+NETWORK_ERRORS = {"ConnectionError", "Timeout", "ConnectTimeout", "ReadTimeout", "ConnectError", "NetworkError",
+                  "TransportError", "TimeoutException", "RemoteProtocolError", "OfflineModeIsEnabled"}
+
+
+def hub_failure(e: BaseException) -> str | None:
+    """What a hub (or datasets) exception means: "gated", "missing" (repository, revision or dataset),
+    "not_cached" (offline, and the file is not in the cache), "missing_file" (the repository lacks the file),
+    "network", or None for anything else. Gated comes first: huggingface_hub's GatedRepoError is a
+    RepositoryNotFoundError."""
+    names = class_names(e)
+    if "GatedRepoError" in names:
+        return "gated"
+    if names & {"RepositoryNotFoundError", "RevisionNotFoundError", "DatasetNotFoundError", "EmptyDatasetError"}:
+        return "missing"
+    if "LocalEntryNotFoundError" in names:
+        return "not_cached"
+    if "EntryNotFoundError" in names:
+        return "missing_file"
+    if names & NETWORK_ERRORS:
+        return "network"
+    return None
+
+
+@contextmanager
+def sigterm_raises(error: Callable[[], BaseException]):
+    """Inside the block SIGTERM raises error(), so that what is half-built is removed on the way out (SIGINT already
+    raises KeyboardInterrupt). Outside the main thread no handler can be set, and nothing changes."""
+    def handle(signum, frame):
+        raise error()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -84,3 +84,17 @@ def write_into_merged(out: Path, adapter_dir: Path) -> None:
         if config.get("pad_token_id") != pad:
             config["pad_token_id"] = pad
             config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def for_decoding(model, tokenizer, max_new_tokens: int, temperature: float):
+    """A fresh generation config: greedy (or plain temperature sampling), stopping at any end token the model's own
+    config or the tokenizer knows (Llama 3 ends a turn with <|eot_id|>, which is not its EOS)."""
+    from transformers import GenerationConfig
+
+    own = getattr(model, "generation_config", None)
+    stops = stop_ids(getattr(own, "eos_token_id", None), tokenizer)  # an adapter saved before its own config
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None} if temperature > 0 \
+        else {"do_sample": False}
+    return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stops or None, use_cache=True,
+                            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0],
+                            **sampling)

@@ -14,12 +14,15 @@ from pathlib import Path
 
 import yaml
 
-from peftctl.errors import InvalidInput, PeftctlError
+from peftctl.errors import InvalidInput, PeftctlError, class_names, first_line, hub_failure
 
-# requests' and httpx's names for a network that does not answer (huggingface_hub moved from one to the other)
-NETWORK_ERRORS = {"ConnectionError", "Timeout", "OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectError",
-                  "NetworkError", "TransportError", "ConnectTimeout", "ReadTimeout", "RemoteProtocolError"}
 MODEL_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
+
+
+def is_local(name: str) -> bool:
+    """After the recipe's paths are resolved, local models and datasets are absolute paths; anything else is a
+    hub id."""
+    return os.path.isabs(name)
 
 
 @dataclass
@@ -32,7 +35,6 @@ class FetchReport:
 
 def fetch(recipe, *, snapshot_download=None, load_dataset=None, say=print) -> FetchReport:
     """Download the recipe's model (config, weights, tokenizer) and datasets into the local caches."""
-    from peftctl.recipe.rules import is_local
 
     if snapshot_download is None:
         from huggingface_hub import snapshot_download
@@ -56,7 +58,7 @@ def fetch(recipe, *, snapshot_download=None, load_dataset=None, say=print) -> Fe
             report.skipped.append(path)
             continue
         say(f"fetching dataset {path} [{split}]")
-        _hub_call(lambda: load_dataset(path, split=split), path)
+        _hub_call(lambda path=path, split=split: load_dataset(path, split=split), path)
         report.datasets.append(f"{path}[{split}]")
     return report
 
@@ -67,19 +69,18 @@ def _hub_call(call, name: str):
     try:
         return call()
     except Exception as e:  # noqa: BLE001 - classified by name: these classes moved between hub releases
-        names = {c.__name__ for c in type(e).__mro__}
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "GatedRepoError" in names:
+        kind, text = hub_failure(e), first_line(e)
+        if kind == "gated":
             raise InvalidInput(f"{name} is gated: {text}", hint=f"accept its terms on https://huggingface.co/{name}, "
                                "then log in with `hf auth login` (or set HF_TOKEN)") from e
-        if names & {"RepositoryNotFoundError", "DatasetNotFoundError", "RevisionNotFoundError"}:
+        if kind == "missing":
             raise InvalidInput(f"{name} not found on the hub (or private): {text}",
                                hint="check the id and revision; a private repository needs `hf auth login` "
                                     "with a token that can read it") from e
-        if "HfHubHTTPError" in names and ("401" in text or "403" in text):
+        if "HfHubHTTPError" in class_names(e) and ("401" in text or "403" in text):
             raise InvalidInput(f"{name}: the hub refused the token ({text})",
                                hint="log in again with `hf auth login`, or set HF_TOKEN to a valid token") from e
-        if names & NETWORK_ERRORS or isinstance(e, OSError):
+        if kind in ("network", "not_cached") or isinstance(e, OSError):
             raise PeftctlError(f"{name}: could not reach the hub ({text})",
                                hint="check the network (and HF_ENDPOINT / proxies); unset HF_HUB_OFFLINE to fetch") \
                 from e
@@ -115,7 +116,8 @@ def model_card(run_dir: Path, repo_id: str, *, merged: bool) -> str:
         "## Training", "",
         f"- quantisation of the base: {model.get('quantization') or 'none'}",
         f"- steps: {manifest.get('steps_done')} ({manifest.get('tokens_seen', 0):,} tokens); examples: "
-        f"{data.get('examples', 0):,}, truncated {data.get('truncated', 0)}, bad rows skipped {data.get('bad_rows', 0)}",
+        f"{data.get('examples', 0):,}, truncated {data.get('truncated', 0)}, "
+        f"bad rows skipped {data.get('bad_rows', 0)}",
         f"- final training loss: {final.get('train_loss')}; validation loss: {final.get('eval_loss')}",
         f"- trainable parameters: {manifest.get('params', {}).get('trainable', 0):,} of "
         f"{manifest.get('params', {}).get('total', 0):,}",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from peftctl.errors import InvalidInput, ModelNotFound
+from peftctl.errors import InvalidInput, ModelNotFound, first_line, hub_failure
 
 PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>", "<unk>")
 
@@ -29,7 +29,7 @@ def torch_dtype(name: str):
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": "auto"}[name]
 
 
-def _from_pretrained(loader, name: str, what: str, **kwargs):
+def from_pretrained(loader, name: str, what: str, **kwargs):
     """Call a transformers loader and turn "not there" into one message that says what was tried."""
     local = os.path.isabs(name)
     if local:
@@ -45,13 +45,11 @@ def _from_pretrained(loader, name: str, what: str, **kwargs):
 
         if is_refusal(e):
             raise refusal(name) from None
-        names = {c.__name__ for c in type(e).__mro__}
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "GatedRepoError" in names:
+        kind, text = hub_failure(e), first_line(e)
+        if kind == "gated":
             raise ModelNotFound(f"{name} is gated: {text}", hint="accept its licence on the hub, then "
                                 "`hf auth login`") from e
-        if names & {"RepositoryNotFoundError", "RevisionNotFoundError", "LocalEntryNotFoundError",
-                    "EntryNotFoundError", "OfflineModeIsEnabled"} or (isinstance(e, OSError) and not local):
+        if kind in ("missing", "not_cached", "missing_file") or (isinstance(e, OSError) and not local):
             tried = f"the local folder {name}" if local else (
                 f"a folder named {name!r} (none), the hub cache (HF_HOME), and the hub"
                 + (" (offline: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""))
@@ -66,7 +64,7 @@ def load_tokenizer(model_section, *, base_dir: Path | None = None):
 
     from peftctl.data.templates import resolve_template
 
-    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, model_section.name, "tokenizer of",
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, model_section.name, "tokenizer of",
                                  revision=model_section.revision, trust_remote_code=model_section.trust_remote_code)
     if model_section.chat_template:
         try:
@@ -96,13 +94,6 @@ def choose_pad(tokenizer) -> int:
     return eos
 
 
-def load_config(model_section):
-    from transformers import AutoConfig
-
-    return _from_pretrained(AutoConfig.from_pretrained, model_section.name, "model",
-                            revision=model_section.revision, trust_remote_code=model_section.trust_remote_code)
-
-
 def quantization_config(quant):
     """bitsandbytes settings for the recipe's quantization section (None: no quantisation)."""
     if quant is None:
@@ -128,7 +119,7 @@ def load_model(recipe, device, *, gradient_checkpointing: bool = False):
     qconfig = quantization_config(recipe.quantization)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
-    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, section.name, "model", **kwargs)
+    model = from_pretrained(AutoModelForCausalLM.from_pretrained, section.name, "model", **kwargs)
     prepare_frozen_base(model, recipe.quantization, device, gradient_checkpointing=gradient_checkpointing)
     return model
 
@@ -166,6 +157,17 @@ def disable_cpu_repacking(model) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def decoder_layers(model, count: int | None = None):
+    """The model's list of decoder layers: the ModuleList as long as config.num_hidden_layers (or `count`)."""
+    from torch import nn
+
+    n_layers = count or getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise ValueError("cannot find the decoder layers of this model")
 
 
 def linear_layer_names(model) -> list[str]:

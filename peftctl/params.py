@@ -14,7 +14,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peftctl.errors import InvalidInput, ModelNotFound, PeftctlError
+from peftctl.errors import InvalidInput, ModelNotFound, PeftctlError, first_line, hub_failure
+from peftctl.methods.moe import unit_name
 
 
 @dataclass
@@ -55,7 +56,7 @@ def read_config(model_section):
 
     A hub model with trust_remote_code needs its configuration code too; transformers fetches it with the config.
     """
-    from peftctl.recipe.rules import is_local
+    from peftctl.hub import is_local
 
     name, revision = model_section.name, model_section.revision
     if is_local(name):
@@ -70,9 +71,9 @@ def read_config(model_section):
     if model_section.trust_remote_code:
         from transformers import AutoConfig
 
-        from peftctl.model import _from_pretrained
+        from peftctl.model import from_pretrained
 
-        return _from_pretrained(AutoConfig.from_pretrained, name, "model", revision=revision,
+        return from_pretrained(AutoConfig.from_pretrained, name, "model", revision=revision,
                                 trust_remote_code=True)
     return _parse_config(Path(_hub_config_file(name, revision)).parent, name, False)
 
@@ -84,17 +85,16 @@ def _hub_config_file(repo_id: str, revision: str | None) -> str:
     try:
         return hf_hub_download(repo_id, "config.json", revision=revision)
     except Exception as e:  # noqa: BLE001 - classified below; the rest goes up unchanged
-        names = {c.__name__ for c in type(e).__mro__}
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        kind, text = hub_failure(e), first_line(e)
         at = f"{repo_id}" + (f" at revision {revision}" if revision else "")
-        if "GatedRepoError" in names:
+        if kind == "gated":
             raise ModelNotFound(f"{at} is gated: {text}", hint="accept its licence on the hub, then "
                                 "`hf auth login`") from e
-        if names & {"RepositoryNotFoundError", "RevisionNotFoundError"}:
+        if kind == "missing":
             raise ModelNotFound(f"model {at} not found on the hub: {text}",
                                 hint="check model.name and model.revision; a private model needs `hf auth login`; "
                                 "a local folder must exist (relative paths start from the recipe's folder)") from e
-        if "LocalEntryNotFoundError" in names:
+        if kind == "not_cached":
             offline = bool(os.environ.get("HF_HUB_OFFLINE", "").strip() not in ("", "0", "false"))
             tried = (f"a local folder named {repo_id!r} (there is none), then config.json of the hub model {at} in "
                      f"the hub cache ({_hub_cache()}), which does not hold it")
@@ -105,7 +105,7 @@ def _hub_config_file(repo_id: str, revision: str | None) -> str:
                                     "model folder") from e
             raise PeftctlError(f"could not reach the hub for {at}; tried {tried}, and the hub: {text}",
                                hint="check the network (or HF_ENDPOINT), or give a local model folder") from e
-        if "EntryNotFoundError" in names:
+        if kind == "missing_file":
             raise ModelNotFound(f"the hub model {at} has no config.json: {text}",
                                 hint="is it a model repository (not a dataset or an adapter)?") from e
         raise
@@ -130,7 +130,7 @@ def _parse_config(folder: Path, name: str, trust_remote_code: bool):
     except json.JSONDecodeError as e:
         raise InvalidInput(f"config.json of {name} is not valid JSON ({e})") from None
     except (ValueError, KeyError, OSError) as e:  # transformers reports a config it cannot parse as OSError
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = first_line(e)
         raise InvalidInput(f"config.json of {name} cannot be read by transformers: {text}",
                            hint="check its model_type; a new architecture may need a newer transformers, a custom "
                            "one model.trust_remote_code: true") from None
@@ -145,7 +145,7 @@ def meta_model(config, *, trust_remote_code: bool = False):
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as e:
-        text = str(e).strip().splitlines()[0]
+        text = first_line(e)
         raise InvalidInput(f"{getattr(config, 'model_type', 'this model')}: not a causal language model that "
                            f"transformers can build ({text})",
                            hint="peftctl trains causal LMs (AutoModelForCausalLM)") from None
@@ -238,7 +238,7 @@ def trainable_modules(model) -> list[dict]:
             tensors = {_tensor_label(pname): tuple(p.shape) for pname, p in module.named_parameters()
                        if p.requires_grad and not pname.startswith("base_layer.")}
             if tensors:
-                units[_unit_name(name, module)] = {"tensors": tensors, "in": getattr(module, "in_features", None),
+                units[unit_name(name, module)] = {"tensors": tensors, "in": getattr(module, "in_features", None),
                                                    "out": getattr(module, "out_features", None)}
                 claimed |= {f"{name}.{pname}" for pname, _ in module.named_parameters()}
     for name, p in model.named_parameters():
@@ -260,16 +260,6 @@ def trainable_modules(model) -> list[dict]:
                      "tensors": {k: list(v) for k, v in first["tensors"].items()},
                      "parameters_each": sizes[0] if same else None, "parameters": sum(sizes)})
     return rows
-
-
-def _unit_name(name: str, module) -> str:
-    """A tuner layer's row path; for peft's LoRA on a parameter (MoE experts, nested as experts.base_layer...) the
-    unwrapped module path and the parameter: model.layers.0.mlp.experts.gate_up_proj."""
-    parameter = getattr(module, "parameter_name", None)
-    if parameter is None:
-        return name
-    path = ".".join(p for p in name.split(".") if p != "base_layer")
-    return path if parameter == "weight" else f"{path}.{parameter}"
 
 
 def is_tuner_layer(module) -> bool:

@@ -1,4 +1,4 @@
-"""Side-by-side training benchmark (issue 8): peftctl against the plain HF Trainer + peft reference, one GPU.
+"""Side-by-side training benchmark (BENCHMARKS.md): peftctl against the plain HF Trainer + peft reference, one GPU.
 
     export PYTHONPATH=$PWD/.gpu-site:$PWD PYTHONUNBUFFERED=1; python scripts/bench.py --cases 1,2 --out $OUT
     export PYTHONPATH=$PWD/.gpu-site:$PWD PYTHONUNBUFFERED=1; python scripts/bench.py --cases 3,4 --out $OUT
@@ -64,7 +64,7 @@ class Case:
     checkpointing: object = "auto"  # peftctl's training.gradient_checkpointing; the reference always checkpoints
     target_ratio: float = 1.0  # peftctl tokens/s over the reference's, at least
     max_peak_gib: float | None = None  # peftctl's peak memory, at most
-    baseline: tuple[float, float] = (0.0, 0.0)  # the reference in DESIGN.md: tokens/s, peak GiB (one H200)
+    baseline: tuple[float, float] = (0.0, 0.0)  # the reference figures in BENCHMARKS.md: tokens/s, peak GiB (one H200)
 
 
 CASES = {

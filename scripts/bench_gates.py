@@ -146,12 +146,10 @@ def _autocast_dtype(recipe, device):
     """What the training loop autocasts to: the compute dtype (4-bit) or the weights' dtype, on CUDA only."""
     import torch
 
-    if device.type != "cuda":
-        return None
-    names = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-    if recipe.quantization is not None:
-        return names.get(recipe.quantization.compute_dtype)
-    return names.get(recipe.model.dtype)
+    from peftctl.fast_path import autocast_name
+
+    name = autocast_name(recipe, device.type)
+    return getattr(torch, name) if name else None
 
 
 def _reference_side(spec: dict, device) -> tuple[dict, list[dict]]:

@@ -1,4 +1,5 @@
-"""Merge benchmark (issue 17): plain peft on the GPU against `peftctl merge`, LoRA and QLoRA, side by side.
+"""Merge benchmark (BENCHMARKS.md, "Merge"): plain peft on the GPU against `peftctl merge`, LoRA and QLoRA,
+side by side.
 
     export PYTHONPATH=$PWD/.gpu-site:$PWD PYTHONUNBUFFERED=1; python scripts/bench_merge.py --out $OUT
     python scripts/bench_merge.py --shrink 64 --device cpu --out /tmp/bench-merge    # CPU smoke run (the tests)
@@ -36,7 +37,7 @@ LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 16, 32
 QLORA = {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
-# Targets on one H200 (issue 17): LoRA at most plain peft's time, QLoRA at most 1.3x it, host peak at most 3 GB.
+# Targets on one H200 (BENCHMARKS.md): LoRA at most plain peft's time, QLoRA at most 1.3x it, host peak at most 3 GB.
 QLORA_RATIO, HOST_PEAK = 1.3, 3e9
 
 T0 = time.perf_counter()

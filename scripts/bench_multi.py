@@ -4,19 +4,19 @@ Each case runs the same recipe at 1 GPU and at N GPUs in one invocation, peftctl
 the reference (the HF Trainer under `torchrun --nproc-per-node N`, DDP, as users run it), and reports tokens/s of
 all ranks together, the scaling ratio N/1, MFU (against N x one GPU's measured matmul rate), every rank's peak
 memory (run.json's memory_per_rank; the loop's own peak apart from the model load's) and the memory plan's
-per-GPU estimate beside each peak (peftctl/plan.py, for the engine and world size of the run).
+per-GPU estimate beside each peak (peftctl/plan/, for the engine and world size of the run).
 
     export PYTHONPATH=$PWD/.gpu-site:$PWD PYTHONUNBUFFERED=1
-    python scripts/bench.py --gpus 2 --cases ddp --out $OUT                  # issue 20: DDP bf16 LoRA q,k,v,o
-    python scripts/bench.py --gpus 2 --cases qlora-ddp --out $OUT            # issue 20: QLoRA all-linear
+    python scripts/bench.py --gpus 2 --cases ddp --out $OUT                  # DDP bf16 LoRA q,k,v,o
+    python scripts/bench.py --gpus 2 --cases qlora-ddp --out $OUT            # QLoRA all-linear
     python scripts/bench.py --gpus 2 --cases fsdp --rows-per-gpu 2 --out $OUT   # FSDP2, the same 4 rows a step
     python scripts/bench.py --gpus 2 --cases resume --out $OUT               # SIGTERM, then --resume auto
-    python scripts/bench.py --gpus 4 --cases ddp --out $OUT                  # issue 22
+    python scripts/bench.py --gpus 4 --cases ddp --out $OUT                  # four GPUs
     python scripts/bench.py --gpus 4 --shape 70b --layers 20 --cases fsdp --out $OUT
     python scripts/bench.py --gpus 4 --shape 70b --layers 20 --cases qlora-ddp --sides peftctl --out $OUT
     python scripts/bench.py --gpus 2 --tiny --cases ddp,resume --out /tmp/b  # CPU smoke run (gloo)
 
-Cases: ddp (issue 8's case 1: bf16 LoRA r16 q,k,v,o, 4 x 2048 rows per GPU), qlora-ddp (case 3: QLoRA nf4
+Cases: ddp (case 1 of BENCHMARKS.md: bf16 LoRA r16 q,k,v,o, 4 x 2048 rows per GPU), qlora-ddp (case 3: QLoRA nf4
 all-linear), fsdp (case 1's recipe with training.distributed: fsdp; peftctl only: the reference is DDP), resume
 (case 1 under DDP at N: an uninterrupted run, a run whose launcher gets SIGTERM after --stop-after steps, and
 `--resume auto` at N; the losses of the resumed steps against the uninterrupted run's, max abs difference).
@@ -55,7 +55,7 @@ DEFAULT_LAYERS = {"70b": 20}
 class MultiCase:
     name: str
     title: str
-    base: Case  # issue 8's case: model, method, rows per GPU
+    base: Case  # the BENCHMARKS.md case: model, method, rows per GPU
     engine: str  # training.distributed at N GPUs
     kind: str = "scaling"  # scaling | resume
     reference: bool = True  # the reference side runs (DDP under torchrun)
@@ -72,7 +72,7 @@ MULTI_CASES = {
     "resume": MultiCase("resume", "DDP, bf16 LoRA q,k,v,o: SIGTERM to the launcher, --resume auto", CASES[1], "ddp",
                         kind="resume", reference=False),
 }
-PLAN_TOLERANCE = 0.15  # the plan within 15% of each measured peak (issue 20)
+PLAN_TOLERANCE = 0.15  # the plan within 15% of each measured peak (BENCHMARKS.md's multi-GPU targets)
 
 
 # --- arguments ----------------------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ def make_shape(name: str, layers: int | None) -> Shape:
 
 
 def recipe_for(ctx: Context, case: MultiCase, data: Path, run_dir: Path, steps: int, gpus: int) -> dict:
-    """issue 8's recipe for the case; at N GPUs with the case's engine and the rows per GPU asked for."""
+    """The BENCHMARKS.md recipe for the case; at N GPUs with the case's engine and the rows per GPU asked for."""
     recipe = bench.peftctl_recipe(case.base, ctx.shape, ctx.model_dir, data, run_dir, steps)
     if gpus > 1:
         recipe["training"]["distributed"] = case.engine

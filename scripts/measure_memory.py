@@ -1,4 +1,4 @@
-"""Measure the peak GPU memory of real training steps and compare it with the memory plan (peftctl/plan.py).
+"""Measure the peak GPU memory of real training steps and compare it with the memory plan (peftctl/plan/).
 
 Every case is a recipe trained for a few steps through peftctl's own training path, each in a process of its own
 so that its peak is clean; the plan for the same recipe is computed beside it (no GPU needed for that) and the

@@ -1,4 +1,4 @@
-"""The benchmark harness of issue 8 (scripts/bench.py, bench_reference.py, bench_gates.py), on the CPU.
+"""The benchmark harness of BENCHMARKS.md (scripts/bench.py, bench_reference.py, bench_gates.py), on the CPU.
 
 The fast tests check its pieces: FLOP counts of the Llama-3-8B shape, the case data, the recipes peftctl gets (valid,
 and nothing a user would not write), the word-level tokenizer (N words are N tokens), the reference's collator, the

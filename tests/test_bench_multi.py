@@ -51,7 +51,7 @@ def test_recipes_at_one_and_n_gpus(tmp_path, name):
                         model_dir="/models/llama")
     one = bench_multi.recipe_for(ctx, case, tmp_path / "d.jsonl", tmp_path / "a", 11, gpus=1)
     many = bench_multi.recipe_for(ctx, case, tmp_path / "d.jsonl", tmp_path / "b", 11, gpus=2)
-    # one GPU: issue 8's recipe for the case, untouched
+    # one GPU: the BENCHMARKS.md recipe for the case, untouched
     assert one == bench.peftctl_recipe(case.base, bench.LLAMA3_8B, "/models/llama", tmp_path / "d.jsonl",
                                        tmp_path / "a", 11)
     loaded = parse_recipe(yaml.safe_dump(many), "b.yaml", tmp_path, check_paths=False).recipe

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from peftctl.train.kernels import liger_available
+from peftctl.fast_path import liger_available
 
 # What liger-kernel 0.8 does at import on a machine without CuTe DSL or Ascend: a logger it configures itself (its
 # own handler on stderr, level INFO) reports each optional backend it could not import; some versions print.

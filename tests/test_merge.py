@@ -17,11 +17,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import run_cli
 
+from conftest import run_cli
 from peftctl.errors import InvalidInput
-from peftctl.merge import (MERGE_INFO, Checkpoint, dequantized_weight, merge_adapter, parse_size, quantized_weights,
-                           weight_transform)
+from peftctl.merge import (
+    MERGE_INFO,
+    SafetensorsFolder,
+    dequantized_weight,
+    merge_adapter,
+    parse_shard_size,
+    quantized_weights,
+    weight_transform,
+)
 
 METHOD_SECTIONS = {
     "lora": {"name": "lora"},
@@ -209,7 +216,7 @@ def test_4bit_dequantisation_is_what_bitsandbytes_loads(arch, quant_type, double
     quantized = quantized_weights(AutoConfig.from_pretrained(str(model_dir)), quant)
     assert set(quantized) == set(layers) and layers
     transform = weight_transform({**quant, "load_dtype": getattr(torch, dtype)}, quantized)
-    checkpoint = Checkpoint(model_dir)
+    checkpoint = SafetensorsFolder(model_dir)
     for key, tensor in checkpoint.read(list(layers)).items():
         loaded_weight = bnb.functional.dequantize_4bit(layers[key].weight.data, layers[key].weight.quant_state)
         ours = transform(key, tensor)
@@ -227,7 +234,7 @@ def test_8bit_adapters_merge_onto_the_int8_weights(base, trained, tmp_path):
     for name, module in int8_model.named_modules():
         if isinstance(module, bnb.nn.Linear8bitLt) and name.endswith("layers.0.mlp.down_proj.base_layer"):
             key = name.replace("base_model.model.", "").replace(".base_layer", "") + ".weight"
-            w = Checkpoint(base).read([key])[key]
+            w = SafetensorsFolder(base).read([key])[key]
             theirs = bnb.functional.int8_vectorwise_dequant(module.weight.data, module.weight.SCB)
             assert torch.equal(dequantized_weight(w, {"bits": 8}), theirs)
 
@@ -250,7 +257,7 @@ def test_half_precision_output_checks_the_arithmetic_before_rounding(method, bas
     assert check["written_relative_diff"] < 1e-6 and check["rounding_relative_diff"] > 0
     config = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert config["dtype"] == "bfloat16"
-    merged = Checkpoint(tmp_path / "bf16")
+    merged = SafetensorsFolder(tmp_path / "bf16")
     assert len(merged.files) > 1 and {code for code, _ in merged.meta.values()} == {"BF16"}
 
 
@@ -283,7 +290,7 @@ def test_merged_folder_loads_with_plain_transformers(base, trained, tmp_path):
             "tokenizer_config.json", "chat_template.jinja", MERGE_INFO} <= names
     assert len([n for n in names if n.endswith(".safetensors")]) > 1
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"]) == set(Checkpoint(base).meta)
+    assert set(index["weight_map"]) == set(SafetensorsFolder(base).meta)
     assert (out / "chat_template.jinja").read_text() == (run / "adapter" / "chat_template.jinja").read_text()
 
     torch.save(IDS, tmp_path / "ids.pt")
@@ -442,11 +449,12 @@ def test_a_missing_or_damaged_adapter_is_refused(base, trained, tmp_path):
 
 
 def test_parse_size():
-    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("300kb") == 300_000
-    assert parse_size(1234) == 1234 and parse_size("1.5MB") == 1_500_000
+    assert parse_shard_size("5GB") == 5 * 10**9 and parse_shard_size("2GiB") == 2 * 2**30
+    assert parse_shard_size("300kb") == 300_000
+    assert parse_shard_size(1234) == 1234 and parse_shard_size("1.5MB") == 1_500_000
     for bad in ("five", "-1GB", "0", "12XB"):
         with pytest.raises(InvalidInput):
-            parse_size(bad)
+            parse_shard_size(bad)
 
 
 # --- memory: one shard at a time (slow: a 1.2 GB model is written for it) ----------------------------------------
@@ -475,7 +483,7 @@ def random_lora(base: Path, out: Path, r: int = 8) -> Path:
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     generator = torch.Generator().manual_seed(0)
     tensors = {}
-    for key, (_, shape) in Checkpoint(base).meta.items():
+    for key, (_, shape) in SafetensorsFolder(base).meta.items():
         module = key.rsplit(".", 1)[0]
         if key.endswith(".weight") and module.rsplit(".", 1)[-1] in targets:
             tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(r, shape[1], generator=generator)
@@ -514,7 +522,7 @@ def test_peak_memory_stays_near_one_shard(tiny_model, base, trained, tmp_path):
     command on a tiny model gives the cost of the imports (torch, transformers, peft, bitsandbytes)."""
     big = tiny_model("llama", hidden=1024, heads=8, kv_heads=8, intermediate=22784, layers=4,
                      max_shard_size="300MB")
-    checkpoint = Checkpoint(big)
+    checkpoint = SafetensorsFolder(big)
     model_bytes = sum(p.stat().st_size for p in checkpoint.files)
     largest = max(p.stat().st_size for p in checkpoint.files)
     assert model_bytes > 1.1e9 and largest >= 200e6 and len(checkpoint.files) >= 4
@@ -575,7 +583,7 @@ def test_a_strong_adapter_merged_in_bfloat16_verifies(base, tmp_path):
     from peft import PeftModel
 
     stock = PeftModel.from_pretrained(load_plain(base), str(adapter)).merge_and_unload().state_dict()
-    ours = Checkpoint(tmp_path / "merged")
+    ours = SafetensorsFolder(tmp_path / "merged")
     for key, tensor in ours.read(list(ours.meta)).items():  # stock peft's merge, rounded to bf16: the same weights
         theirs = stock[key].to(torch.bfloat16)
         ulp = theirs.float().abs() * 2.0**-7
@@ -702,10 +710,10 @@ def test_every_family_merges_like_stock_peft(family, tmp_path):
     merged = load_plain(tmp_path / "merged")
     assert relative(logits(merged, ids), logits(stock, ids)) < 1e-5
     assert relative(logits(merged, ids), logits(load_plain(model), ids)) > 1e-4
-    assert set(Checkpoint(tmp_path / "merged").meta) == set(Checkpoint(model).meta)
+    assert set(SafetensorsFolder(tmp_path / "merged").meta) == set(SafetensorsFolder(model).meta)
     if family in MOE:
-        changed = [k for k, (code, _) in Checkpoint(model).meta.items() if ".experts." in k and "bias" not in k]
-        before, after = Checkpoint(model).read(changed), Checkpoint(tmp_path / "merged").read(changed)
+        changed = [k for k, (code, _) in SafetensorsFolder(model).meta.items() if ".experts." in k and "bias" not in k]
+        before, after = SafetensorsFolder(model).read(changed), SafetensorsFolder(tmp_path / "merged").read(changed)
         assert all(not torch.equal(before[k], after[k]) for k in changed)  # every expert got its delta
 
 
@@ -714,14 +722,14 @@ def test_the_gpu_pipeline_writes_what_the_cpu_path_writes(base, trained, tmp_pat
     buffers, a writer thread) run on the CPU too, without pinning: with tiny chunks, so that tensors span several,
     the shards come out byte for byte as the plain path writes them."""
     import peftctl.merge.device as device
-    from peftctl.merge.deltas import plan_deltas
+    from peftctl.merge.deltas import collect_deltas
     from peftctl.merge.write import write_merged_shards
 
     run = trained("lora", base, method=dict(METHOD_SECTIONS["lora"]))
     adapter = run / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
-    checkpoint = Checkpoint(base)
-    deltas = plan_deltas(adapter, "lora", config, checkpoint)
+    checkpoint = SafetensorsFolder(base)
+    deltas = collect_deltas(adapter, "lora", config, checkpoint)
     monkeypatch.setattr(device, "CHUNK", 1000)
     written = {}
     for pipeline in (False, True):
@@ -756,7 +764,7 @@ def test_a_failing_writer_stops_the_merge(base, trained, tmp_path, monkeypatch):
         out = tmp_path / str(pipeline)
         out.mkdir()
         with pytest.raises(OSError, match="No space"):
-            write_merged_shards(Checkpoint(base), out, {}, None, torch.float32, 10**9, lambda m: None,
+            write_merged_shards(SafetensorsFolder(base), out, {}, None, torch.float32, 10**9, lambda m: None,
                                 pipeline=pipeline)
 
 
@@ -781,7 +789,7 @@ def test_a_gpu_merge_writes_what_the_cpu_merge_writes(quantized, base, trained, 
     assert cpu_merge.returncode == 0, cpu_merge.stderr
     assert on_gpu.device.startswith("cuda") and on_gpu.verification["device"].startswith("cuda")
     assert on_gpu.verification["written_relative_diff"] < 1e-4
-    gpu, cpu = Checkpoint(tmp_path / "gpu"), Checkpoint(tmp_path / "cpu")
+    gpu, cpu = SafetensorsFolder(tmp_path / "gpu"), SafetensorsFolder(tmp_path / "cpu")
     assert set(gpu.meta) == set(cpu.meta)
     for key, tensor in gpu.read(list(gpu.meta)).items():
         theirs = cpu.read([key])[key]

@@ -321,10 +321,11 @@ def test_parameter_groups_without_loraplus(tiny_model):
     from transformers import AutoConfig
 
     from peftctl.methods.ia3 import Ia3Section
-    from peftctl.methods.lora import LoraSection, parameter_groups
+    from peftctl.methods.lora import LoraSection
     from peftctl.methods.peft_common import AttachContext
     from peftctl.methods.runtime import attach
     from peftctl.params import meta_model
+    from peftctl.train.optim import parameter_groups
 
     model = meta_model(AutoConfig.from_pretrained(tiny_model("llama")))
     model = attach(model, LoraSection(**{**LORA, "use_dora": True}), AttachContext(tokenizer_path=""))
@@ -458,7 +459,7 @@ def _tiny_base(model_dir):
 def test_bottleneck_adapter_refuses_what_does_not_fit(tiny_model, tmp_path):
     from peftctl.errors import InvalidInput
     from peftctl.methods import runtime
-    from peftctl.methods.adapter import CONFIG_FILE, WEIGHTS_FILE, AdapterSection
+    from peftctl.methods.bottleneck import CONFIG_FILE, WEIGHTS_FILE, AdapterSection
     from peftctl.methods.peft_common import AttachContext
     from peftctl.methods.registry import METHODS
 

@@ -54,9 +54,9 @@ def make_recipe(model: str, method: dict, *, quantization: dict | None = None, d
 @pytest.fixture(autouse=True)
 def plain_path(monkeypatch):
     """Plans for the plain path (no liger-kernel) unless a test says otherwise, wherever the suite runs."""
-    from peftctl import plan
+    from peftctl import fast_path
 
-    monkeypatch.setattr(plan, "liger_available", lambda: False)
+    monkeypatch.setattr(fast_path, "liger_available", lambda: False)
 
 
 @pytest.fixture(scope="module")
@@ -335,11 +335,11 @@ def test_needs_checkpointing_only_when_the_plan_without_it_does_not_fit(monkeypa
     without = plan.plan_memory(recipe, card=card(80), checkpointing=False)
     assert without.fits is False and without.other.fits  # 80 GiB: only with checkpointing
     for size, expected in ((141, False), (80, True), (24, True)):
-        monkeypatch.setattr(plan, "local_card", lambda device=None, size=size: card(size))
+        monkeypatch.setattr(plan.card, "local_card", lambda device=None, size=size: card(size))
         assert plan.needs_checkpointing(recipe, device=None) is expected
     prefix = make_recipe(str(LLAMA3_8B), {"name": "prefix_tuning"}, micro_batch_size=4, max_length=2048)
     assert plan.needs_checkpointing(prefix, device=None) is False  # it cannot checkpoint at all
-    monkeypatch.setattr(plan, "local_card", lambda device=None: plan.Card(None, "no GPU"))
+    monkeypatch.setattr(plan.card, "local_card", lambda device=None: plan.Card(None, "no GPU"))
     assert plan.needs_checkpointing(recipe, device=None) is False
 
 
@@ -377,9 +377,9 @@ def test_remedies_come_in_order_until_it_fits():
     ("24GiB", 24 * GiB), ("24 GiB", 24 * GiB), ("80GB", 80 * 10 ** 9), ("81559MiB", 81559 * 1024 ** 2),
     ("24", 24 * GiB), ("1.5T", int(1.5 * 1024 * GiB)), ("16g", 16 * GiB)])
 def test_gpu_memory_sizes(text, expected):
-    from peftctl.plan import parse_size
+    from peftctl.plan import parse_gpu_memory
 
-    assert parse_size(text) == expected
+    assert parse_gpu_memory(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", "lots", "-4GiB", "24 parsecs", "0"])

@@ -59,7 +59,8 @@ def test_fsdp_divides_weights_and_optimiser_but_not_activations(n):
 
 
 def test_fsdp_with_the_same_global_batch_halves_the_activations_too():
-    """Issue 20's FSDP2 target (per-GPU peak <= 0.6x one GPU's) needs the global batch kept: 2 rows per GPU."""
+    """The FSDP2 target of BENCHMARKS.md (per-GPU peak <= 0.6x one GPU's) needs the global batch kept: 2 rows per
+    GPU."""
     one = plan_memory(recipe(), card=H200, fast_path=True)
     fsdp = plan_memory(recipe(micro_batch_size=2), card=H200, fast_path=True, world_size=2, engine="fsdp")
     same_rows = plan_memory(recipe(), card=H200, fast_path=True, world_size=2, engine="fsdp")

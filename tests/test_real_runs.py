@@ -146,7 +146,7 @@ def test_micro_batches_sized_by_a_token_budget(tiny_model, write_recipe, tmp_pat
     recipe = loaded.recipe
     tok = load_tokenizer(recipe.model)
     data = prepare(recipe.dataset, tok, seed=0, pad_id=tok.pad_token_id)
-    plan = data.step_plan(recipe.training)
+    plan = data.step_schedule(recipe.training)
     lengths = data.train.row_counts()[1]
     for step in plan.steps(0):
         assert len(step) <= 2

@@ -156,6 +156,20 @@ def test_resume_refuses_a_changed_recipe_but_allows_cadence(tiny_model, write_re
     assert "changed since the checkpoint: training.eval_every" in result.stderr
 
 
+def test_a_changed_recipe_is_refused_before_the_model_loads(tiny_model, write_recipe, monkeypatch):
+    """The refusal needs only the checkpoint's recipe.yaml: it comes before the (slow) model load."""
+    from peftctl.errors import InvalidInput
+
+    recipe = write_recipe(tiny_model("llama"), **RESUMABLE)
+    train(load_recipe(str(recipe), ["training.max_steps=3"]), TrainOptions(quiet=True))  # a checkpoint at step 2
+    loads = []
+    monkeypatch.setattr("peftctl.model.load_model", lambda *a, **k: loads.append(a) or 1 / 0)
+    with pytest.raises(InvalidInput, match=r"recipe changed what is trained") as refused:
+        train(load_recipe(str(recipe), ["method.r=4"]), TrainOptions(resume="auto", quiet=True))
+    assert "method.r: 8 -> 4" in refused.value.message
+    assert loads == []
+
+
 def _patched_loss(monkeypatch, bad_steps: set[int]):
     """Make the loss NaN on the given (1-based) optimiser steps."""
     from peftctl.train import loss as loss_module

@@ -1,4 +1,4 @@
-"""Issue 16: never run a stranger's code, never destroy a user's files, never report success for a failed run."""
+"""Never run a stranger's code, never destroy a user's files, never report success for a failed run."""
 
 from __future__ import annotations
 

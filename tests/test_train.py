@@ -1,5 +1,5 @@
 """`peftctl train` end to end on tiny models: LoRA and QLoRA learn, only the adapter changes, the adapter reloads
-through stock peft, the run folder holds what RECIPE.md promises, and packing changes nothing but speed."""
+through stock peft, the run folder holds what docs/RECIPE.md promises, and packing changes nothing but speed."""
 
 from __future__ import annotations
 
@@ -257,7 +257,7 @@ def test_demo_recipe_loss_falls(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_run_folder_files_follow_the_umask(tmp_path, umask):
-    from peftctl.train.run_folder import atomic_write_text, staged_dir
+    from peftctl.files import atomic_write_text, staged_dir
 
     previous = os.umask(umask)
     try:

@@ -6,7 +6,6 @@ become messages and exit codes.
 """
 
 import sys
-from typing import List, Optional
 
 import typer
 
@@ -50,8 +49,8 @@ def _root(version: bool = typer.Option(False, "--version", "-V", callback=_versi
 
 @app.command(cls=PlainHelpCommand)
 def validate(
-    recipes: List[str] = typer.Argument(..., metavar="RECIPE...", help="Recipe files ('-' reads standard input)."),
-    sets: Optional[List[str]] = SetOption,
+    recipes: list[str] = typer.Argument(..., metavar="RECIPE...", help="Recipe files ('-' reads standard input)."),
+    sets: list[str] | None = SetOption,
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
     """Check recipes against the schema and its rules; exit 0 when all are valid, 2 otherwise."""
@@ -83,17 +82,17 @@ def schema() -> None:
 @app.command(cls=PlainHelpCommand)
 def train(
     recipe: str = typer.Argument(..., help="Recipe file ('-' reads standard input)."),
-    sets: Optional[List[str]] = SetOption,
+    sets: list[str] | None = SetOption,
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate, load the tokenizer and data, print the plan; "
                                  "load no weights and train nothing."),
-    resume: Optional[str] = typer.Option(None, "--resume", metavar="auto|PATH", help="'auto' (the newest good checkpoint of "
-                                         "output.dir) or a checkpoint folder."),
+    resume: str | None = typer.Option(None, "--resume", metavar="auto|PATH", help="'auto' (the newest good "
+                                      "checkpoint of output.dir) or a checkpoint folder."),
     force: bool = typer.Option(False, "--force", help="Replace a run already in output.dir."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary; errors only."),
-    log_format: str = typer.Option("text", "--log-format", metavar="text|json", help="text, or json: one JSON object per step on "
-                                   "stdout."),
-    gpus: Optional[int] = typer.Option(None, "--gpus", min=1, metavar="N", help="Start this many processes on this machine "
-                                       "(one per GPU)."),
+    log_format: str = typer.Option("text", "--log-format", metavar="text|json", help="text, or json: one JSON "
+                                   "object per step on stdout."),
+    gpus: int | None = typer.Option(None, "--gpus", min=1, metavar="N", help="Start this many processes on this "
+                                    "machine (one per GPU)."),
 ) -> None:
     """Train the recipe's adapter and write the run folder."""
     from peftctl.cli import train as command
@@ -106,9 +105,9 @@ def train(
 def merge(
     adapter_dir: str = typer.Argument(..., help="An adapter folder (RUN/adapter) or a run folder."),
     out: str = typer.Option(..., "--out", "-o", help="Folder to write the merged model to."),
-    base: Optional[str] = typer.Option(None, "--base", help="Base model (default: the one recorded with the "
+    base: str | None = typer.Option(None, "--base", help="Base model (default: the one recorded with the "
                                        "adapter)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16, float16 or float32 (default: the "
+    dtype: str | None = typer.Option(None, "--dtype", help="bfloat16, float16 or float32 (default: the "
                                         "base's)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check layer by layer that the merged logits "
                                 "equal base + adapter and differ from the base; on failure exit 1 and write "
@@ -133,22 +132,22 @@ def merge(
 
 @app.command("count-params", cls=PlainHelpCommand)
 def count_params(
-    recipe: Optional[str] = typer.Argument(None, help="Recipe file ('-' reads standard input)."),
-    sets: Optional[List[str]] = SetOption,
-    model: Optional[str] = typer.Option(None, "--model", help="Hub id or local folder (without a recipe)."),
+    recipe: str | None = typer.Argument(None, help="Recipe file ('-' reads standard input)."),
+    sets: list[str] | None = SetOption,
+    model: str | None = typer.Option(None, "--model", help="Hub id or local folder (without a recipe)."),
     method: str = typer.Option("lora", "--method", help="Method (without a recipe)."),
-    r: Optional[int] = typer.Option(None, "--r", help="LoRA rank."),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha."),
-    targets: Optional[str] = typer.Option(None, "--targets", help="Comma-separated target modules, or all-linear."),
-    bits: Optional[int] = typer.Option(None, "--bits", help="Quantise the base to 4 or 8 bits."),
-    num_virtual_tokens: Optional[int] = typer.Option(None, "--num-virtual-tokens", help="For prompt methods."),
-    micro_batch_size: Optional[int] = typer.Option(None, "--micro-batch-size", min=1, help="For --memory: rows "
+    r: int | None = typer.Option(None, "--r", help="LoRA rank."),
+    alpha: float | None = typer.Option(None, "--alpha", help="LoRA alpha."),
+    targets: str | None = typer.Option(None, "--targets", help="Comma-separated target modules, or all-linear."),
+    bits: int | None = typer.Option(None, "--bits", help="Quantise the base to 4 or 8 bits."),
+    num_virtual_tokens: int | None = typer.Option(None, "--num-virtual-tokens", help="For prompt methods."),
+    micro_batch_size: int | None = typer.Option(None, "--micro-batch-size", min=1, help="For --memory: rows "
                                                    "per micro-batch (training.micro_batch_size)."),
-    max_length: Optional[int] = typer.Option(None, "--max-length", min=8, help="For --memory: tokens per row "
+    max_length: int | None = typer.Option(None, "--max-length", min=8, help="For --memory: tokens per row "
                                              "(dataset.max_length)."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
     memory: bool = typer.Option(False, "--memory", help="Also estimate peak GPU memory for the recipe."),
-    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Card size to plan for, e.g. 24GiB "
+    gpu_memory: str | None = typer.Option(None, "--gpu-memory", help="Card size to plan for, e.g. 24GiB "
                                              "(default: the local GPU)."),
 ) -> None:
     """Count what a recipe trains, from the model's config alone (no weights are loaded)."""
@@ -163,7 +162,7 @@ def count_params(
 @app.command("inspect-data", cls=PlainHelpCommand)
 def inspect_data(
     recipe: str = typer.Argument(..., help="Recipe file ('-' reads standard input)."),
-    sets: Optional[List[str]] = SetOption,
+    sets: list[str] | None = SetOption,
     n: int = typer.Option(3, "-n", min=0, help="Examples to render."),
 ) -> None:
     """Show examples exactly as the model will see them: trained tokens highlighted, EOS shown, lengths."""
@@ -176,11 +175,11 @@ def inspect_data(
 def generate(
     source: str = typer.Argument(..., metavar="ADAPTER_OR_MODEL", help="An adapter folder, run folder or a merged "
                                  "model folder."),
-    prompt: Optional[str] = typer.Argument(None, help="The prompt (default: one prompt per line of stdin; a blank "
+    prompt: str | None = typer.Argument(None, help="The prompt (default: one prompt per line of stdin; a blank "
                                            "line gives a blank line). Output: one line per prompt, with newlines "
                                            "written as \\n and backslashes as \\\\."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the chat template (same as --format chat)."),
-    prompt_format: Optional[str] = typer.Option(None, "--format", metavar="alpaca|chat|raw",
+    prompt_format: str | None = typer.Option(None, "--format", metavar="alpaca|chat|raw",
                                                 help="How to wrap each prompt: Alpaca's preamble, the chat template, "
                                                 "or as it is (default: the format the adapter was trained on)."),
     jsonl: bool = typer.Option(False, "--jsonl", help="stdin lines are JSON strings or objects with a \"prompt\" key "
@@ -199,24 +198,24 @@ def generate(
 
 @app.command("eval", cls=PlainHelpCommand)
 def eval_(
-    targets: List[str] = typer.Argument(..., metavar="TARGET...", help="Run folders, adapter folders, model folders, "
+    targets: list[str] = typer.Argument(..., metavar="TARGET...", help="Run folders, adapter folders, model folders, "
                                         "base:MODEL, or base (the first adapter's base, loaded as it was trained)."),
     data: str = typer.Option(..., "--data", "-d", help="Held-out data: a file or folder (jsonl, json, csv, parquet) "
                              "or hub dataset id."),
-    format: Optional[str] = typer.Option(None, "--format", "-f", help="alpaca, chat, completion or "
+    format: str | None = typer.Option(None, "--format", "-f", help="alpaca, chat, completion or "
                                          "prompt_completion (default: the first run folder's, else alpaca)."),
-    fields: Optional[List[str]] = typer.Option(None, "--field", metavar="NAME=COLUMN", help="Map a format name "
+    fields: list[str] | None = typer.Option(None, "--field", metavar="NAME=COLUMN", help="Map a format name "
                                                "to a column, e.g. --field output=answer (repeatable)."),
-    metrics: Optional[List[str]] = typer.Option(None, "--metrics", "-m", help="Comma-separated: loss, perplexity, "
+    metrics: list[str] | None = typer.Option(None, "--metrics", "-m", help="Comma-separated: loss, perplexity, "
                                                 "exact_match, token_f1, rouge_l (default: all), or your function "
                                                 "as module:function -- which runs your code."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts per batched generation."),
-    max_length: Optional[int] = typer.Option(None, "--max-length", min=8, help="Tokens per example for the loss, "
+    max_length: int | None = typer.Option(None, "--max-length", min=8, help="Tokens per example for the loss, "
                                              "as dataset.max_length (default: the run's, else 2048)."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate the first N examples only."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate the first N examples only."),
     json_output: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Write each example's prompt, reference and "
+    out: str | None = typer.Option(None, "--out", "-o", help="Write each example's prompt, reference and "
                                       "predictions to this JSON Lines file."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
     bootstrap: int = typer.Option(1000, "--bootstrap", min=0, help="Bootstrap resamples for the intervals."),
@@ -236,7 +235,7 @@ def eval_(
 @app.command(cls=PlainHelpCommand)
 def fetch(
     recipe: str = typer.Argument(..., help="Recipe file ('-' reads standard input)."),
-    sets: Optional[List[str]] = SetOption,
+    sets: list[str] | None = SetOption,
 ) -> None:
     """Download the recipe's model and datasets into the local caches (for offline training)."""
     from peftctl.cli import fetch as command

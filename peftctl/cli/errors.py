@@ -1,4 +1,4 @@
-"""The one place where failures become a message, a hint and an exit code (RECIPE.md's exit codes).
+"""The one place where failures become a message, a hint and an exit code (docs/RECIPE.md's exit codes).
 
 Known errors (`PeftctlError` and a few foreign ones recognised by name, so that this module imports no torch)
 print a short paragraph; anything unclassified exits 1 with a one-line summary and the hint to rerun with
@@ -10,9 +10,18 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
-from peftctl.errors import (EXIT_FAILURE, EXIT_INVALID, EXIT_OOM, EXIT_SIGINT, PeftctlError)
+from peftctl.errors import (
+    EXIT_FAILURE,
+    EXIT_INVALID,
+    EXIT_OOM,
+    EXIT_SIGINT,
+    PeftctlError,
+    class_names,
+    first_line,
+    hub_failure,
+)
 
 
 def _secondary_rank() -> bool:
@@ -50,19 +59,18 @@ def run_guarded(fn: Callable[[], object]) -> int:
 
 def classify(e: BaseException) -> tuple[str, str | None, int]:
     """Foreign exceptions we recognise by class name: out of GPU memory, hub errors, disk full."""
-    names = {cls.__name__ for cls in type(e).__mro__}
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    names, kind, text = class_names(e), hub_failure(e), first_line(e)
     if "OutOfMemoryError" in names or "CUDA out of memory" in str(e):
         return (f"out of GPU memory: {text}", "lower training.micro_batch_size or dataset.max_length, turn "
                 "training.gradient_checkpointing on, or quantise the base (`peftctl count-params --memory "
                 "RECIPE` shows the plan)", EXIT_OOM)
-    if names & {"GatedRepoError"}:
+    if kind == "gated":
         return (f"the repository is gated: {text}", "accept its licence on the hub, then `hf auth login`",
                 EXIT_INVALID)
-    if names & {"RepositoryNotFoundError", "RevisionNotFoundError", "EntryNotFoundError"}:
+    if kind in ("missing", "not_cached", "missing_file"):
         return (f"not found on the hub: {text}", "check the id and revision; private repositories need "
                 "`hf auth login`", EXIT_INVALID)
-    if names & {"ConnectionError", "ConnectTimeout", "ConnectError", "NetworkError", "OfflineModeIsEnabled"}:
+    if kind == "network":
         return (f"the network or the hub cannot be reached: {text}", "check the connection; offline, fetch the "
                 "model and data first (`peftctl fetch RECIPE`) and set HF_HUB_OFFLINE=1", EXIT_FAILURE)
     if "UnpicklingError" in names or "weights_only" in str(e):

@@ -17,11 +17,10 @@ import json
 import sys
 from pathlib import Path
 
+from peftctl.adapter_folder import ADAPTER_INFO, adapter_in, read_info
 from peftctl.errors import InvalidInput, ModelNotFound
+from peftctl.generation_config import for_decoding as generation_config
 from peftctl.remote_code import RemoteCodeRefused, check_pinned, refusal
-
-ADAPTER_FILES = ("adapter_config.json", "bottleneck_config.json")
-
 
 PROMPT_FORMATS = ("alpaca", "chat", "raw")
 
@@ -51,7 +50,7 @@ def recorded_format(source: str) -> str:
     path = Path(source)
     for folder in (path, path / "adapter"):
         try:
-            recorded = json.loads((folder / "peftctl_adapter.json").read_text()).get("prompt_format")
+            recorded = json.loads((folder / ADAPTER_INFO).read_text()).get("prompt_format")
         except (OSError, ValueError):
             continue
         return recorded if recorded in ("alpaca", "chat") else "raw"
@@ -95,15 +94,11 @@ def load_for_generation(source: str, *, trust_remote_code: bool = False):
     own code runs only with `trust_remote_code` from the command line (see peftctl.remote_code)."""
     path = Path(source).absolute()
     if path.is_dir():
-        if not any((path / name).exists() for name in ADAPTER_FILES) and (path / "adapter").is_dir():
-            path = path / "adapter"  # a run folder
-        if any((path / name).exists() for name in ADAPTER_FILES):
-            return _adapter_on_base(path, trust_remote_code)
+        adapter_dir = adapter_in(path)
+        if adapter_dir is not None:
+            return _adapter_on_base(adapter_dir, trust_remote_code)
         if (path / "config.json").exists():
             return _model(str(path), trust_remote_code)
-        if (path / "run.json").exists():
-            raise InvalidInput(f"{source}: this run has no adapter yet (training did not finish)",
-                               hint="finish or resume the run first: peftctl train RECIPE --resume auto")
         raise InvalidInput(f"{source}: neither a run folder, an adapter folder nor a model folder",
                            hint="pass RUN/, RUN/adapter or a merged model folder")
     if path.exists():
@@ -117,10 +112,10 @@ def load_for_generation(source: str, *, trust_remote_code: bool = False):
 def _model(name: str, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
-    from peftctl.model import _from_pretrained, disable_cpu_repacking, pick_device
+    from peftctl.model import disable_cpu_repacking, from_pretrained, pick_device
 
     device = pick_device()
-    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name, "model", dtype="auto",
+    model = from_pretrained(AutoModelForCausalLM.from_pretrained, name, "model", dtype="auto",
                              device_map={"": str(device)}, trust_remote_code=trust_remote_code)
     if device.type == "cpu":
         disable_cpu_repacking(model)
@@ -136,12 +131,7 @@ def _adapter_on_base(adapter_dir: Path, trust_remote_code: bool = False):
     from peftctl.recipe.schema import ModelSection, QuantizationSection
 
     _, config = runtime.adapter_kind(adapter_dir)
-    info = {}
-    if (adapter_dir / "peftctl_adapter.json").exists():
-        try:
-            info = json.loads((adapter_dir / "peftctl_adapter.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise InvalidInput(f"{adapter_dir / 'peftctl_adapter.json'}: damaged ({e})") from None
+    info = read_info(adapter_dir)
     base = info.get("base_model") or config.get("base_model_name_or_path")
     if not base:
         raise InvalidInput(f"{adapter_dir}: the adapter does not say which base model it was trained on",
@@ -169,22 +159,6 @@ def _tokenizer(name: str, revision: str | None = None, *, trust_remote_code: boo
 
     return load_tokenizer(ModelSection(name=name, revision=None if Path(name).is_dir() else revision,
                                        trust_remote_code=trust_remote_code))
-
-
-def generation_config(model, tokenizer, max_new_tokens: int, temperature: float):
-    """A fresh generation config: greedy (or plain temperature sampling), stopping at any end token the model's own
-    config or the tokenizer knows (Llama 3 ends a turn with <|eot_id|>, which is not its EOS)."""
-    from transformers import GenerationConfig
-
-    from peftctl.generation_config import stop_ids
-
-    own = getattr(model, "generation_config", None)
-    stops = stop_ids(getattr(own, "eos_token_id", None), tokenizer)  # an adapter saved before its own config
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None} if temperature > 0 \
-        else {"do_sample": False}
-    return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stops or None, use_cache=True,
-                            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0],
-                            **sampling)
 
 
 def generate_one(model, tokenizer, prompt: str, *, chat: bool, config) -> str:

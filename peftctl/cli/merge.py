@@ -12,13 +12,14 @@ def run(adapter_dir: str, out: str, *, base: str | None, dtype: str | None, veri
         from_quantized: str, force: bool, device: str = "auto", trust_remote_code: bool = False) -> int:
     from rich.console import Console
 
-    from peftctl.merge import adapter_folder, adapter_info, merge_adapter
+    from peftctl.adapter_folder import read_info
+    from peftctl.merge import adapter_folder, merge_adapter
     from peftctl.remote_code import check_pinned, is_refusal, refusal
 
     console = Console(stderr=True, highlight=False)
     # The adapter's record of trust_remote_code only words the refusal; the command line decides.
     folder = adapter_folder(Path(adapter_dir))
-    info = adapter_info(folder) if folder.is_dir() else {}
+    info = read_info(folder) if folder.is_dir() else {}
     base_name = base or info.get("base_model")
     if base_name:
         check_pinned(base_name, info.get("revision") if base is None else None, trust_remote_code)

@@ -39,19 +39,19 @@ def run(recipe_path: str, sets: list[str], *, dry_run: bool, resume: str | None,
     options = TrainOptions(resume=resume, force=force, quiet=quiet, log_format=log_format, dry_run=dry_run)
     result = train(loaded, options, console=console)
     if dry_run:  # the plan is the command's data: stdout (talk stays on stderr), so `> plan.txt` captures it
-        _print_plan(result, Console(highlight=False, soft_wrap=True), log_format == "json")
+        _print_dry_run(result, Console(highlight=False, soft_wrap=True), log_format == "json")
     return 0
 
 
-def _print_plan(plan: dict, console, as_json: bool) -> None:
+def _print_dry_run(report: dict, console, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(plan, indent=2))
+        print(json.dumps(report, indent=2))
         return
     from rich.table import Table
 
     table = Table(title="plan (dry run: no weights loaded, nothing trained)", show_header=False,
                   title_justify="left")
-    for key, value in plan.items():
+    for key, value in report.items():
         if key == "params":
             value = value.get("line") or value.get("error")
         elif isinstance(value, int) and not isinstance(value, bool):

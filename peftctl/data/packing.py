@@ -52,16 +52,30 @@ class Batch:
     n_trained: int  # trained tokens (labels that count), known on the host with no device sync
     n_tokens: int  # real (non-padding) tokens
 
-    def pinned(self) -> "Batch":
+    def pinned(self) -> Batch:
         """A copy in page-locked memory, so the copy to the GPU can run asynchronously."""
         pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
         return Batch(pin(self.input_ids), pin(self.labels), pin(self.position_ids), pin(self.attention_mask),
                      self.n_trained, self.n_tokens)
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.input_ids), move(self.labels), move(self.position_ids), move(self.attention_mask),
                      self.n_trained, self.n_tokens)
+
+
+def model_inputs(batch, *, prompt_learning: bool) -> dict:
+    """Packed rows are delimited by position_ids alone: a 2D attention mask (or a cache) would make transformers
+    skip the per-example mask, so none is passed and use_cache is always False. Prompt-learning methods prepend
+    virtual tokens and cannot use position_ids; they get the padding mask only."""
+    if prompt_learning:
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
+    inputs = {"input_ids": batch.input_ids, "use_cache": False}
+    if batch.position_ids is not None:
+        inputs["position_ids"] = batch.position_ids
+    if batch.attention_mask is not None:
+        inputs["attention_mask"] = batch.attention_mask
+    return inputs
 
 
 def collate(rows: list[list[dict]], pad_id: int, packed: bool, pad_to: int | None = None) -> Batch:

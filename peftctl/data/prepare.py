@@ -18,7 +18,7 @@ from peftctl.data.formats import FormatOptions, RowError, render
 from peftctl.data.packing import Batch, collate, pack_examples
 from peftctl.data.sources import RAW, Source, load_sources
 from peftctl.data.tokenize import special_ids, special_text_in, special_texts, tokenize_rendered
-from peftctl.errors import DataError, InvalidInput
+from peftctl.errors import DataError, InvalidInput, first_line
 
 CACHE_VERSION = "3"  # bump when tokenisation changes its output for the same inputs
 MAX_REPORTED_ROWS = 20
@@ -87,8 +87,8 @@ class PreparedData:
     max_length: int
     warnings: list[str] = field(default_factory=list)  # silent drops made loud: counts, for the run to print
 
-    def step_plan(self, training, world_size: int = 1) -> "StepPlan":
-        return StepPlan(self, training, world_size)
+    def step_schedule(self, training, world_size: int = 1) -> StepSchedule:
+        return StepSchedule(self, training, world_size)
 
     def trained_tokens(self, split: Split, row_ids) -> int:
         """Trained tokens in these rows, from the table's counts: no collation, no device sync."""
@@ -116,7 +116,7 @@ class PreparedData:
         return collate([[next(examples) for _ in row] for row in chunk], self.pad_id, self.packed)
 
 
-class StepPlan:
+class StepSchedule:
     """Which rows each optimiser step takes, epoch by epoch, in micro-batches.
 
     Each epoch shuffles the rows with the seed; micro-batches take `micro_batch_size` rows, or -- with
@@ -125,7 +125,7 @@ class StepPlan:
     step that cannot give every rank a micro-batch is left out.
     """
 
-    def __init__(self, data: "PreparedData", training, world_size: int = 1):
+    def __init__(self, data: PreparedData, training, world_size: int = 1):
         self.data, self.world_size = data, world_size
         self.seed = training.seed
         self.micro_batch_size = training.micro_batch_size
@@ -353,7 +353,8 @@ def _tokenize_all(sources: list[Source], options, tokenizer, max_length, on_bad_
         fingerprints.append(source.fingerprint)
     if stats.bad_rows and on_bad_rows == "error":
         more = stats.bad_rows - 1
-        raise DataError(stats.bad_examples[0] + (f" (and {more} more bad row{'s' if more > 1 else ''})" if more else ""),
+        others = f" (and {more} more bad row{'s' if more > 1 else ''})" if more else ""
+        raise DataError(stats.bad_examples[0] + others,
                         hint="fix the row, map columns with dataset.fields, or set dataset.on_bad_rows: skip to "
                              "skip and count bad rows")
     examples = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
@@ -381,7 +382,7 @@ def _tokenize_source(source: Source, options, tokenizer, max_length: int, key: s
             except RowError:
                 raise
             except Exception as e:  # noqa: BLE001 - a chat template that raises on this conversation
-                raise RowError(f"the chat template refused this row: {str(e).splitlines()[0] if str(e) else e!r}")
+                raise RowError(f"the chat template refused this row: {first_line(e)}") from None
             special_text = special_text_in(row, special_pattern) if special_pattern else ""
             return {**tokenize_rendered(rendered, tokenizer, max_length, eos_id, specials), "error": "",
                     "special_text": special_text}

@@ -14,12 +14,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftctl.errors import DataError, InvalidInput, PeftctlError
+from peftctl.errors import DataError, InvalidInput, PeftctlError, first_line, hub_failure
 
 SUFFIX_BUILDERS = {".jsonl": "text", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 RAW = "__raw__"  # column holding a JSON line, parsed per row
-NETWORK_ERRORS = {"ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout", "OfflineModeIsEnabled",
-                  "ConnectError", "TimeoutException", "NetworkError"}  # requests' and httpx's names
 
 
 @dataclass
@@ -76,7 +74,7 @@ def _load_file(path: Path) -> Source:
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - any reader failure is a problem of this file
-        raise DataError(f"{path}: cannot read it as {suffix[1:]} ({_first_line(e)})") from e
+        raise DataError(f"{path}: cannot read it as {suffix[1:]} ({first_line(e)})") from e
 
 
 def _json_rows(path: Path):
@@ -115,17 +113,16 @@ def _load_hub(spec: str, split: str) -> Source:
     try:
         rows = datasets.load_dataset(spec, split=split)
     except Exception as e:  # noqa: BLE001 - classify by name: these classes moved between datasets releases
-        names = {c.__name__ for c in type(e).__mro__}
-        text = _first_line(e)
-        if names & {"DatasetNotFoundError", "RepositoryNotFoundError", "FileNotFoundError", "EmptyDatasetError"}:
-            raise InvalidInput(f"dataset {spec}: not found locally or on the hub ({text})",
-                               hint="check the id, or give a local file path (relative to the recipe)") from e
-        if names & {"GatedRepoError"}:
+        kind, text = hub_failure(e), first_line(e)
+        if kind == "gated":
             raise InvalidInput(f"dataset {spec} is gated ({text})",
                                hint="accept its terms on the hub, then `hf auth login`") from e
+        if kind == "missing" or isinstance(e, FileNotFoundError):
+            raise InvalidInput(f"dataset {spec}: not found locally or on the hub ({text})",
+                               hint="check the id, or give a local file path (relative to the recipe)") from e
         if isinstance(e, ValueError) and "split" in text.lower():
             raise InvalidInput(f"dataset {spec}: no split {split!r} ({text})", hint="set dataset.split") from e
-        if names & NETWORK_ERRORS:
+        if kind == "network":
             raise PeftctlError(f"dataset {spec}: the hub cannot be reached ({text})",
                                hint="check the network, or fetch the data first (`peftctl fetch RECIPE`) and train "
                                     "with HF_HUB_OFFLINE=1, or give a local file path") from e
@@ -147,8 +144,3 @@ def file_fingerprint(path: Path) -> str:
             f.seek(-(1 << 20), os.SEEK_END)
             digest.update(f.read(1 << 20))
     return digest.hexdigest()[:16]
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -20,8 +20,8 @@ import math
 import sys
 import unicodedata
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from peftctl.errors import InvalidInput
 
@@ -89,10 +89,6 @@ def parse_metrics(names: list[str] | None) -> list[str]:
     if not out:
         raise InvalidInput("--metrics: no metric named")
     return out
-
-
-def needs_generation(metrics: list[str]) -> bool:
-    return any(m not in LOSS_METRICS for m in metrics)
 
 
 def load_user_metric(spec: str) -> Callable[[str, str], object]:

@@ -66,7 +66,7 @@ def check_out_path(path: str | Path, force: bool) -> Path:
 def write_predictions(path: Path, result) -> None:
     """One JSON object per example: where it came from, its prompt, its reference, each target's prediction and
     its per-example scores. Written to a temporary file and renamed, so a failure leaves no half file."""
-    from peftctl.train.run_folder import atomic_write_text
+    from peftctl.files import atomic_write_text
 
     labels = [t["label"] for t in result.summary["targets"]]
     lines = []

@@ -184,7 +184,7 @@ def example_losses(model, examples, pad_id: int, *, packed: bool, max_length: in
     import torch
     import torch.nn.functional as F
 
-    from peftctl.train.loss import model_inputs
+    from peftctl.data.packing import model_inputs
 
     lengths = [len(e.input_ids) for e in examples]
     rows = pack_examples(lengths, max_length) if packed else [[i] for i in range(len(examples))]
@@ -232,9 +232,9 @@ def generate_ids(model, prompts: list[list[int]], tokenizer, *, max_new_tokens: 
     """Greedy continuations (token ids, end token excluded) of each prompt, batched with left padding."""
     import torch
 
-    from peftctl.cli.generate import generation_config
+    from peftctl.generation_config import for_decoding
 
-    config = generation_config(model, tokenizer, max_new_tokens, 0.0)
+    config = for_decoding(model, tokenizer, max_new_tokens, 0.0)
     stops = set(config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id])
     pad = config.pad_token_id
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))

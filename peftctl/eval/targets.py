@@ -12,11 +12,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from peftctl.adapter_folder import adapter_in, read_info
 from peftctl.errors import InvalidInput, ModelNotFound
 from peftctl.remote_code import check_pinned
 
-ADAPTER_FILES = ("adapter_config.json", "bottleneck_config.json")
-ADAPTER_INFO = "peftctl_adapter.json"
 SWITCHABLE = ("LORA", "IA3")  # peft types of which several adapters can share one loaded base
 
 
@@ -91,26 +90,17 @@ def resolve_one(spec: str, trust_remote_code: bool = False) -> Target:
         return _model_target(spec, name, trust_remote_code)
     path = Path(spec).expanduser().absolute()
     if path.is_dir():
-        run_dir = None
-        if not _is_adapter(path) and (path / "adapter").is_dir():
-            run_dir, path = path, path / "adapter"
-        if _is_adapter(path):
-            return _adapter_target(spec, path, run_dir, trust_remote_code)
+        adapter_dir = adapter_in(path)
+        if adapter_dir is not None:
+            return _adapter_target(spec, adapter_dir, path if adapter_dir != path else None, trust_remote_code)
         if (path / "config.json").exists():
             return _model_target(spec, str(path), trust_remote_code)
-        if (path / "run.json").exists():
-            raise InvalidInput(f"{spec}: this run has no adapter yet (training did not finish)",
-                               hint="finish or resume the run first: peftctl train RECIPE --resume auto")
         raise InvalidInput(f"{spec}: neither a run folder, an adapter folder nor a model folder",
                            hint="pass RUN/, RUN/adapter, a merged model folder, base:MODEL or base")
     if path.exists():
         raise InvalidInput(f"{spec}: a file; expected a run, adapter or model folder (or base:MODEL)")
     raise ModelNotFound(f"{spec}: no such folder", hint="pass RUN/, RUN/adapter or a model folder; a hub model is "
                                                         "named base:ORG/NAME")
-
-
-def _is_adapter(path: Path) -> bool:
-    return any((path / name).exists() for name in ADAPTER_FILES)
 
 
 def _model_target(label: str, name: str, trust_remote_code: bool = False) -> Target:
@@ -124,12 +114,7 @@ def _adapter_target(label: str, adapter_dir: Path, run_dir: Path | None, trust_r
     from peftctl.methods import runtime
 
     method, config = runtime.adapter_kind(adapter_dir)
-    info = {}
-    if (adapter_dir / ADAPTER_INFO).exists():
-        try:
-            info = json.loads((adapter_dir / ADAPTER_INFO).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise InvalidInput(f"{adapter_dir / ADAPTER_INFO}: damaged ({e})") from None
+    info = read_info(adapter_dir)
     name = info.get("base_model") or config.get("base_model_name_or_path")
     if not name:
         raise InvalidInput(f"{adapter_dir}: the adapter does not say which base model it was trained on",

@@ -38,27 +38,29 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
+from peftctl.adapter_folder import read_info
 from peftctl.errors import InvalidInput
 from peftctl.generation_config import write_into_merged as write_generation_config
-from peftctl.merge.common import (ADAPTER_INFO, DEVICES, FROM_QUANTIZED, MERGE_INFO, OUTPUT_DTYPES,  # noqa: F401
-                                  TOKENIZER_FILES)
+from peftctl.merge.common import DEVICES, FROM_QUANTIZED, MERGE_INFO, OUTPUT_DTYPES, TOKENIZER_FILES  # noqa: F401
+from peftctl.merge.deltas import Delta, apply_deltas, collect_deltas  # noqa: F401
 from peftctl.merge.device import DeviceCache, full_float32, resolve_device
+from peftctl.merge.inputs import adapter_folder, check_out_dir, mergeable, parse_shard_size, resolve_base  # noqa: F401
 from peftctl.merge.layout import checkpoint_layout
-from peftctl.merge.deltas import Delta, apply_deltas, plan_deltas  # noqa: F401
-from peftctl.merge.inputs import (adapter_folder, adapter_info, check_out_dir, mergeable, parse_size,  # noqa: F401
-                                  resolve_base)
-from peftctl.merge.quantized import (_quant_note, by_checkpoint_key, dequantized_weight, quantized_weights,  # noqa: F401
-                                     weight_transform)
-from peftctl.merge.safetensors_io import Checkpoint, ShardWriter  # noqa: F401
 from peftctl.merge.models import empty_model, parameter_targets  # noqa: F401
-from peftctl.merge.verify import (VerificationFailed, adapter_model, check_verification, stream_logits,  # noqa: F401
-                                  verify_merge)
-from peftctl.merge.write import (MergeStopped, _stop_on_sigterm, staging_dir, write_merged_shards,  # noqa: F401
-                                 write_model_files)
+from peftctl.merge.quantized import (  # noqa: F401
+    _quant_note,
+    by_checkpoint_key,
+    dequantized_weight,
+    quantized_weights,
+    weight_transform,
+)
+from peftctl.merge.safetensors_io import SafetensorsFolder, ShardWriter  # noqa: F401
+from peftctl.merge.verify import VerificationFailed, adapter_model, check_verification, stream_logits, verify_merge  # noqa: F401
+from peftctl.merge.write import MergeStopped, _stop_on_sigterm, staging_dir, write_merged_shards, write_model_files  # noqa: F401
 
 
 @dataclass
@@ -96,12 +98,12 @@ def merge_adapter(adapter_dir, out_dir, *, base: str | None = None, dtype: str |
     # Everything that can be wrong with the arguments is checked before any weight is read.
     adapter_dir = adapter_folder(Path(adapter_dir))
     method, config = mergeable(adapter_dir)
-    info = adapter_info(adapter_dir)
+    info = read_info(adapter_dir)
     if from_quantized not in FROM_QUANTIZED:
         raise InvalidInput(f"--from-quantized {from_quantized}: expected dequantized or original")
     if dtype is not None and dtype not in OUTPUT_DTYPES:
         raise InvalidInput(f"--dtype {dtype}: expected {', '.join(OUTPUT_DTYPES)}")
-    shard_limit = parse_size(max_shard_size)
+    shard_limit = parse_shard_size(max_shard_size)
     if device not in DEVICES:
         raise InvalidInput(f"--device {device}: expected {', '.join(DEVICES)}")
     base_name = base or info.get("base_model") or config.get("base_model_name_or_path")
@@ -120,10 +122,9 @@ def merge_adapter(adapter_dir, out_dir, *, base: str | None = None, dtype: str |
                                quantization=quant, from_quantized=from_quantized if quant else None)
 
     import torch
-
     from transformers import AutoConfig
 
-    base_ckpt = Checkpoint(base_folder)
+    base_ckpt = SafetensorsFolder(base_folder)
     base_config = json.loads((base_folder / "config.json").read_text())
     # The base's own code runs only when the caller (the user, on the command line) says so, never the adapter.
     trust = trust_remote_code
@@ -143,7 +144,7 @@ def merge_adapter(adapter_dir, out_dir, *, base: str | None = None, dtype: str |
     targets = None
     if config.get("target_parameters"):
         targets = parameter_targets(empty_model(model_config, trust_remote_code=trust), adapter_dir)
-    deltas = plan_deltas(adapter_dir, method, config, base_ckpt, layout, targets)
+    deltas = collect_deltas(adapter_dir, method, config, base_ckpt, layout, targets)
     transform = None
     if quant:
         # The dtype the base was loaded in for training is what bitsandbytes quantised.
@@ -169,8 +170,8 @@ def merge_adapter(adapter_dir, out_dir, *, base: str | None = None, dtype: str |
             write_generation_config(tmp, adapter_dir)  # the adapter's stop tokens and pad id over the base's
             if verify:
                 say("verifying: base + adapter against the merged shards, one layer at a time")
-                merge_report.verification = verify_merge(cache or base_ckpt, Checkpoint(tmp), adapter_dir, model_config,
-                                                         out_dtype_name, quant, transform, deltas,
+                merge_report.verification = verify_merge(cache or base_ckpt, SafetensorsFolder(tmp), adapter_dir,
+                                                         model_config, out_dtype_name, quant, transform, deltas,
                                                          trust_remote_code=trust, device=target)
                 merge_report.notes += merge_report.verification.pop("notes", [])
                 check_verification(merge_report.verification, out_dir)

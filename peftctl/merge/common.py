@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 MERGE_INFO = "peftctl_merge.json"
-ADAPTER_INFO = "peftctl_adapter.json"  # written by train/loop.py beside peft's files
 FROM_QUANTIZED = ("dequantized", "original")
 OUTPUT_DTYPES = ("bfloat16", "float16", "float32")
 DEVICES = ("auto", "cuda", "cpu")

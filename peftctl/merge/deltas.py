@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from peftctl.errors import InvalidInput
-from peftctl.merge.safetensors_io import Checkpoint
+from peftctl.merge.safetensors_io import SafetensorsFolder
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Delta:
     rows: object = None  # the parameter's rows (as (-1, last dim)) this checkpoint tensor holds; None: all of it
 
 
-def plan_deltas(adapter_dir: Path, method: str, config: dict, base: Checkpoint, layout: dict | None = None,
+def collect_deltas(adapter_dir: Path, method: str, config: dict, base: SafetensorsFolder, layout: dict | None = None,
                 targets: dict | None = None) -> dict[str, list[Delta]]:
     """checkpoint key -> its deltas; every adapter tensor must find a base tensor of a fitting shape.
 
@@ -89,11 +89,11 @@ def plan_deltas(adapter_dir: Path, method: str, config: dict, base: Checkpoint, 
     return deltas
 
 
-def _known(param: str, layout: dict | None, base: Checkpoint) -> bool:
+def _known(param: str, layout: dict | None, base: SafetensorsFolder) -> bool:
     return param in layout if layout is not None else param in base.meta
 
 
-def _pieces(param: str, layout: dict | None, base: Checkpoint):
+def _pieces(param: str, layout: dict | None, base: SafetensorsFolder):
     """(checkpoint key, rows or None) for each checkpoint tensor that holds `param`."""
     if layout is None:
         return [(param, None)]
@@ -154,7 +154,7 @@ def _lora_delta(module: str, parts: dict, config: dict, fan_in_fan_out: bool, ch
 
 
 def _ia3_deltas(module: str, parts: dict, config: dict, fan_in_fan_out: bool, layout: dict | None,
-                base: Checkpoint) -> list[Delta]:
+                base: SafetensorsFolder) -> list[Delta]:
     vector = parts.get("ia3_l")
     if vector is None:
         raise InvalidInput(f"damaged adapter: {module} has no ia3_l tensor")

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import queue
-from contextlib import contextmanager
 import struct
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from peftctl.errors import InvalidInput

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
+from peftctl.adapter_folder import adapter_in
 from peftctl.errors import InvalidInput, ModelNotFound
-from peftctl.merge.common import ADAPTER_INFO, TOKENIZER_FILES
+from peftctl.merge.common import TOKENIZER_FILES
 
 # peft config features whose saved tensors this merge does not fold (refused rather than silently dropped).
 UNSUPPORTED_FEATURES = ("modules_to_save", "layer_replication", "use_qalora", "lora_bias",
@@ -15,14 +15,9 @@ UNSUPPORTED_FEATURES = ("modules_to_save", "layer_replication", "use_qalora", "l
 
 
 def adapter_folder(path: Path) -> Path:
-    """RUN/ or RUN/adapter -> the adapter folder."""
+    """RUN/ or RUN/adapter -> the adapter folder; anything else as it is, for the checks that follow to word."""
     path = path.absolute()
-    if path.is_dir() and not (path / "adapter_config.json").exists() and (path / "adapter").is_dir():
-        return path / "adapter"
-    if path.is_dir() and (path / "run.json").exists() and not (path / "adapter").exists():
-        raise InvalidInput(f"{path}: this run has no adapter yet (training did not finish)",
-                           hint="finish or resume the run first: peftctl train RECIPE --resume auto")
-    return path
+    return (adapter_in(path) if path.is_dir() else None) or path
 
 
 def mergeable(adapter_dir: Path) -> tuple[str, dict]:
@@ -49,17 +44,7 @@ def mergeable(adapter_dir: Path) -> tuple[str, dict]:
     return method, config
 
 
-def adapter_info(adapter_dir: Path) -> dict:
-    path = adapter_dir / ADAPTER_INFO
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise InvalidInput(f"{path}: damaged ({e})") from None
-
-
-def parse_size(value: int | str) -> int:
+def parse_shard_size(value: int | str) -> int:
     """'5GB' -> 5_000_000_000 (KB/MB/GB are powers of 10, KiB/MiB/GiB of 2, as in transformers)."""
     if isinstance(value, int):
         size = value
@@ -88,11 +73,11 @@ def resolve_base(name: str, revision: str | None) -> Path:
         raise ModelNotFound(f"base model {name}: no such folder", hint="pass --base with the model folder")
     from huggingface_hub import snapshot_download
 
-    from peftctl.model import _from_pretrained
+    from peftctl.model import from_pretrained
 
     patterns = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
                 *TOKENIZER_FILES]
-    return Path(_from_pretrained(snapshot_download, name, "model", revision=revision, allow_patterns=patterns))
+    return Path(from_pretrained(snapshot_download, name, "model", revision=revision, allow_patterns=patterns))
 
 
 def check_out_dir(out_dir: Path, adapter_dir: Path, base_folder: Path) -> None:

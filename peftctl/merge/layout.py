@@ -32,7 +32,7 @@ class Piece:
 
 def checkpoint_layout(model, checkpoint_meta, params: dict | None = None, *, strict: bool = True
                       ) -> dict[str, list[Piece]]:
-    """model parameter name -> the checkpoint tensors that hold it (checkpoint_meta: Checkpoint.meta, key ->
+    """model parameter name -> the checkpoint tensors that hold it (checkpoint_meta: SafetensorsFolder.meta, key ->
     (dtype code, shape)). Raises when one cannot be found.
 
     strict=False leaves out the parameters it cannot find (the merge then refuses only an adapter that changes one).
@@ -60,15 +60,6 @@ def checkpoint_layout(model, checkpoint_meta, params: dict | None = None, *, str
                                hint="merge with peft (PeftModel.from_pretrained(...).merge_and_unload())")
         layout[name] = pieces
     return layout
-
-
-def keys_to_params(layout: dict[str, list[Piece]]) -> dict[str, list[Piece]]:
-    """checkpoint key -> the pieces it holds (several when a tied tensor feeds two parameters)."""
-    out: dict[str, list[Piece]] = {}
-    for pieces in layout.values():
-        for piece in pieces:
-            out.setdefault(piece.key, []).append(piece)
-    return out
 
 
 def tied_keys(model) -> dict[str, str]:

@@ -7,14 +7,14 @@ import json
 import math
 import os
 import struct
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from peftctl.errors import InvalidInput
 from peftctl.merge.common import OUTPUT_DTYPES
 
 
-class Checkpoint:
+class SafetensorsFolder:
     """A model folder's safetensors weights: which file holds each tensor, with shapes and dtypes from the headers
     (reading a header maps no tensor data)."""
 
@@ -89,7 +89,7 @@ class Checkpoint:
         return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def _dtype_codes():
     import torch
 
@@ -165,7 +165,7 @@ def sync_files(paths) -> None:
             os.close(fd)
 
 
-def plan_output_shards(base: Checkpoint, out_dtype, limit: int) -> list[list[tuple[str, str, tuple, int]]]:
+def plan_output_shards(base: SafetensorsFolder, out_dtype, limit: int) -> list[list[tuple[str, str, tuple, int]]]:
     """Output shards in the base's tensor order, each as large as `limit` allows (a larger tensor gets its own)."""
     import torch
 

@@ -27,7 +27,7 @@ from peftctl.merge.device import DeviceCache, GpuPipeline, PipelinedCheckpoint
 from peftctl.merge.layout import assemble, checkpoint_layout
 from peftctl.merge.models import empty_model
 from peftctl.merge.quantized import by_checkpoint_key, quantized_weights, weight_transform
-from peftctl.merge.safetensors_io import Checkpoint
+from peftctl.merge.safetensors_io import SafetensorsFolder
 
 FLOAT32_TOLERANCE = 1e-4  # relative logit difference of float32 rounding noise (measured ~1e-7 on tiny models)
 MIN_EFFECT = 1e-6  # relative: below this the merged model is the base model, whatever the dtype
@@ -38,8 +38,9 @@ class VerificationFailed(PeftctlError):
     """The merged model does not compute what base + adapter computes (exit 1; nothing is written)."""
 
 
-def verify_merge(base: Checkpoint, merged: Checkpoint, adapter_dir: Path, config, dtype_name: str, quant: dict | None,
-                 transform, deltas: dict, *, trust_remote_code: bool = False, device="cpu") -> dict:
+def verify_merge(base: SafetensorsFolder, merged: SafetensorsFolder, adapter_dir: Path, config, dtype_name: str,
+                 quant: dict | None, transform, deltas: dict, *, trust_remote_code: bool = False,
+                 device="cpu") -> dict:
     """Logit differences (relative to the largest reference logit) of the merged shards as written against base +
     adapter and against the base; for a half-precision output also of the merge before and after rounding."""
     import torch
@@ -133,7 +134,7 @@ class WrittenCheck:
     model: ~20% of a CPU merge). The exact pass already holds base + deltas in float32: when its input is the base in
     its own dtype, rounding that is the merge's arithmetic at no extra cost. Any difference runs the rounded pass."""
 
-    def __init__(self, merged: Checkpoint, out_dtype, transform, deltas: dict):
+    def __init__(self, merged: SafetensorsFolder, out_dtype, transform, deltas: dict):
         self.merged, self.out_dtype, self.transform, self.deltas = merged, out_dtype, transform, deltas
         self.seen, self.differing = 0, []
 
@@ -229,14 +230,14 @@ def adapter_model(config, adapter_dir: Path, *, trust_remote_code: bool = False)
     return model
 
 
-def stream_logits(model, source: Checkpoint, ids, transform, notes: list[str], *, device="cpu"):
+def stream_logits(model, source: SafetensorsFolder, ids, transform, notes: list[str], *, device="cpu"):
     """Logits of `model` on `ids`, its meta parameters read from `source` (through `transform`, per checkpoint
     tensor) by the model's own names: the parts outside the decoder layers for the whole pass, each decoder layer
     only while it runs."""
     import torch
     from torch import nn
 
-    from peftctl.methods.bottleneck import decoder_layers
+    from peftctl.model import decoder_layers
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 
-from peftctl.errors import EXIT_SIGTERM, PeftctlError
+from peftctl.errors import EXIT_SIGTERM, PeftctlError, sigterm_raises
 from peftctl.merge.common import TOKENIZER_FILES
 from peftctl.merge.deltas import apply_deltas, deltas_to
 from peftctl.merge.device import BackgroundWriter, GpuPipeline
-from peftctl.merge.safetensors_io import Checkpoint, ShardWriter, plan_output_shards, storage_dtype, sync_files
+from peftctl.merge.safetensors_io import SafetensorsFolder, ShardWriter, plan_output_shards, storage_dtype, sync_files
 
 
 class MergeStopped(PeftctlError):
@@ -23,7 +21,7 @@ class MergeStopped(PeftctlError):
         self.exit_code = exit_code
 
 
-def write_merged_shards(base: Checkpoint, out: Path, deltas: dict, transform, out_dtype, limit: int, say,
+def write_merged_shards(base: SafetensorsFolder, out: Path, deltas: dict, transform, out_dtype, limit: int, say,
                         device="cpu", pipeline: bool | None = None, cache=None, syncs: list | None = None):
     """Stream every base tensor through `transform` (dequantisation) and its deltas into the output shards, on
     `device`, with the disk writes on a thread of their own (device.py has the pipeline). pipeline: read and write
@@ -115,23 +113,11 @@ def write_model_files(out: Path, base_folder: Path, adapter_dir: Path, base_conf
 
 def staging_dir(final: Path):
     """The output folder is built beside --out under `.OUT.merging-PID-*` and renamed into place at the end."""
-    from peftctl.train.run_folder import staged_dir
+    from peftctl.files import staged_dir
 
     return staged_dir(final, label="merging")
 
 
-@contextmanager
 def _stop_on_sigterm():
-    """SIGTERM raises, so the staging folder is removed on the way out (SIGINT already raises KeyboardInterrupt)."""
-    def handle(signum, frame):
-        raise MergeStopped("stopped by SIGTERM; nothing written", EXIT_SIGTERM)
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handle)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    """SIGTERM raises, so the staging folder is removed on the way out."""
+    return sigterm_raises(lambda: MergeStopped("stopped by SIGTERM; nothing written", EXIT_SIGTERM))

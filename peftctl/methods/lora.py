@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal
 
 from pydantic import Field
 
 from peftctl.methods.spec import MethodSpec
 from peftctl.recipe.base import MethodSection
 
-Targets = Union[Literal["all-linear"], list[str]]
+Targets = Literal["all-linear"] | list[str]
 
 
 class LoraSection(MethodSection):
@@ -92,20 +92,17 @@ def after_attach(model, section: LoraSection) -> list[str]:
     from torch import nn
 
     from peftctl.methods import moe
-    from peftctl.train.fused_lora import is_param_wrapper
 
     notes = []
-    wrapped = [m for m in model.modules() if is_param_wrapper(m)]
+    wrapped = [m for m in model.modules() if moe.is_param_wrapper(m)]
     if wrapped and section.dropout > 0:
         for module in model.modules():
             dropouts = getattr(module, "lora_dropout", None)
-            if isinstance(dropouts, nn.ModuleDict) and not is_param_wrapper(module) and hasattr(module, "lora_A"):
+            if isinstance(dropouts, nn.ModuleDict) and not moe.is_param_wrapper(module) and hasattr(module, "lora_A"):
                 for name in list(dropouts):
                     dropouts[name] = nn.Dropout(p=section.dropout)
-        from peftctl.params import _unit_name
-
-        kinds = sorted({".".join(_unit_name(n, m).split(".")[-2:]) for n, m in model.named_modules()
-                        if is_param_wrapper(m)})
+        kinds = sorted({".".join(moe.unit_name(n, m).split(".")[-2:]) for n, m in model.named_modules()
+                        if moe.is_param_wrapper(m)})
         notes.append(f"method.dropout {section.dropout} applies to the Linear layers only: peft cannot drop out "
                      f"on fused expert tensors ({', '.join(kinds)}); set method.dropout: 0 to silence this")
     experts = [p for n, p in model.named_parameters() if moe.is_expert_tensor(n, p)]
@@ -115,28 +112,3 @@ def after_attach(model, section: LoraSection) -> list[str]:
                      f"GiB) stay in {experts[0].dtype} (bitsandbytes quantises nn.Linear, not fused expert "
                      "tensors); count-params --memory counts them so")
     return notes
-
-
-def parameter_groups(model, learning_rate: float, weight_decay: float, ratio: float | None) -> list[dict]:
-    """Optimiser groups, for every method. LoRA+ gives every B matrix `ratio` x the learning rate; A matrices, 1-D
-    parameters (DoRA magnitudes) and LoRA embedding factors keep the base rate -- unlike peft's helper, which moves
-    1-D parameters to B's rate, drops the weight decay and puts embeddings at 1e-6.
-
-    No weight decay on 1-D parameters (biases, DoRA magnitudes) nor on IA3's scales: those start at 1 and multiply
-    activations, so decaying them towards 0 would switch the adapted layers off."""
-    base, boosted, no_decay = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if ratio and ".lora_B." in name:
-            boosted.append(p)
-        elif p.ndim < 2 or ".ia3_" in name:
-            no_decay.append(p)
-        else:
-            base.append(p)
-    groups = [{"params": base, "lr": learning_rate, "weight_decay": weight_decay, "name": "base"},
-              {"params": no_decay, "lr": learning_rate, "weight_decay": 0.0, "name": "no_decay"}]
-    if ratio:
-        groups.append({"params": boosted, "lr": learning_rate * ratio, "weight_decay": weight_decay,
-                       "name": "lora_B"})
-    return [g for g in groups if g["params"]]

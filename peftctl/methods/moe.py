@@ -27,7 +27,8 @@ ROUTER_NAMES = ("gate", "router")
 
 
 def expert_parameters(model) -> list[str]:
-    """Paths of the fused expert tensors (3-D parameters: experts x in x out), e.g. model.layers.1.mlp.experts.down_proj."""
+    """Paths of the fused expert tensors (3-D parameters: experts x in x out), e.g.
+    model.layers.1.mlp.experts.down_proj."""
     return [name for name, p in model.named_parameters() if is_expert_tensor(name, p)]
 
 
@@ -115,3 +116,18 @@ def targets_param_names(model) -> list[str]:
 
 def is_quantised(weight) -> bool:
     return type(weight).__name__ in ("Params4bit", "Int8Params")
+
+
+def unit_name(name: str, module) -> str:
+    """A tuner layer's row path; for peft's LoRA on a parameter (MoE experts, nested as experts.base_layer...) the
+    unwrapped module path and the parameter: model.layers.0.mlp.experts.gate_up_proj."""
+    parameter = getattr(module, "parameter_name", None)
+    if parameter is None:
+        return name
+    path = ".".join(p for p in name.split(".") if p != "base_layer")
+    return path if parameter == "weight" else f"{path}.{parameter}"
+
+
+def is_param_wrapper(module) -> bool:
+    """peft's LoRA on a parameter (fused MoE experts): not a Linear layer."""
+    return type(module).__name__ == "ParamWrapper" and hasattr(module, "parameter_name")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftctl.errors import InvalidInput
+from peftctl.errors import InvalidInput, first_line
 
 
 @dataclass
@@ -30,7 +30,7 @@ def attach(model, peft_config, context: AttachContext):
             from peftctl.model import linear_layer_names
 
             where = f"{context.where}: " if context.where else ""
-            raise InvalidInput(f"{where}method.targets: {text.splitlines()[0]}",
+            raise InvalidInput(f"{where}method.targets: {first_line(e)}",
                                hint=f"linear layers of this model: {', '.join(linear_layer_names(model))}") from None
         raise
     # peft records the folder the weights came from; the recipe's name is what llama.cpp's converter and the hub's

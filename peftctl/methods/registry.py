@@ -10,9 +10,10 @@ from peftctl.methods.spec import MethodSpec
 
 
 def _collect() -> dict[str, MethodSpec]:
-    from peftctl.methods import adapter, ia3, lora, p_tuning, prefix, prompt
+    from peftctl.methods import bottleneck, ia3, lora, p_tuning, prefix, prompt
 
-    specs: list[MethodSpec] = [lora.LORA, lora.QLORA, prefix.SPEC, prompt.SPEC, p_tuning.SPEC, ia3.SPEC, adapter.SPEC]
+    specs: list[MethodSpec] = [lora.LORA, lora.QLORA, prefix.SPEC, prompt.SPEC, p_tuning.SPEC, ia3.SPEC,
+                               bottleneck.SPEC]
     return {spec.name: spec for spec in specs}
 
 

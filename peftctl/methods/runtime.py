@@ -9,8 +9,7 @@ import json
 from pathlib import Path
 
 from peftctl.errors import InvalidInput
-from peftctl.methods import adapter as bottleneck_method
-from peftctl.methods import peft_common
+from peftctl.methods import bottleneck as bottleneck_method, peft_common
 from peftctl.methods.registry import METHODS, MethodSpec
 
 PEFT_TYPE_TO_METHOD = {"LORA": "lora", "PREFIX_TUNING": "prefix_tuning", "PROMPT_TUNING": "prompt_tuning",

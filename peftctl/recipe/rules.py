@@ -240,9 +240,4 @@ def _is_builtin_template(name: str) -> bool:
     return name in BUILTIN_TEMPLATES
 
 
-def is_local(name: str) -> bool:
-    """After resolution, local models and datasets are absolute paths; anything else is a hub id."""
-    return os.path.isabs(name)
-
-
-__all__ = ["apply", "resolve_paths", "is_local", "Location"]
+__all__ = ["apply", "resolve_paths", "Location"]

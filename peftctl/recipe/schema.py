@@ -1,4 +1,4 @@
-"""The recipe, as typed models: every key of RECIPE.md with its default and a description.
+"""The recipe, as typed models: every key of docs/RECIPE.md with its default and a description.
 
 Descriptions here are the single source of the reference: `peftctl schema`, `peftctl init` and the README's recipe
 reference are generated from them. Rules that involve several keys live in `rules.py`, not here, so that each
@@ -7,7 +7,7 @@ rule can name the exact key (and line) it is about.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import Discriminator, Field
 
@@ -42,7 +42,7 @@ class QuantizationSection(Section):
                                     "peft's prepare_model_for_kbit_training does (about +2 GiB on an 8B model).")
 
 
-MethodSection = Annotated[Union[tuple(spec.section for spec in METHODS.values())], Discriminator("name")]
+AnyMethodSection = Annotated[tuple(spec.section for spec in METHODS.values()), Discriminator("name")]
 
 
 class DatasetSource(Section):
@@ -171,7 +171,7 @@ class EvaluationSection(Section):
 class Recipe(Section):
     model: ModelSection = Field(description="The base model.")
     quantization: QuantizationSection | None = Field(None, description="Quantise the frozen base; omit for none.")
-    method: MethodSection = Field(description="The PEFT method and its settings.")
+    method: AnyMethodSection = Field(description="The PEFT method and its settings.")
     dataset: DatasetSection = Field(description="Training data.")
     training: TrainingSection = Field(TrainingSection(), description="The training loop.")
     output: OutputSection = Field(description="Where the run is written.")

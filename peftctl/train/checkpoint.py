@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftctl.errors import InvalidInput, PeftctlError
-from peftctl.train.run_folder import staged_dir
+from peftctl.files import staged_dir
 
 MANIFEST = "manifest.json"
 PREFIX = "step_"

@@ -166,7 +166,7 @@ def wrap(model, loss_fn, world: World, device, engine: str | None):
     if engine == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        from peftctl.methods.bottleneck import decoder_layers
+        from peftctl.model import decoder_layers
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         for layer in decoder_layers(base):  # one all-gather per layer, freed after it

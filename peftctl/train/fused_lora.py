@@ -129,11 +129,6 @@ def fuse_lora_layers(model) -> int:
     return routed
 
 
-def is_param_wrapper(module) -> bool:
-    """peft's LoRA on a parameter (fused MoE experts): not a Linear layer, never routed here."""
-    return type(module).__name__ == "ParamWrapper" and hasattr(module, "parameter_name")
-
-
 def _has_variant_or_bias(module) -> bool:
     """DoRA (a variant) or a LoRA bias on any of the layer's adapters: peft's forward computes those. Checked when
     layers are routed (so run.json claims the fused branch only where it runs) and on every call (an adapter added

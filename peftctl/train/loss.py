@@ -1,7 +1,7 @@
 """The loss of a micro-batch, as a sum over its trained tokens.
 
 The loop divides by the trained tokens of the whole optimiser step (all micro-batches), so packing, accumulation
-and several processes optimise the same quantity (RECIPE.md). Labels are shifted here: position t predicts
+and several processes optimise the same quantity (docs/RECIPE.md). Labels are shifted here: position t predicts
 token t+1.
 
 Two ways to the same number: from the logits (any model, any method), or -- on the GPU with liger-kernel, for
@@ -11,23 +11,10 @@ logits (for Llama 3's 128k vocabulary, 4 x 2048 tokens of float32 logits and the
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
+from peftctl.data.packing import model_inputs
 from peftctl.data.tokenize import IGNORE
-
-
-def model_inputs(batch, *, prompt_learning: bool) -> dict:
-    """Packed rows are delimited by position_ids alone: a 2D attention mask (or a cache) would make transformers
-    skip the per-example mask, so none is passed and use_cache is always False. Prompt-learning methods prepend
-    virtual tokens and cannot use position_ids; they get the padding mask only."""
-    if prompt_learning:
-        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
-    inputs = {"input_ids": batch.input_ids, "use_cache": False}
-    if batch.position_ids is not None:
-        inputs["position_ids"] = batch.position_ids
-    if batch.attention_mask is not None:
-        inputs["attention_mask"] = batch.attention_mask
-    return inputs
 
 
 def loss_sum(model, batch, *, prompt_learning: bool = False):
@@ -53,15 +40,15 @@ def fused_loss_sum(model, batch, *, loss_module):
 
 def build_loss(model, method_spec, device) -> tuple[Callable, str]:
     """The loss function for this model and method, and its name for run.json."""
-    from peftctl.train.kernels import PLAIN_HEAD_MODEL_TYPES, liger_available
+    from peftctl.fast_path import fused_loss_applies, liger_available
 
     prompt_learning = method_spec.prompt_learning
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()
     plain_head = type(head).__name__ == "Linear" and not any(p.requires_grad for p in head.parameters())
-    if (device.type == "cuda" and not prompt_learning and plain_head and liger_available()
-            and getattr(base.config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES
-            and hasattr(base, "get_decoder")):
+    if (device.type == "cuda" and hasattr(base, "get_decoder")
+            and fused_loss_applies(getattr(base.config, "model_type", None), plain_head=plain_head,
+                                   prompt_learning=prompt_learning, liger=liger_available())):
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
         module = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")

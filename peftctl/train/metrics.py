@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from peftctl.train.run_folder import atomic_write_text
+from peftctl.files import atomic_write_text
 
 
 class Metrics:
@@ -35,8 +35,14 @@ class Metrics:
         self.on_output_closed = None  # set by the loop: what a closed stdout does to the run
         if log_format == "text" and not quiet:
             from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self._progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),

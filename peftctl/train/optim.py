@@ -8,8 +8,6 @@ import math
 def build_optimizer(model, recipe, device):
     import torch
 
-    from peftctl.methods.lora import parameter_groups
-
     training = recipe.training
     ratio = getattr(recipe.method, "loraplus_lr_ratio", None)
     groups = parameter_groups(model, training.learning_rate, training.weight_decay, ratio)
@@ -21,6 +19,31 @@ def build_optimizer(model, recipe, device):
                                           for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=training.learning_rate, betas=(0.9, 0.999), eps=1e-8,
                              fused=True if fused else None)
+
+
+def parameter_groups(model, learning_rate: float, weight_decay: float, ratio: float | None) -> list[dict]:
+    """Optimiser groups, for every method. LoRA+ gives every B matrix `ratio` x the learning rate; A matrices, 1-D
+    parameters (DoRA magnitudes) and LoRA embedding factors keep the base rate -- unlike peft's helper, which moves
+    1-D parameters to B's rate, drops the weight decay and puts embeddings at 1e-6.
+
+    No weight decay on 1-D parameters (biases, DoRA magnitudes) nor on IA3's scales: those start at 1 and multiply
+    activations, so decaying them towards 0 would switch the adapted layers off."""
+    base, boosted, no_decay = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ratio and ".lora_B." in name:
+            boosted.append(p)
+        elif p.ndim < 2 or ".ia3_" in name:
+            no_decay.append(p)
+        else:
+            base.append(p)
+    groups = [{"params": base, "lr": learning_rate, "weight_decay": weight_decay, "name": "base"},
+              {"params": no_decay, "lr": learning_rate, "weight_decay": 0.0, "name": "no_decay"}]
+    if ratio:
+        groups.append({"params": boosted, "lr": learning_rate * ratio, "weight_decay": weight_decay,
+                       "name": "lora_B"})
+    return [g for g in groups if g["params"]]
 
 
 def _bitsandbytes_optimizer(name: str, groups: list[dict], learning_rate: float, device):
