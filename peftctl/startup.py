@@ -15,7 +15,14 @@ own code (trust_remote_code) that imports bitsandbytes unconditionally would fai
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
+
+# Third-party loggers that report, at import, optional kernels this machine lacks: advice for their developers,
+# not for a user training a model (bitsandbytes on a CPU with AVX512-BF16: "Failed to load CPU gemm_4bit_forward
+# from kernels-community ..."). They configure no level of their own, so a level set before the import holds.
+CHATTY_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
 
 # commands whose whole process never needs bitsandbytes (count-params builds on the meta device, unquantised)
 NO_BITSANDBYTES = frozenset({"count-params"})
@@ -28,6 +35,9 @@ def command_of(argv: list[str]) -> str | None:
 
 def prepare(argv: list[str]) -> None:
     """Called by `main()` once, before the command runs, in a process that runs that one command and exits."""
+    if not os.environ.get("PEFTCTL_DEBUG"):  # PEFTCTL_DEBUG=1 shows everything
+        for name in CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
     if command_of(argv) in NO_BITSANDBYTES:
         hide_bitsandbytes()
 

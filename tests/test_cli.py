@@ -180,3 +180,21 @@ def test_only_count_params_runs_without_bitsandbytes(argv, hidden, monkeypatch):
     monkeypatch.setattr(startup, "hide_bitsandbytes", lambda: calls.append(True))
     startup.prepare(argv)
     assert calls == ([True] if hidden else [])
+
+
+def test_third_party_kernel_chatter_stays_out_unless_debugging(monkeypatch):
+    """bitsandbytes logs, at import on a CPU with AVX512-BF16, that an optional kernel package is missing: main()
+    keeps that logger to errors (a real error still shows), and PEFTCTL_DEBUG=1 lets it through."""
+    import logging
+
+    from peftctl import startup
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    monkeypatch.setattr(logger, "level", logger.level)  # restored after the test
+    monkeypatch.delenv("PEFTCTL_DEBUG", raising=False)
+    startup.prepare(["train", "recipe.yaml"])
+    assert not logger.isEnabledFor(logging.WARNING) and logger.isEnabledFor(logging.ERROR)
+    logger.setLevel(logging.NOTSET)
+    monkeypatch.setenv("PEFTCTL_DEBUG", "1")
+    startup.prepare(["train", "recipe.yaml"])
+    assert logger.isEnabledFor(logging.WARNING)
