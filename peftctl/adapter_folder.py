@@ -8,6 +8,7 @@ quantisation, the prompt format. merge, eval and generate read it back here. Not
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from peftctl.errors import InvalidInput
@@ -42,3 +43,24 @@ def read_info(adapter_dir: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise InvalidInput(f"{path}: damaged ({e})") from None
+
+
+@dataclass(frozen=True)
+class TrainedOn:
+    """The base an adapter was trained on, as ADAPTER_INFO (or peft's adapter_config.json) records it."""
+
+    name: str
+    revision: str | None
+    dtype: str
+    quantization: dict | None  # the recipe's quantization section, None for an unquantised base
+    recorded_remote_code: bool  # only words a refusal: a downloaded adapter never switches remote code on
+
+
+def trained_on(adapter_dir: Path, config: dict, *, hint: str) -> TrainedOn:
+    """The base of an adapter, for generate and eval; `hint` says what to do when the adapter does not name it."""
+    info = read_info(adapter_dir)
+    name = info.get("base_model") or config.get("base_model_name_or_path")
+    if not name:
+        raise InvalidInput(f"{adapter_dir}: the adapter does not say which base model it was trained on", hint=hint)
+    return TrainedOn(name, info.get("revision"), info.get("dtype") or "auto", info.get("quantization"),
+                     info.get("trust_remote_code") is True)

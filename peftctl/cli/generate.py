@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from peftctl.adapter_folder import ADAPTER_INFO, adapter_in, read_info
+from peftctl.adapter_folder import ADAPTER_INFO, adapter_in, trained_on
 from peftctl.errors import InvalidInput, ModelNotFound
 from peftctl.generation_config import for_decoding as generation_config
 from peftctl.remote_code import RemoteCodeRefused, check_pinned, refusal
@@ -131,25 +131,21 @@ def _adapter_on_base(adapter_dir: Path, trust_remote_code: bool = False):
     from peftctl.recipe.schema import ModelSection, QuantizationSection
 
     _, config = runtime.adapter_kind(adapter_dir)
-    info = read_info(adapter_dir)
-    base = info.get("base_model") or config.get("base_model_name_or_path")
-    if not base:
-        raise InvalidInput(f"{adapter_dir}: the adapter does not say which base model it was trained on",
-                           hint="load it with peft yourself, or merge it with `peftctl merge --base MODEL`")
-    quant = info.get("quantization")
+    base = trained_on(adapter_dir, config,
+                      hint="load it with peft yourself, or merge it with `peftctl merge --base MODEL`")
     # The adapter's own record of trust_remote_code is a stranger's say-so: it only words the refusal below.
-    check_pinned(base, info.get("revision"), trust_remote_code)
+    check_pinned(base.name, base.revision, trust_remote_code)
     recipe = SimpleNamespace(
-        model=ModelSection(name=base, revision=info.get("revision"), dtype=info.get("dtype") or "auto",
+        model=ModelSection(name=base.name, revision=base.revision, dtype=base.dtype,
                            trust_remote_code=trust_remote_code),
-        quantization=QuantizationSection(**quant) if quant else None)
+        quantization=QuantizationSection(**base.quantization) if base.quantization else None)
     try:
         model = runtime.load(load_model(recipe, pick_device()), adapter_dir)
     except RemoteCodeRefused:
-        raise refusal(base, recorded=info.get("trust_remote_code") is True) from None
+        raise refusal(base.name, recorded=base.recorded_remote_code) from None
     model.generation_config = load_saved(adapter_dir) or model.generation_config  # the stop tokens it learned
     has_tokenizer = (adapter_dir / "tokenizer_config.json").exists()
-    return model.eval(), _tokenizer(str(adapter_dir) if has_tokenizer else base, recipe.model.revision,
+    return model.eval(), _tokenizer(str(adapter_dir) if has_tokenizer else base.name, recipe.model.revision,
                                     trust_remote_code=trust_remote_code)
 
 

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftctl.adapter_folder import adapter_in, read_info
+from peftctl.adapter_folder import adapter_in, trained_on
 from peftctl.errors import InvalidInput, ModelNotFound
 from peftctl.remote_code import check_pinned
 
@@ -114,14 +114,11 @@ def _adapter_target(label: str, adapter_dir: Path, run_dir: Path | None, trust_r
     from peftctl.methods import runtime
 
     method, config = runtime.adapter_kind(adapter_dir)
-    info = read_info(adapter_dir)
-    name = info.get("base_model") or config.get("base_model_name_or_path")
-    if not name:
-        raise InvalidInput(f"{adapter_dir}: the adapter does not say which base model it was trained on",
-                           hint="merge it onto its base (`peftctl merge --base MODEL`) and evaluate the merged folder")
-    quant = info.get("quantization")
-    check_pinned(name, info.get("revision"), trust_remote_code)
-    base = BaseSpec(name=name, revision=info.get("revision"), dtype=info.get("dtype") or "auto",
+    trained = trained_on(adapter_dir, config, hint="merge it onto its base (`peftctl merge --base MODEL`) and "
+                                                   "evaluate the merged folder")
+    name, quant = trained.name, trained.quantization
+    check_pinned(name, trained.revision, trust_remote_code)
+    base = BaseSpec(name=name, revision=trained.revision, dtype=trained.dtype,
                     trust_remote_code=trust_remote_code,  # the user's flag; the adapter's record only words refusals
                     quantization=json.dumps(quant, sort_keys=True) if quant else None)
     has_tokenizer = (adapter_dir / "tokenizer_config.json").exists()
