@@ -459,6 +459,14 @@ class Context:
         return self.deadline - time.perf_counter() < need
 
 
+def step_record(line: str) -> dict | None:
+    """One of peftctl's `--log-format json` lines, when it reports a training step."""
+    if not line.startswith("{"):
+        return None
+    record = json.loads(line)
+    return record if "tokens_per_s" in record and "step" in record else None
+
+
 def run_peftctl(ctx: Context, case: Case, data: Path, max_steps: int) -> dict:
     recipe_path = ctx.work / f"case{case.number}.yaml"
     run_dir = ctx.work / "runs" / f"case{case.number}"
@@ -467,10 +475,8 @@ def run_peftctl(ctx: Context, case: Case, data: Path, max_steps: int) -> dict:
     records: list[dict] = []
 
     def on_line(arrived: float, line: str) -> None:
-        if not line.startswith("{"):
-            return
-        record = json.loads(line)
-        if "tokens_per_s" in record and "step" in record:
+        record = step_record(line)
+        if record is not None:
             records.append({**record, "arrived": arrived})
             log(f"case {case.number} peftctl: step {record['step']}/{max_steps}, {record['tokens']} tokens, "
                 f"{record['tokens_per_s']:,.0f} tok/s, loss {record.get('loss', float('nan')):.4f}")

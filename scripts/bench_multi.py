@@ -168,10 +168,8 @@ def run_peftctl(ctx: Context, label: str, recipe: dict, gpus: int, *, extra: tup
     records, proc_box, signalled = [], [], {}
 
     def on_line(arrived: float, line: str) -> None:
-        if not line.startswith("{"):
-            return
-        record = json.loads(line)
-        if "tokens_per_s" in record and "step" in record:
+        record = bench.step_record(line)
+        if record is not None:
             records.append({**record, "arrived": arrived})
             log(f"{label}: step {record['step']}, {record['tokens']} tokens, {record['tokens_per_s']:,.0f} tok/s, "
                 f"loss {record.get('loss', float('nan')):.4f}")
