@@ -225,3 +225,20 @@ def test_merge_benchmark_runs_every_side_on_the_cpu(tmp_path):
         check = report["sides"][name]["verification"]
         assert check["relative_diff"] <= check["tolerance"] and check["base_relative_diff"] > 1e-4, name
     assert "| peftctl QLoRA |" in (tmp_path / "bench_merge.md").read_text()
+
+
+@pytest.mark.slow
+def test_regional_compile_benchmark_compiles_the_same_decoder(monkeypatch, tmp_path):
+    """scripts/bench_compile.py on the CPU, tiny: the compiled decoder computes what the eager one does (dropout
+    off), the fused LoRA branch routed on every q,k,v,o layer, and both timings reported (about a minute: the
+    compile)."""
+    import bench_compile
+
+    out = tmp_path / "compile.json"
+    monkeypatch.setattr(sys, "argv", ["bench_compile.py", "--device", "cpu", "--tiny", "--layers", "2", "--rows", "2",
+                                      "--tokens", "16", "--repeats", "1", "--warmup", "1", "--json", str(out)])
+    bench_compile.main()
+    result = json.loads(out.read_text())
+    assert result["fused_lora_layers"] == 2 * 4
+    assert result["rel_diff_output"] < 1e-4 and result["rel_diff_adapter_grads"] < 1e-4
+    assert result["eager_step_s"] > 0 and result["compiled_step_s"] > 0 and result["tokens"] == 32
