@@ -140,13 +140,14 @@ def torch_version() -> tuple[int, int]:
 
 
 def packed_attention_candidates(*, setting: str, packed: bool, device_type: str, dtype: str | None,
-                                model_type: str | None, config, max_length: int | None,
-                                torch_at: tuple[int, int] | None = None) -> tuple[list[str], list[dict]]:
+                                refusal: str | None, torch_at: tuple[int, int] | None = None
+                                ) -> tuple[list[str], list[dict]]:
     """The kernels to try for this run, fastest first (the last always works), and those left out with why.
 
     Only for `model.attn_implementation: auto`, packed rows, CUDA and bf16/fp16 (the dtype attention computes
     in): anything else keeps what it has today -- the recipe's own kernel, or SDPA (its causal flash kernel for
-    padded rows and rows of one example). The CPU keeps SDPA. The plan asks here too, so it predicts the loop.
+    padded rows and rows of one example). The CPU keeps SDPA. `refusal`: document_kernel_refusal's answer for
+    the model. The plan asks here too, so it predicts the loop.
     """
     if setting != "auto" or not packed:
         return [setting if setting != "auto" else "sdpa"], []
@@ -155,7 +156,6 @@ def packed_attention_candidates(*, setting: str, packed: bool, device_type: str,
     if dtype not in ("bfloat16", "float16"):
         why = f"attention computes in {dtype}; the kernels need bfloat16 or float16"
         return ["sdpa"], [{"kernel": k, "refused": why} for k in PACKED_KERNELS[:-1]]
-    refusal = document_kernel_refusal(model_type, config, max_length)
     if refusal:
         return ["sdpa"], [{"kernel": k, "refused": refusal} for k in PACKED_KERNELS[:-1]]
     at = torch_at or torch_version()
@@ -163,3 +163,15 @@ def packed_attention_candidates(*, setting: str, packed: bool, device_type: str,
         return ["flex_attention", "sdpa"], [{"kernel": "varlen", "refused": f"torch {at[0]}.{at[1]} has no "
                                              "torch.nn.attention.varlen (2.10 or later)"}]
     return list(PACKED_KERNELS), []
+
+
+def varlen_repeats_kv() -> bool:
+    """Whether our varlen call repeats the key/value heads (torch's varlen_attn without `enable_gqa`): the
+    repeated copies are what its backward keeps. Imports torch's varlen module when asked."""
+    import inspect
+
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return True
+    return "enable_gqa" not in inspect.signature(varlen_attn).parameters

@@ -223,13 +223,14 @@ def choose_for_run(model, recipe, device, *, packed: bool, say) -> dict:
     model's attention and returns the record for run.json's fast_path.attention."""
     import torch
 
-    from peftctl.fast_path import autocast_name, packed_attention_candidates
+    from peftctl.fast_path import autocast_name, document_kernel_refusal, packed_attention_candidates
 
     dtype = autocast_name(recipe, device.type)
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    refusal = document_kernel_refusal(getattr(model.config, "model_type", None), config, recipe.dataset.max_length)
     candidates, refused = packed_attention_candidates(
         setting=recipe.model.attn_implementation, packed=packed, device_type=device.type, dtype=dtype,
-        model_type=getattr(model.config, "model_type", None), config=config, max_length=recipe.dataset.max_length)
+        refusal=refusal)
     if len(candidates) == 1:
         return {"kernel": model.config._attn_implementation, "tried": refused}
     return choose(model, candidates, refused, rows=micro_batch_rows(recipe), length=recipe.dataset.max_length,

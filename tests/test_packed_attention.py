@@ -123,8 +123,9 @@ def test_the_rule_keeps_sdpa_where_the_kernels_do_not_compute_the_same():
     from transformers import MistralConfig, Qwen2Config
 
     def rule(model_type="llama", config=None, **kw):
-        args = dict(setting="auto", packed=True, device_type="cuda", dtype="bfloat16", model_type=model_type,
-                    config=config or object(), max_length=2048, torch_at=(2, 11))
+        refusal = fast_path.document_kernel_refusal(model_type, config or object(), 2048)
+        args = dict(setting="auto", packed=True, device_type="cuda", dtype="bfloat16", refusal=refusal,
+                    torch_at=(2, 11))
         return fast_path.packed_attention_candidates(**{**args, **kw})
 
     assert rule()[0] == ["varlen", "flex_attention", "sdpa"]
@@ -185,3 +186,31 @@ def test_the_cpu_keeps_sdpa(tiny_model, trained):
     run = trained("packed", tiny_model("llama"), dataset={"packing": True})
     manifest = json.loads((run / "run.json").read_text())
     assert manifest["fast_path"]["attention"] == {"kernel": "sdpa", "tried": []}
+
+
+def test_the_plan_predicts_the_kernel_and_its_smaller_attention_term(tiny_model, write_recipe, monkeypatch):
+    import dataclasses
+
+    from peftctl import plan
+    from peftctl.params import count_for_recipe
+    from peftctl.recipe.loader import load_recipe
+
+    recipe = load_recipe(str(write_recipe(tiny_model("llama"), model={"dtype": "bfloat16"},
+                                          dataset={"packing": True}))).recipe
+    counted = count_for_recipe(recipe)
+    shape = plan.model_shape(counted.model, counted.config, recipe)
+    monkeypatch.setattr(fast_path, "torch_version", lambda: (2, 11))
+    monkeypatch.setattr(fast_path, "varlen_repeats_kv", lambda: False)
+    varlen = plan.setting_for(recipe, shape, False, fast_path=False)
+    assert varlen.attention == "varlen"
+    assert plan.setting_for(recipe, shape, False, fast_path=False, device="cpu").attention == "sdpa"
+    unpacked = recipe.model_copy(update={"dataset": recipe.dataset.model_copy(update={"packing": False})})
+    assert plan.setting_for(unpacked, shape, False, fast_path=False).attention == "sdpa"
+    # varlen keeps what SDPA's flash kernel keeps without a mask (q, k, v unrepeated, out, lse): less than the
+    # dense block mask and the repeated key/value heads
+    term = lambda s: plan.activation_bytes(shape, s)["attention"]  # noqa: E731
+    flash = dataclasses.replace(varlen, attention="sdpa", attention_mask=False)
+    masked = dataclasses.replace(varlen, attention="sdpa", attention_mask=True)
+    assert term(varlen) == term(flash) < term(masked)
+    monkeypatch.setattr(fast_path, "varlen_repeats_kv", lambda: True)  # torch without enable_gqa
+    assert term(flash) < term(varlen) < term(masked)
