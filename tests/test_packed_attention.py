@@ -214,3 +214,34 @@ def test_the_plan_predicts_the_kernel_and_its_smaller_attention_term(tiny_model,
     assert term(varlen) == term(flash) < term(masked)
     monkeypatch.setattr(fast_path, "varlen_repeats_kv", lambda: True)  # torch without enable_gqa
     assert term(flash) < term(varlen) < term(masked)
+
+
+def test_the_lengths_reach_the_attention_through_peft(monkeypatch):
+    """peft's forward passes the keyword arguments on: a packed loss through the varlen wrapper calls the kernel in
+    every layer and equals the loss of the same examples one a row."""
+    import functools
+
+    from peft import LoraConfig, get_peft_model
+
+    from peftctl.train.loss import loss_sum
+
+    calls = []
+
+    @functools.wraps(reference_varlen)  # the same signature, as the wrapper reads it
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return reference_varlen(*args, **kwargs)
+
+    monkeypatch.setattr(packed_attention, "varlen_kernel", lambda: counting)
+    model = get_peft_model(_tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                     init_lora_weights=False))
+    packed_attention.set_attention(model, packed_attention.VARLEN)
+    assert packed_attention.uses_documents(model)
+    examples = [example(7), example(5, 40), example(9, 80)]
+    with torch.no_grad():
+        packed = collate([examples], pad_id=0, packed=True, pad_to=24)
+        packed_loss = loss_sum(model, packed) / packed.n_trained
+        assert len(calls) == 2  # both layers went through the kernel
+        singles = [collate([[e]], pad_id=0, packed=False) for e in examples]
+        unpacked_loss = sum(loss_sum(model, b) for b in singles) / sum(b.n_trained for b in singles)
+    assert packed_loss.item() == pytest.approx(unpacked_loss.item(), rel=1e-5)
