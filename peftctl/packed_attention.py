@@ -139,8 +139,9 @@ def _probe_inputs(shape: dict, device, dtype, seed: int = 0):
 
 def _run_candidate(kernel: str, q, k, v, lengths: list[int], scale: float):
     """The candidate's output (batch, seq, heads, hd) as the model would call it."""
-    import torch
     from types import SimpleNamespace
+
+    import torch
 
     rows, seq = q.shape[0], q.shape[2]
     module = SimpleNamespace(is_causal=True, training=True, num_key_value_groups=q.shape[1] // k.shape[1])

@@ -180,10 +180,10 @@ def setup(loaded, options: TrainOptions, console=None):
     run that had already completed."""
     import torch
 
+    from peftctl import packed_attention
     from peftctl.data.prepare import prepare
     from peftctl.methods import runtime
     from peftctl.methods.peft_common import AttachContext
-    from peftctl import packed_attention
     from peftctl.model import check_packing_isolation, load_model, load_tokenizer, pick_device
     from peftctl.params import check_targets, count_parameters
     from peftctl.train.fused_lora import fuse_lora_layers
