@@ -95,3 +95,83 @@ def fused_loss_applies(model_type: str | None, *, plain_head: bool, prompt_learn
     """Whether the loss goes through liger's fused linear cross-entropy (the logits are never materialised).
     Prompt-learning methods add virtual-token positions to the logits, so they keep the plain loss."""
     return liger and not prompt_learning and plain_head and model_type in PLAIN_HEAD_MODEL_TYPES
+
+
+# Packed rows (several examples a row, positions restarting at 0): the attention kernel that keeps them apart.
+# Candidates in order of speed; each later one is the fallback of the one before (decided by a probe before the
+# first step, peftctl/packed_attention.py). "varlen" is torch's varlen flash attention fed the documents'
+# cumulative lengths from the batch; "flex_attention" is transformers' flex with its packed-document block mask;
+# "sdpa" builds a dense block-diagonal mask from position_ids (no flash kernel, the whole S x S computed).
+PACKED_KERNELS = ("varlen", "flex_attention", "sdpa")
+VARLEN_MIN_TORCH = (2, 10)
+
+# Model types whose attention is softmax(q k^T * scaling) v over the module's own q/k/v, causal, with nothing the
+# kernels would not reproduce (no soft-capping, sinks, alibi, or extra mask terms): the config checks below refuse
+# sliding windows, dropout and non-causal configs on top. Checked against transformers 5.24's modeling files.
+DOCUMENT_KERNEL_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
+
+
+def document_kernel_refusal(model_type: str | None, config, max_length: int | None) -> str | None:
+    """Why this model's attention cannot go through a document kernel (varlen, flex), or None. `config` is the
+    model's (text) config; only plain attributes are read, so a config on the meta device works as well."""
+    if model_type not in DOCUMENT_KERNEL_MODEL_TYPES:
+        return f"{model_type} is not on the list of model types checked for it"
+    get = lambda name: getattr(config, name, None)  # noqa: E731
+    if get("is_causal") is False:
+        return "the config asks for bidirectional attention"
+    kinds = get("layer_types") or []
+    if any(kind != "full_attention" for kind in kinds):
+        return "some layers are not full attention (" + ", ".join(sorted({str(k) for k in kinds})) + ")"
+    window = get("sliding_window")
+    if window and get("use_sliding_window") is not False and (max_length is None or window < max_length):
+        return f"sliding window of {window} tokens"
+    if get("attn_logit_softcapping"):
+        return "attention soft-capping"
+    if get("attention_dropout"):
+        return f"attention dropout {get('attention_dropout')}"
+    return None
+
+
+def torch_version() -> tuple[int, int]:
+    from importlib.metadata import version
+
+    major, minor = version("torch").split(".")[:2]
+    return int(major), int(minor)
+
+
+def packed_attention_candidates(*, setting: str, packed: bool, device_type: str, dtype: str | None,
+                                refusal: str | None, torch_at: tuple[int, int] | None = None
+                                ) -> tuple[list[str], list[dict]]:
+    """The kernels to try for this run, fastest first (the last always works), and those left out with why.
+
+    Only for `model.attn_implementation: auto`, packed rows, CUDA and bf16/fp16 (the dtype attention computes
+    in): anything else keeps what it has today -- the recipe's own kernel, or SDPA (its causal flash kernel for
+    padded rows and rows of one example). The CPU keeps SDPA. `refusal`: document_kernel_refusal's answer for
+    the model. The plan asks here too, so it predicts the loop.
+    """
+    if setting != "auto" or not packed:
+        return [setting if setting != "auto" else "sdpa"], []
+    if device_type != "cuda":
+        return ["sdpa"], []
+    if dtype not in ("bfloat16", "float16"):
+        why = f"attention computes in {dtype}; the kernels need bfloat16 or float16"
+        return ["sdpa"], [{"kernel": k, "refused": why} for k in PACKED_KERNELS[:-1]]
+    if refusal:
+        return ["sdpa"], [{"kernel": k, "refused": refusal} for k in PACKED_KERNELS[:-1]]
+    at = torch_at or torch_version()
+    if at < VARLEN_MIN_TORCH:
+        return ["flex_attention", "sdpa"], [{"kernel": "varlen", "refused": f"torch {at[0]}.{at[1]} has no "
+                                             "torch.nn.attention.varlen (2.10 or later)"}]
+    return list(PACKED_KERNELS), []
+
+
+def varlen_repeats_kv() -> bool:
+    """Whether our varlen call repeats the key/value heads (torch's varlen_attn without `enable_gqa`): the
+    repeated copies are what its backward keeps. Imports torch's varlen module when asked."""
+    import inspect
+
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return True
+    return "enable_gqa" not in inspect.signature(varlen_attn).parameters

@@ -198,9 +198,12 @@ def check_packing_isolation(model, device, vocab_size: int) -> tuple[bool, float
     the median over positions of the largest logit difference there, and the difference must stand above both
     5% of the contamination and the noise floor of this same run: the document computed at the start of a row of
     the same length, which causality alone keeps isolated whatever the attention does with position_ids.
-    Returns (isolated, difference, contamination).
+    Returns (isolated, difference, contamination). A model whose attention is our varlen kernel gets the
+    documents' lengths as training batches carry them; one that drops them on the way leaks, and fails here.
     """
     import torch
+
+    from peftctl.packed_attention import uses_documents
 
     gen = torch.Generator().manual_seed(0)
     a, b, c = (torch.randint(3, max(4, vocab_size - 1), (1, n), generator=gen) for n in (12, 9, 12))
@@ -210,6 +213,13 @@ def check_packing_isolation(model, device, vocab_size: int) -> tuple[bool, float
         positions = torch.cat([torch.arange(first.shape[1]), torch.arange(second.shape[1])]).unsqueeze(0)
         return ids, positions.to(device)
 
+    def documents(*parts) -> dict:  # the documents' lengths, as collate gives them, for a varlen kernel
+        if not uses_documents(model):
+            return {}
+        lengths = [p.shape[1] for p in parts]
+        cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+        return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lengths), "max_length_k": max(lengths)}
+
     packed, positions = row(a, b)
     b_first, b_first_positions = row(b, c)
     was_training = model.training
@@ -217,10 +227,12 @@ def check_packing_isolation(model, device, vocab_size: int) -> tuple[bool, float
     try:
         with torch.no_grad():
             alone = model(input_ids=b.to(device), use_cache=False).logits.float()
-            isolated = model(input_ids=packed, position_ids=positions, use_cache=False).logits[:, a.shape[1]:]
+            isolated = model(input_ids=packed, position_ids=positions, use_cache=False,
+                             **documents(a, b)).logits[:, a.shape[1]:]
             mixed = model(input_ids=packed, position_ids=positions, use_cache=False,
                           attention_mask=torch.ones_like(packed)).logits[:, a.shape[1]:]
-            first = model(input_ids=b_first, position_ids=b_first_positions, use_cache=False).logits[:, :b.shape[1]]
+            first = model(input_ids=b_first, position_ids=b_first_positions, use_cache=False,
+                          **documents(b, c)).logits[:, :b.shape[1]]
     finally:
         model.train(was_training)
 

@@ -15,7 +15,9 @@ Gates (each PASS or FAIL; bench.py prints them and exits non-zero when one fails
   zero at step 0, so both compute the base model's loss. HF's loss is a mean over its shifted labels; peftctl
   labels mask each example's first token, so n_trained counts the same positions.
 - gradient: after one backward of that loss, the adapter's gradient norm is finite and non-zero (both sides).
-- packed = unpacked: peftctl's loss on the packed batch equals its loss on the same examples one per padded row.
+- packed = unpacked: peftctl's loss on the packed batch equals its loss on the same examples one per padded row
+  (the packed batch through the attention kernel the loop would choose -- varlen on a GPU -- with its document
+  lengths; the padded rows through causal attention).
   Alongside, the loss with packing isolation turned off (positions running on across examples) shows how
   sensitive the check is: when that difference is not well above the tolerance, the gate says WEAK.
 """
@@ -94,7 +96,7 @@ def _peftctl_side(spec: dict, device) -> tuple[dict, list[dict]]:
     # Isolation off: the same packed rows with positions running on across examples (plain causal attention).
     width = packed.input_ids.shape[1]
     running = torch.arange(width).unsqueeze(0).expand_as(packed.input_ids).contiguous()
-    leaky = dataclasses.replace(packed, position_ids=running)
+    leaky = dataclasses.replace(packed, position_ids=running, cu_seq_lens=None)  # no document lengths either
 
     model, how = _peftctl_model(recipe, loaded, device)
     model.train()
@@ -127,6 +129,7 @@ def _peftctl_side(spec: dict, device) -> tuple[dict, list[dict]]:
 def _peftctl_model(recipe, loaded, device):
     """The model as `peftctl train` builds it: its loader (quantisation, preparation, any fast-path patches) and
     its attach step."""
+    from peftctl import packed_attention
     from peftctl.methods import runtime
     from peftctl.methods.peft_common import AttachContext
     from peftctl.model import load_model
@@ -134,9 +137,12 @@ def _peftctl_model(recipe, loaded, device):
     from peftctl.train.kernels import apply_fast_kernels
 
     model = load_model(recipe, device, gradient_checkpointing=False)
+    # the packed-attention kernel, chosen (and probed) as the training loop chooses it
+    attention = packed_attention.choose_for_run(model, recipe, device, packed=True, say=_say)
     kernels = apply_fast_kernels(model, device)  # as the training loop does, before the adapter
     context = AttachContext(tokenizer_path=recipe.model.name, where=loaded.where("method.targets"))
-    how = "peftctl.model.load_model + apply_fast_kernels" + (f"({','.join(kernels)})" if kernels else "()")
+    how = (f"peftctl.model.load_model + packed_attention({attention['kernel']}) + apply_fast_kernels"
+           + (f"({','.join(kernels)})" if kernels else "()"))
     model = runtime.attach(model, recipe.method, context)
     fused = fuse_lora_layers(model)  # as the training loop does, after the adapter
     return model, how + f" + peftctl.methods.runtime.attach + fuse_lora_layers({fused} layers)"

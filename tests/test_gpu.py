@@ -113,3 +113,65 @@ def test_fused_lora_branch_matches_peft_under_autocast(medium_llama, quant):
     assert fused_loss == pytest.approx(loss, rel=1e-3)
     cosine = torch.nn.functional.cosine_similarity(grads, fused_grads, dim=0).item()
     assert cosine > 0.999 and (fused_grads.norm() / grads.norm()).item() == pytest.approx(1, rel=1e-2)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_varlen_kernel_matches_sdpa_with_a_block_mask_on_llama3_8b_heads(dtype):
+    """torch's varlen_attn through our wrapper: outputs and q/k/v gradients against SDPA with an explicit
+    block-diagonal causal mask, 32 query heads, 8 key/value heads, head_dim 128, 2 rows of 2048 (the probe)."""
+    from peftctl import fast_path, packed_attention
+
+    if fast_path.torch_version() < fast_path.VARLEN_MIN_TORCH:
+        pytest.skip("torch has no varlen_attn")
+    shape = {"heads": 32, "kv_heads": 8, "head_dim": 128, "rows": 2, "length": 2048}
+    assert packed_attention.probe("varlen", shape, torch.device("cuda"), getattr(torch, dtype)) is None
+    # and the probe is not blind: a wrong scale is caught
+    real = packed_attention.varlen_kernel()
+
+    def wrong_scale(*args, scale=None, **kwargs):
+        return real(*args, scale=scale * 1.5, **kwargs)
+
+    wrong_scale.__signature__ = __import__("inspect").signature(real)
+    original = packed_attention.varlen_kernel
+    packed_attention.varlen_kernel = lambda: wrong_scale
+    try:
+        assert "differs" in packed_attention.probe("varlen", shape, torch.device("cuda"), getattr(torch, dtype))
+    finally:
+        packed_attention.varlen_kernel = original
+
+
+def test_a_packed_run_chooses_varlen_and_packed_equals_unpacked(medium_llama, write_recipe, tmp_path):
+    from peftctl import fast_path, packed_attention
+    from peftctl.methods import runtime
+    from peftctl.methods.peft_common import AttachContext
+    from peftctl.model import load_model, load_tokenizer
+    from peftctl.recipe.loader import load_recipe
+    from peftctl.train.loop import TrainOptions, train
+    from peftctl.train.loss import loss_sum
+
+    if fast_path.torch_version() < fast_path.VARLEN_MIN_TORCH:
+        pytest.skip("torch has no varlen_attn")
+    path = write_recipe(medium_llama, model={"dtype": "bfloat16"}, dataset={"max_length": 512, "packing": True},
+                        training={"max_steps": 4, "micro_batch_size": 4})
+    recipe = load_recipe(str(path)).recipe
+    device = torch.device("cuda")
+    tok = load_tokenizer(recipe.model)
+    model = load_model(recipe, device)
+    notes = []
+    record = packed_attention.choose_for_run(model, recipe, device, packed=True, say=notes.append)
+    assert record == {"kernel": "varlen", "tried": []}, notes
+    model = runtime.attach(model, recipe.method, AttachContext(tokenizer_path=recipe.model.name)).eval()
+    assert packed_attention.uses_documents(model)
+    packed, unpacked = _batches(recipe, tok, True), _batches(recipe, tok, False)
+    batch = packed.micro_batches(packed.train, [0, 1], 2)[0]
+    assert batch.cu_seq_lens is not None and len(batch.cu_seq_lens) > 3  # several documents a row
+    examples = sorted(i for r in packed.train.rows[:2] for i in r)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        packed_loss = loss_sum(model, batch.to(device)) / batch.n_trained
+        singles = unpacked.micro_batches(unpacked.train, examples, 4)
+        unpacked_loss = sum(loss_sum(model, b.to(device)) for b in singles) / sum(b.n_trained for b in singles)
+    assert packed_loss.item() == pytest.approx(unpacked_loss.item(), rel=1e-2)
+    del model
+    result = train(load_recipe(str(path)), TrainOptions(quiet=True))
+    manifest = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert result.steps == 4 and manifest["fast_path"]["attention"] == {"kernel": "varlen", "tried": []}

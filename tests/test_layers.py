@@ -20,7 +20,7 @@ LAYERS = [
     ["peftctl", "peftctl.errors", "peftctl.files", "peftctl.adapter_folder", "peftctl.remote_code",
      "peftctl.fast_path", "peftctl.startup", "peftctl.recipe.base"],
     ["peftctl.data", "peftctl.hub"],  # rows, tokens and batches; where models and data come from
-    ["peftctl.model", "peftctl.generation_config"],  # the base model and its tokenizer
+    ["peftctl.model", "peftctl.generation_config", "peftctl.packed_attention"],  # the base model and its tokenizer
     ["peftctl.methods"],  # one module per method: its recipe section (on recipe.base) and its build step
     ["peftctl.recipe"],  # the recipe, assembled from the methods' sections; torch-free
     ["peftctl.params", "peftctl.plan", "peftctl.serving"],  # counts, the memory plan, the serving check

@@ -51,23 +51,32 @@ class Batch:
     attention_mask: object | None  # None for packed rows: positions alone delimit the examples
     n_trained: int  # trained tokens (labels that count), known on the host with no device sync
     n_tokens: int  # real (non-padding) tokens
+    # Packed rows: where each document starts in the rows laid end to end (int32, rows x tokens + 1 entries;
+    # a row's trailing padding is one more document), and the longest document -- what a varlen kernel reads
+    # instead of a mask. Counted here on the host, so no forward has to find them on the device.
+    cu_seq_lens: object | None = None
+    max_length: int = 0
 
     def pinned(self) -> Batch:
         """A copy in page-locked memory, so the copy to the GPU can run asynchronously."""
         pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
         return Batch(pin(self.input_ids), pin(self.labels), pin(self.position_ids), pin(self.attention_mask),
-                     self.n_trained, self.n_tokens)
+                     self.n_trained, self.n_tokens, pin(self.cu_seq_lens), self.max_length)
 
     def to(self, device) -> Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.input_ids), move(self.labels), move(self.position_ids), move(self.attention_mask),
-                     self.n_trained, self.n_tokens)
+                     self.n_trained, self.n_tokens, move(self.cu_seq_lens), self.max_length)
 
 
-def model_inputs(batch, *, prompt_learning: bool) -> dict:
+def model_inputs(batch, *, prompt_learning: bool, documents: bool = False) -> dict:
     """Packed rows are delimited by position_ids alone: a 2D attention mask (or a cache) would make transformers
     skip the per-example mask, so none is passed and use_cache is always False. Prompt-learning methods prepend
-    virtual tokens and cannot use position_ids; they get the padding mask only."""
+    virtual tokens and cannot use position_ids; they get the padding mask only.
+
+    documents: the model attends through a varlen kernel (peftctl/packed_attention.py), which reads the
+    documents' boundaries from the batch; transformers passes these keyword arguments (its FlashAttentionKwargs)
+    through every decoder layer to the attention function."""
     if prompt_learning:
         return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
     inputs = {"input_ids": batch.input_ids, "use_cache": False}
@@ -75,7 +84,21 @@ def model_inputs(batch, *, prompt_learning: bool) -> dict:
         inputs["position_ids"] = batch.position_ids
     if batch.attention_mask is not None:
         inputs["attention_mask"] = batch.attention_mask
+    if documents and batch.cu_seq_lens is not None:
+        inputs.update(cu_seq_lens_q=batch.cu_seq_lens, cu_seq_lens_k=batch.cu_seq_lens,
+                      max_length_q=batch.max_length, max_length_k=batch.max_length)
     return inputs
+
+
+def document_lengths(row_lengths: list[list[int]], width: int) -> list[int]:
+    """Every document's length over the rows laid end to end: each row's examples, then its trailing padding as
+    one more document (as its restarting position_ids already make it)."""
+    lengths = []
+    for row in row_lengths:
+        lengths += row
+        if width > sum(row):
+            lengths.append(width - sum(row))
+    return lengths
 
 
 def collate(rows: list[list[dict]], pad_id: int, packed: bool, pad_to: int | None = None) -> Batch:
@@ -91,6 +114,7 @@ def collate(rows: list[list[dict]], pad_id: int, packed: bool, pad_to: int | Non
     position_ids = torch.zeros(shape, dtype=torch.long)
     attention_mask = None if packed else torch.zeros(shape, dtype=torch.long)
     n_trained = n_tokens = 0
+    row_lengths = [[len(e["input_ids"]) for e in row] for row in rows]
     for r, row in enumerate(rows):
         cursor = 0
         for example in row:
@@ -111,4 +135,9 @@ def collate(rows: list[list[dict]], pad_id: int, packed: bool, pad_to: int | Non
         # Full rows of one example each: the model's default positions are these, and leaving them out spares
         # transformers its check for packed documents (a host-device sync in every forward).
         position_ids = None
-    return Batch(input_ids, labels, position_ids, attention_mask, n_trained, n_tokens)
+    cu_seq_lens, longest = None, 0
+    if packed and position_ids is not None:
+        lengths = document_lengths(row_lengths, width)
+        cu_seq_lens = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        longest = max(lengths)
+    return Batch(input_ids, labels, position_ids, attention_mask, n_trained, n_tokens, cu_seq_lens, longest)

@@ -53,7 +53,7 @@ class Setting:
     double_quant: bool
     upcast_embeddings: bool
     autocast: str | None  # the dtype the loop autocasts to on CUDA, or None
-    attention: str  # sdpa | eager | flash_attention_2 | flex_attention
+    attention: str  # sdpa | eager | flash_attention_2 | flex_attention | varlen (packed rows, fast_path's rule)
     fast_kernels: bool = False  # liger's RMSNorm, RoPE and SwiGLU (train/kernels.apply_fast_kernels)
     fused_loss: bool = False  # liger's fused linear cross-entropy (train/loss.build_loss): no logits
     adapter_input_casts: bool = True  # peft copies each adapter's input to fp32; the loop turns that off under
@@ -72,9 +72,10 @@ class Setting:
                 f"checkpointing {'on' if self.checkpointing else 'off'}{fast}{per_gpu}")
 
 
-def setting_for(recipe, shape: ModelShape, checkpointing: bool, *, fast_path: bool | None = None) -> Setting:
-    """The loop's choices for this recipe on a CUDA device. fast_path: whether liger-kernel is there (default:
-    whether it can be imported here, where the plan runs)."""
+def setting_for(recipe, shape: ModelShape, checkpointing: bool, *, fast_path: bool | None = None,
+                device: str = "cuda") -> Setting:
+    """The loop's choices for this recipe on a CUDA device (`device`: "cpu" for what the loop does on the CPU).
+    fast_path: whether liger-kernel is there (default: whether it can be imported here, where the plan runs)."""
     from peftctl.methods.registry import METHODS
 
     quant = recipe.quantization
@@ -85,6 +86,13 @@ def setting_for(recipe, shape: ModelShape, checkpointing: bool, *, fast_path: bo
     attention = recipe.model.attn_implementation
     fast = fast_path_rules.liger_available() if fast_path is None else fast_path
     prompt_learning = METHODS[recipe.method.name].prompt_learning
+    if attention == "auto":
+        # Packed rows take the first kernel of the loop's rule (it probes that one first on the GPU).
+        packed = recipe.dataset.packing is not False and METHODS[recipe.method.name].can_pack
+        first = fast_path_rules.packed_attention_candidates(
+            setting="auto", packed=packed, device_type=device, dtype=autocast,
+            refusal=shape.document_kernel_refusal)[0][0]
+        attention = first if first in ("varlen", "flex_attention") else shape.attention
     rows = recipe.training.micro_batch_size
     if recipe.training.micro_batch_tokens:  # the budget in rows of max_length (padding counted, as the loop does)
         rows = max(1, -(-recipe.training.micro_batch_tokens // recipe.dataset.max_length))
@@ -93,7 +101,7 @@ def setting_for(recipe, shape: ModelShape, checkpointing: bool, *, fast_path: bo
                    weights_dtype=dtype, bits=quant.bits if quant else None,
                    double_quant=bool(quant and quant.double_quant),
                    upcast_embeddings=bool(quant and quant.upcast_embeddings), autocast=autocast,
-                   attention=shape.attention if attention == "auto" else attention,
+                   attention=attention,
                    fast_kernels=fast_path_rules.fast_kernels_apply(shape.model_type, fast),
                    fused_loss=fast_path_rules.fused_loss_applies(shape.model_type, plain_head=shape.plain_head,
                                                                  prompt_learning=prompt_learning, liger=fast),
@@ -143,7 +151,9 @@ def activation_bytes(shape: ModelShape, s: Setting) -> dict[str, float]:
         # q, repeated k and v; the fp32 softmax output and its cast (plus the capped scores with soft-capping)
         attention = aa * 3 * nh * hd + (4 + aa + aa * shape.attn_softcap) * nh * kv_len
     else:
-        kv = nh if masked else nkv  # transformers repeats the key/value heads when SDPA gets a mask
+        # transformers repeats the key/value heads when SDPA gets a mask; our varlen call does without enable_gqa
+        repeated = masked or (s.attention == "varlen" and fast_path_rules.varlen_repeats_kv())
+        kv = nh if repeated else nkv
         attention = aa * (2 * nh * hd + 2 * kv * hd * kv_len / seq) + LSE_BYTES * nh  # q, out; k, v (+ prefix)
         if masked:
             attention += aa * kv_len  # SDPA turns the bool mask into a float bias in every layer, kept for backward

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from peftctl import fast_path
 from peftctl.params import is_tuner_layer
 from peftctl.plan.constants import (
     ACT_FN_SAVED,
@@ -60,6 +61,8 @@ class ModelShape:
     virtual_tokens: int = 0  # prompt/p-tuning: extra positions in every activation; prefix: extra keys/values
     prefix: bool = False
     experts: tuple[int, int] = (0, 0)  # MoE: (experts per layer, routed per token); all resident, top-k active
+    # why packed rows cannot use a document kernel (varlen, flex) with this model (fast_path.document_kernel_refusal)
+    document_kernel_refusal: str | None = "not checked"
     expert_delta: int = 0  # MoE: elements of the adapted expert tensors of one layer (peft adds B @ A to each)
     moe_layers: int = 0
 
@@ -155,6 +158,8 @@ def model_shape(model, config, recipe) -> ModelShape:
         other_params=other, embedding_params=embedding, adapted=adapted,
         trainable=sum(p.numel() for p in model.parameters() if p.requires_grad), bottleneck=bottleneck,
         virtual_tokens=getattr(method, "num_virtual_tokens", 0) or 0, prefix=method.name == "prefix_tuning",
+        document_kernel_refusal=fast_path.document_kernel_refusal(getattr(config, "model_type", None), text,
+                                                                  recipe.dataset.max_length),
         **moe)
 
 

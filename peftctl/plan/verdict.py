@@ -89,7 +89,10 @@ def plan_memory(recipe, counted=None, *, card: Card | None = None, checkpointing
     elif fast_path is None and not fast_path_rules.liger_available():
         chosen.notes.append("liger-kernel is not importable here: planned for the plain path (on a GPU with "
                             "peftctl[gpu] installed the peak is lower)")
-    if s.attention == "sdpa" and s.attention_mask:
+    if s.attention in ("varlen", "flex_attention"):
+        chosen.notes.append(f"packed rows: {s.attention} attention assumed, no mask (the run probes it before the "
+                            "first step and falls back to SDPA with a mask, which needs more)")
+    elif s.attention == "sdpa" and s.attention_mask:
         chosen.notes.append("assumed: SDPA gets a mask (packed or padded rows); rows of one whole example need "
                             "less")
     if shape.experts[0]:

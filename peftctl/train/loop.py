@@ -180,6 +180,7 @@ def setup(loaded, options: TrainOptions, console=None):
     run that had already completed."""
     import torch
 
+    from peftctl import packed_attention
     from peftctl.data.prepare import prepare
     from peftctl.methods import runtime
     from peftctl.methods.peft_common import AttachContext
@@ -240,8 +241,17 @@ def setup(loaded, options: TrainOptions, console=None):
     checkpointing = _gradient_checkpointing(recipe, device, data)
     _seed_everything(training.seed)  # before the adapter exists: its initial weights come from this seed
     model = load_model(recipe, device, gradient_checkpointing=checkpointing)
+    loaded_with = model.config._attn_implementation
+    attention = packed_attention.choose_for_run(model, recipe, device, packed=data.packed, say=say)
     if data.packed:
         isolated, difference, contamination = check_packing_isolation(model, device, len(tokenizer))
+        if not isolated and attention["kernel"] != loaded_with:
+            # The kernel passed its probe but the model does not hand it the documents' lengths: back to the
+            # kernel it was loaded with, checked again.
+            why = f"the model leaks across packed examples with it (difference {difference:.3g})"
+            say(f"note: packed attention: {attention['kernel']} refused: {why}")
+            attention = packed_attention.unchoose(model, attention, loaded_with, why)
+            isolated, difference, contamination = check_packing_isolation(model, device, len(tokenizer))
         if not isolated and recipe.dataset.packing == "auto":
             # Unpacked rows train the same examples; only packing's speed is lost.
             say(f"note: {model.config.model_type}'s attention does not keep packed examples apart: one example "
@@ -290,7 +300,8 @@ def setup(loaded, options: TrainOptions, console=None):
         kernels = kernels + ["adapter_inputs_in_autocast_dtype"]
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
     manifest = reports.manifest(recipe, spec, data, counts, device, total_steps, checkpointing, world, engine)
-    manifest["fast_path"] = {"kernels": kernels, "loss": loss_name, "autocast": str(autocast_dtype)}
+    manifest["fast_path"] = {"kernels": kernels, "loss": loss_name, "autocast": str(autocast_dtype),
+                             "attention": attention}
     if resume_from is not None and world.main:
         manifest["resume"] = resume.resume_record(folder, resume_from, state.step)
     metrics = None

@@ -15,13 +15,15 @@ from collections.abc import Callable
 
 from peftctl.data.packing import model_inputs
 from peftctl.data.tokenize import IGNORE
+from peftctl.packed_attention import uses_documents
 
 
 def loss_sum(model, batch, *, prompt_learning: bool = False):
     """Summed token loss from the logits."""
     import torch.nn.functional as F
 
-    logits = model(**model_inputs(batch, prompt_learning=prompt_learning)).logits
+    documents = uses_documents(model)
+    logits = model(**model_inputs(batch, prompt_learning=prompt_learning, documents=documents)).logits
     labels = batch.labels
     # Prompt and p-tuning return logits for the virtual positions too; the real tokens are the last ones.
     logits = logits[:, -labels.shape[1]:]
@@ -32,7 +34,8 @@ def loss_sum(model, batch, *, prompt_learning: bool = False):
 def fused_loss_sum(model, batch, *, loss_module):
     """Summed token loss from the final hidden states through liger's fused linear cross-entropy."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(**model_inputs(batch, prompt_learning=False)).last_hidden_state
+    inputs = model_inputs(batch, prompt_learning=False, documents=uses_documents(base))
+    hidden = base.get_decoder()(**inputs).last_hidden_state
     head = base.get_output_embeddings()
     flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     return loss_module(head.weight, flat, batch.labels[:, 1:].reshape(-1), head.bias)
