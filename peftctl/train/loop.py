@@ -186,6 +186,7 @@ def setup(loaded, options: TrainOptions, console=None):
     from peftctl.model import check_packing_isolation, load_model, load_tokenizer, pick_device
     from peftctl.params import check_targets, count_parameters
     from peftctl.train.fused_lora import fuse_lora_layers
+    from peftctl.train.host_embedding import place_input_embeddings
     from peftctl.train.kernels import apply_fast_kernels, skip_adapter_input_casts
     from peftctl.train.loss import build_loss
     from peftctl.train.metrics import Metrics
@@ -268,6 +269,11 @@ def setup(loaded, options: TrainOptions, console=None):
         say(f"starting from the adapter in {recipe.method.init_from}")
     if fuse_lora_layers(model):
         kernels = kernels + ["fused_lora_branch"]
+    # After the adapter: peft must see the model's own embedding (to wrap or tie it), and the hooks peft put on it
+    # move with it. Before the loss, which reads the head, and before the parameters are counted.
+    embeddings_on_host = place_input_embeddings(
+        model, recipe.model.input_embeddings, device, world_size=world.size, quantised=recipe.quantization is not None,
+        checkpointing=checkpointing, prompt_learning=spec.prompt_learning, where=loaded.where("model.input_embeddings"))
     model.train()
     loss_fn, loss_name = build_loss(model, spec, device)
     engine = distributed.choose_engine(recipe, world, device)  # None, ddp or fsdp
@@ -290,7 +296,8 @@ def setup(loaded, options: TrainOptions, console=None):
         kernels = kernels + ["adapter_inputs_in_autocast_dtype"]
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
     manifest = reports.manifest(recipe, spec, data, counts, device, total_steps, checkpointing, world, engine)
-    manifest["fast_path"] = {"kernels": kernels, "loss": loss_name, "autocast": str(autocast_dtype)}
+    manifest["fast_path"] = {"kernels": kernels, "loss": loss_name, "autocast": str(autocast_dtype),
+                             "input_embeddings": "cpu" if embeddings_on_host or device.type == "cpu" else "gpu"}
     if resume_from is not None and world.main:
         manifest["resume"] = resume.resume_record(folder, resume_from, state.step)
     metrics = None
