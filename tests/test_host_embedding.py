@@ -191,3 +191,28 @@ def test_a_run_trained_this_way_saves_the_same_adapter_and_merges(tiny_model, tm
     assert not any("embed" in k for k in mine)
     merge_adapter(run / "adapter", tmp_path / "merged", force=True, report=lambda _: None)
     assert (tmp_path / "merged" / "config.json").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_the_rows_arrive_pinned_and_the_table_leaves_the_gpu(tiny_model):
+    """The real placement: a pinned host table, the same logits and gradients as the GPU-resident embedding, and
+    the table's bytes gone from the GPU."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device("cuda")
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model("llama")), dtype=torch.float32).to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ids = torch.randint(3, 200, (2, 24), device=device, generator=torch.Generator(device).manual_seed(1))
+    before = loss_and_grads(model, ids)
+    table_bytes = model.get_base_model().get_input_embeddings().weight.nbytes
+    allocated = torch.cuda.memory_allocated(device)
+    assert place_input_embeddings(model, "cpu", device, world_size=1, quantised=False, checkpointing=False,
+                                  prompt_learning=False)
+    host = model.get_base_model().get_input_embeddings()
+    assert host.weight.is_pinned() and allocated - torch.cuda.memory_allocated(device) >= table_bytes
+    after = loss_and_grads(model, ids)
+    assert torch.equal(before[0], after[0]) and all(torch.equal(before[2][k], after[2][k]) for k in before[2])
