@@ -46,6 +46,8 @@ def count_parameters(model) -> ParamCount:
         total += n
         if p.requires_grad:
             trainable += n
+    # a frozen input embedding kept in host memory (train/host_embedding.py) is no parameter, yet part of the model
+    total += sum(t.numel() for m in model.modules() if hasattr(m, "host_parameters") for t in m.host_parameters())
     return ParamCount(trainable, total)
 
 

@@ -507,6 +507,7 @@ def run_peftctl(ctx: Context, case: Case, data: Path, max_steps: int) -> dict:
     return {"side": "peftctl", "case": case.number, "status": status, "steps": steps,
             "first_step_s": timings.get("first_step_s"),
             "first_step_from_launch_s": (records[0]["arrived"] - outcome.launched) if records else None,
+            "setup_phases": timings.get("setup_phases"),  # run.json: seconds per phase before the loop
             "peak_memory_bytes": manifest.get("peak_memory_bytes"),
             "first_loss": steps[0]["loss"] if steps else None,
             "first_grad_norm": steps[0]["grad_norm"] if steps else None,
@@ -715,6 +716,24 @@ HEADER = ["case", "what", "reference tok/s", "peftctl tok/s", "ratio", "target",
           "reference MFU %", "peftctl MFU %"]
 
 
+def setup_lines(report: dict) -> list[str]:
+    """peftctl's launch-to-first-step, phase by phase (run.json's timings.setup_phases, then the loop's first
+    step), one line a case: where the seconds before training go."""
+    lines = []
+    for number, entry in report["cases"].items():
+        side = entry["sides"].get("peftctl") or {}
+        phases = dict(side.get("setup_phases") or {})
+        if not phases:
+            continue
+        if side.get("first_step_s") is not None:
+            phases["first step"] = side["first_step_s"]
+        total = sum(phases.values())
+        parts = ", ".join(f"{name} {seconds:.1f}" for name, seconds in phases.items())
+        lines.append(f"case {number} peftctl setup (s): {parts}; sum {total:.1f}, launch to first step "
+                     f"{_num(side.get('first_step_from_launch_s'), '.1f')}")
+    return lines
+
+
 def markdown(report: dict) -> str:
     env, matmul = report.get("environment") or {}, report.get("matmul") or {}
     versions = ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items() if v)
@@ -723,6 +742,9 @@ def markdown(report: dict) -> str:
              f"matmul {tflops} TFLOP/s ({matmul.get('dtype', '-')}).")
     lines = [title, "", "| " + " | ".join(HEADER) + " |", "|" + " --- |" * len(HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
+    setup = setup_lines(report)
+    if setup:
+        lines += [""] + [f"- {line}" for line in setup]
     gates = report.get("gates")
     if gates:
         lines += ["", f"Gates (as case {gates.get('as_case')}): " + (
@@ -743,6 +765,8 @@ def print_table(report: dict) -> None:
         print("  ".join(cell.ljust(w) if j < 2 else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+    for line in setup_lines(report):
+        print(line)
     gates = report.get("gates")
     print()
     if gates is None:

@@ -322,8 +322,38 @@ def test_plan_reproduces_the_h200_benchmarks(case, name, targets, rows, mask, ch
     assert setting.fast_kernels and setting.fused_loss and not setting.adapter_input_casts
     setting.attention_mask = mask
     setting.attention = "sdpa"  # measured before packed rows had the varlen kernel
+    setting.input_embeddings = "gpu"  # as measured (before model.input_embeddings existed)
     peak = sum(c.bytes for c in plan.estimate(shape, setting, name)) / GiB
     assert peak == pytest.approx(measured, rel=0.03)
+
+
+def case4_plan(input_embeddings: str, *, world_size: int = 1, quantization: bool = True):
+    from peftctl import plan
+
+    method = {"name": "qlora" if quantization else "lora", "r": 16, "alpha": 32, "dropout": 0.05,
+              "targets": "all-linear"}
+    recipe = make_recipe(str(LLAMA3_8B), method, micro_batch_size=1, max_length=2048, checkpointing=True)
+    recipe = recipe.model_copy(update={"training": recipe.training.model_copy(update={"gradient_accumulation": 1})})
+    shape, setting = shape_and_setting(recipe, True, fast_path=True)
+    setting = dataclasses.replace(setting, input_embeddings=input_embeddings, world_size=world_size,
+                                  engine="ddp" if world_size > 1 else None)
+    return {c.name: c.bytes for c in plan.estimate(shape, setting, method["name"])}
+
+
+def test_case4_input_embedding_in_host_memory_brings_the_plan_under_6_gib():
+    """Issue 21: QLoRA all-linear 1 x 2048 checkpointed. auto moves the bf16 input embedding (128256 x 4096) off the
+    GPU; the plan follows the loop's rule (peftctl/placement.py)."""
+    table = 128256 * 4096 * 2
+    on_gpu, auto, cpu = case4_plan("gpu"), case4_plan("auto"), case4_plan("cpu")
+    assert "input embedding" not in on_gpu and auto == cpu
+    assert auto["input embedding"] == 0
+    assert on_gpu["base weights"] - auto["base weights"] == table
+    assert sum(on_gpu.values()) - sum(auto.values()) == table
+    assert sum(auto.values()) / GiB < 6.0 < sum(on_gpu.values()) / GiB
+    # auto keeps it on the GPU where memory is not what the run is short of, or where it is not verified
+    assert "input embedding" not in case4_plan("auto", quantization=False)
+    assert "input embedding" not in case4_plan("auto", world_size=2)
+    assert "input embedding" not in case4_plan("cpu", world_size=2)
 
 
 # --- decisions ---------------------------------------------------------------------------------------------------

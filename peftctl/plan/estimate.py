@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from peftctl import fast_path as fast_path_rules  # the parameter `fast_path` means "liger is there"
+from peftctl import (
+    fast_path as fast_path_rules,  # the parameter `fast_path` means "liger is there"
+    placement,
+)
 from peftctl.plan.constants import (
     ACTIVATION_SCALE,
     ADAM_BYTES,
@@ -63,6 +66,8 @@ class Setting:
     device: str = "cuda"  # the plan is for CUDA; "cpu" reproduces CPU kernels for tests (dropout, LayerNorm)
     world_size: int = 1  # processes (GPUs) of a distributed run; the plan is then per GPU
     engine: str | None = None  # None (one process), ddp or fsdp (train/distributed.py)
+    input_embeddings: str = "gpu"  # model.input_embeddings: auto | gpu | cpu (peftctl/placement.py decides)
+    prompt_learning: bool = False  # prefix/prompt/p-tuning (they keep the input embedding on the GPU)
 
     def describe(self) -> str:
         base = {4: "4-bit nf4", 8: "8-bit"}.get(self.bits, self.weights_dtype)
@@ -105,7 +110,8 @@ def setting_for(recipe, shape: ModelShape, checkpointing: bool, *, fast_path: bo
                    fast_kernels=fast_path_rules.fast_kernels_apply(shape.model_type, fast),
                    fused_loss=fast_path_rules.fused_loss_applies(shape.model_type, plain_head=shape.plain_head,
                                                                  prompt_learning=prompt_learning, liger=fast),
-                   adapter_input_casts=autocast is None)
+                   adapter_input_casts=autocast is None, input_embeddings=recipe.model.input_embeddings,
+                   prompt_learning=prompt_learning)
 
 
 def weight_bytes(shape: ModelShape, s: Setting) -> int:
@@ -252,12 +258,17 @@ def estimate(shape: ModelShape, s: Setting, method_name: str = "") -> list[Compo
         gradients, gradients_detail = GRADIENT_BYTES * p, "fp32, accumulated over the step's micro-batches"
     else:
         gradients, gradients_detail = GRADIENT_BYTES * p // max(1, L), "fp32; one layer's worth at the peak"
+    weights, host = weight_bytes(shape, s), embedding_on_host(shape, s)
+    table = shape.input_embedding * (4 if s.upcast_embeddings else DTYPE_BYTES[s.weights_dtype])
     components = [
-        Component("base weights", weight_bytes(shape, s), _weights_detail(shape, s)),
+        Component("base weights", weights - table if host else weights, _weights_detail(shape, s)),
         Component("adapter weights", ADAPTER_BYTES * p, f"{p:,d} fp32"),
         Component("gradients", gradients, gradients_detail),
         Component("AdamW states", ADAM_BYTES * p, "exp_avg + exp_avg_sq, fp32"),
     ]
+    if host:
+        components.append(Component("input embedding", 0, f"{table / GiB:.2f} GiB in pinned host memory "
+                                    "(model.input_embeddings); a micro-batch's rows are sent over"))
     if s.autocast and method_name not in ("ia3", "prompt_tuning"):
         # autocast's bf16 copies of the fp32 adapter weights, kept by the graph for the backward pass (with
         # checkpointing, only the recomputed layer's)
@@ -285,6 +296,14 @@ def estimate(shape: ModelShape, s: Setting, method_name: str = "") -> list[Compo
     if s.engine in ("ddp", "fsdp") and s.world_size > 1:
         components = per_gpu(components, shape, s)
     return components
+
+
+def embedding_on_host(shape: ModelShape, s: Setting) -> bool:
+    """Whether the loop keeps the input embedding in host memory (train/host_embedding.py, the same rule)."""
+    blocker = placement.host_blocker(world_size=s.world_size, prompt_learning=s.prompt_learning,
+                                     embedding=shape.input_embedding_blocker)
+    return placement.on_host(s.input_embeddings, device_type=s.device, quantised=s.bits is not None,
+                             checkpointing=s.checkpointing, blocker=blocker)
 
 
 def per_gpu(components: list[Component], shape: ModelShape, s: Setting) -> list[Component]:

@@ -55,6 +55,8 @@ class ModelShape:
     linear_inputs: dict[tuple[str, str], int]  # (layer, role) -> width of the input those linear layers read
     other_params: int  # everything else of the base: embeddings, lm_head, norms, biases
     embedding_params: int  # input and output embeddings (counted once when tied)
+    input_embedding: int = 0  # elements of the input embedding's table
+    input_embedding_blocker: str | None = None  # why it cannot live in host memory (train/host_embedding.py)
     adapted: list[Adapted] = field(default_factory=list)
     trainable: int = 0
     bottleneck: tuple[int, int] = (0, 0)  # (blocks, width) of our bottleneck adapter
@@ -93,6 +95,8 @@ def _moe_shape(model, text) -> dict:
 
 def model_shape(model, config, recipe) -> ModelShape:
     """Read what the plan needs from a meta model with the recipe's adapter attached (params.attach_on_meta)."""
+    from peftctl.train import host_embedding
+
     text = getattr(config, "get_text_config", lambda: config)()
     hidden = _first(text, "hidden_size", "n_embd", "d_model")
     heads = _first(text, "num_attention_heads", "n_head", "num_heads")
@@ -156,6 +160,8 @@ def model_shape(model, config, recipe) -> ModelShape:
         logit_softcap=getattr(text, "final_logit_softcapping", None) is not None, linear_weights=linear_weights,
         linear_inputs=linear_inputs,
         other_params=other, embedding_params=embedding, adapted=adapted,
+        input_embedding=input_embeddings.weight.numel() if hasattr(input_embeddings, "weight") else 0,
+        input_embedding_blocker=host_embedding.why_not(model),
         trainable=sum(p.numel() for p in model.parameters() if p.requires_grad), bottleneck=bottleneck,
         virtual_tokens=getattr(method, "num_virtual_tokens", 0) or 0, prefix=method.name == "prefix_tuning",
         document_kernel_refusal=fast_path.document_kernel_refusal(getattr(config, "model_type", None), text,

@@ -62,6 +62,9 @@ def check(raw: dict, marks: Marks, base_dir: Path) -> list[Problem]:
     if spec is not None and not spec.can_pack and dataset.get("packing") is True:
         problem(("dataset", "packing"), f"{spec.name} cannot pack ({spec.cannot_pack}); set packing: false")
 
+    if spec is not None and spec.prompt_learning and model.get("input_embeddings") == "cpu":
+        problem(("model", "input_embeddings"), f"{spec.name} reads the embedding's weights on the GPU; set "
+                "input_embeddings: auto or gpu")
     if training.get("distributed") == "fsdp" and bits is not None:
         problem(("training", "distributed"), "sharding a quantised base with FSDP2 is not supported: bitsandbytes' "
                 "quantised weights lose their quantisation state when sharded; use ddp (a 4-bit 70B base fits "

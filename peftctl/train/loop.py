@@ -126,6 +126,7 @@ class Run:
     first_step_s: float | None = None
     setup_peak: int | None = None
     t_loop: float = 0.0
+    setup_phases: dict = field(default_factory=dict)  # train/timings.py: seconds per phase of setup
 
     @property
     def recipe(self):
@@ -142,11 +143,14 @@ class StepResult:
 
 
 def _train(loaded, options: TrainOptions, console=None):
+    from peftctl.train.timings import SetupClock
+
+    clock = SetupClock()  # before torch's import, which is part of the time to the first step
     import torch
 
     from peftctl.train.signals import graceful_stop
 
-    run = setup(loaded, options, console)
+    run = setup(loaded, options, console, clock)
     if not isinstance(run, Run):
         return run  # the dry-run report, or a run that had already completed
     run.setup_peak = _start_loop_peak(run.device)
@@ -175,9 +179,12 @@ def _train(loaded, options: TrainOptions, console=None):
     return finish(run)
 
 
-def setup(loaded, options: TrainOptions, console=None):
+def setup(loaded, options: TrainOptions, console=None, clock=None):
     """Everything before the first step, as one Run; or, without training, the dry-run report or the result of a
-    run that had already completed."""
+    run that had already completed. `clock` (train/timings.SetupClock) is told where the time goes."""
+    from peftctl.train.timings import SetupClock
+
+    clock = clock or SetupClock()
     import torch
 
     from peftctl import packed_attention
@@ -187,12 +194,14 @@ def setup(loaded, options: TrainOptions, console=None):
     from peftctl.model import check_packing_isolation, load_model, load_tokenizer, pick_device
     from peftctl.params import check_targets, count_parameters
     from peftctl.train.fused_lora import fuse_lora_layers
+    from peftctl.train.host_embedding import place_input_embeddings
     from peftctl.train.kernels import apply_fast_kernels, skip_adapter_input_casts
     from peftctl.train.loss import build_loss
     from peftctl.train.metrics import Metrics
     from peftctl.train.optim import build_optimizer, build_scheduler
     from peftctl.train.trackers import Trackers, check_available as check_trackers
 
+    clock.mark("imports")
     recipe, t_start = loaded.recipe, time.time()
     spec = METHODS[recipe.method.name]
     training = recipe.training
@@ -218,9 +227,11 @@ def setup(loaded, options: TrainOptions, console=None):
     resume_from = resume.resume_point(folder, options.resume, say)
     if resume_from is not None:
         resume.check_recipe(resume_from, recipe, say)  # a refusal needs no model: before anything loads
+    clock.mark("run_folder")
 
     # The tokenizer comes first: the data needs it, and a dry run stops after the data without loading weights.
     tokenizer = load_tokenizer(recipe.model, base_dir=loaded.base_dir)
+    clock.mark("tokenizer")
     data = _prepare_everywhere(world, lambda: prepare(recipe.dataset, tokenizer, seed=training.seed,
                                                       pad_id=tokenizer.pad_token_id))
     reports.warn_special_text(data, say)
@@ -234,13 +245,16 @@ def setup(loaded, options: TrainOptions, console=None):
     # The number of steps comes from the data; the schedule needs it, so the optimiser is built after the data.
     schedule = data.step_schedule(training, world.size)
     total_steps = training.max_steps or schedule.total(training.epochs)
+    clock.mark("data")
     if options.dry_run:
         return reports.dry_run_report(recipe, data, schedule.steps_in(0), total_steps, say)
 
     device = device or pick_device()
     checkpointing = _gradient_checkpointing(recipe, device, data)
+    clock.mark("memory_plan")  # gradient_checkpointing: auto asks the plan (a meta model) on a GPU
     _seed_everything(training.seed)  # before the adapter exists: its initial weights come from this seed
     model = load_model(recipe, device, gradient_checkpointing=checkpointing)
+    clock.mark("model_load")
     loaded_with = model.config._attn_implementation
     attention = packed_attention.choose_for_run(model, recipe, device, packed=data.packed, say=say)
     if data.packed:
@@ -252,6 +266,7 @@ def setup(loaded, options: TrainOptions, console=None):
             say(f"note: packed attention: {attention['kernel']} refused: {why}")
             attention = packed_attention.unchoose(model, attention, loaded_with, why)
             isolated, difference, contamination = check_packing_isolation(model, device, len(tokenizer))
+        clock.mark("packing_check")
         if not isolated and recipe.dataset.packing == "auto":
             # Unpacked rows train the same examples; only packing's speed is lost.
             say(f"note: {model.config.model_type}'s attention does not keep packed examples apart: one example "
@@ -261,12 +276,14 @@ def setup(loaded, options: TrainOptions, console=None):
                                                               pad_id=tokenizer.pad_token_id))
             schedule = data.step_schedule(training, world.size)
             total_steps = training.max_steps or schedule.total(training.epochs)
+            clock.mark("data")
         elif not isolated:
             raise InvalidInput(f"{model.config.model_type}: this model's attention does not keep packed examples "
                                f"apart (difference {difference:.3g} against {contamination:.3g} unpacked)",
                                hint="set dataset.packing: auto (falls back to one example a row) or false, or "
                                     "model.attn_implementation to sdpa or eager")
     kernels = apply_fast_kernels(model, device)  # before the adapter: peft then wraps the patched layers as usual
+    clock.mark("kernels")
     check_targets(model, recipe.method, loaded.where("method.targets"))  # peft skips a name that matches nothing
     model = runtime.attach(model, recipe.method, AttachContext(tokenizer_path=recipe.model.name,
                                                                tokenizer_revision=recipe.model.revision,
@@ -278,6 +295,12 @@ def setup(loaded, options: TrainOptions, console=None):
         say(f"starting from the adapter in {recipe.method.init_from}")
     if fuse_lora_layers(model):
         kernels = kernels + ["fused_lora_branch"]
+    # After the adapter: peft must see the model's own embedding (to wrap or tie it), and the hooks peft put on it
+    # move with it. Before the loss, which reads the head, and before the parameters are counted.
+    embeddings_on_host = place_input_embeddings(
+        model, recipe.model.input_embeddings, device, world_size=world.size, quantised=recipe.quantization is not None,
+        checkpointing=checkpointing, prompt_learning=spec.prompt_learning, where=loaded.where("model.input_embeddings"))
+    clock.mark("attach")
     model.train()
     loss_fn, loss_name = build_loss(model, spec, device)
     engine = distributed.choose_engine(recipe, world, device)  # None, ddp or fsdp
@@ -287,6 +310,7 @@ def setup(loaded, options: TrainOptions, console=None):
     eval_loss = (lambda m, batch: step_module(batch)) if engine == "fsdp" else loss_fn
     counts = count_parameters(model)
     say(counts.line())
+    clock.mark("loss_and_wrap")
 
     optimizer = build_optimizer(model, recipe, device)
     scheduler = build_scheduler(optimizer, training, total_steps)
@@ -295,13 +319,15 @@ def setup(loaded, options: TrainOptions, console=None):
         state = resume.restore_state(resume_from, model, optimizer, scheduler, data.fingerprint, world, say,
                                      engine=engine)
 
+    clock.mark("optimizer")
     autocast_dtype = _autocast_dtype(recipe, device)
     if autocast_dtype is not None and skip_adapter_input_casts(model):
         kernels = kernels + ["adapter_inputs_in_autocast_dtype"]
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
     manifest = reports.manifest(recipe, spec, data, counts, device, total_steps, checkpointing, world, engine)
     manifest["fast_path"] = {"kernels": kernels, "loss": loss_name, "autocast": str(autocast_dtype),
-                             "attention": attention}
+                             "attention": attention,
+                             "input_embeddings": "cpu" if embeddings_on_host or device.type == "cpu" else "gpu"}
     if resume_from is not None and world.main:
         manifest["resume"] = resume.resume_record(folder, resume_from, state.step)
     metrics = None
@@ -312,10 +338,11 @@ def setup(loaded, options: TrainOptions, console=None):
         trackers = Trackers(recipe.output.trackers, folder.path, recipe, resume_step=state.step)
         metrics = Metrics(folder.metrics, total_steps=total_steps, log_format=options.log_format,
                           quiet=options.quiet, trackers=trackers, resume_step=state.step)
+    clock.mark("run_files")
     return Run(loaded, options, console, say, folder, recipe_yaml, world, device, tokenizer, data, schedule,
                total_steps, checkpointing, model, step_module, eval_loss, engine, counts, optimizer, scheduler,
                state, autocast_dtype, scaler, manifest, metrics, t_start,
-               trainable=[p for p in model.parameters() if p.requires_grad])
+               trainable=[p for p in model.parameters() if p.requires_grad], setup_phases=clock.phases)
 
 
 def _prepare_everywhere(world, prepare_data):
@@ -477,7 +504,8 @@ def _record_end(run: Run, status: str, exit_code: int, **extra) -> None:
     timings = {"total_s": round(time.time() - run.t_start, 2), "train_s": round(run.train_s, 2),
                "setup_s": round(run.t_loop - run.t_start, 2),
                "first_step_s": round(run.first_step_s, 2) if run.first_step_s else None,
-               "train_s_all_attempts": round(run.train_s + manifest.get("resume", {}).get("earlier_train_s", 0), 2)}
+               "train_s_all_attempts": round(run.train_s + manifest.get("resume", {}).get("earlier_train_s", 0), 2),
+               "setup_phases": {name: round(seconds, 3) for name, seconds in run.setup_phases.items()}}
     run.folder.write_manifest({**manifest, **extra, "status": status, "exit_code": exit_code,
                                "steps_done": state.step, "tokens_seen": state.tokens_seen, "timings": timings,
                                "peak_memory_bytes": _peak_since(run.device, run.setup_peak),
