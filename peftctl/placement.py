@@ -1,5 +1,5 @@
 """Where the frozen input embedding lives while training (model.input_embeddings), decided in one place for the
-loop (train/host_embedding.py) and the memory plan (plan/estimate.py), which must agree. Imports nothing heavy.
+loop (host_embedding.py) and the memory plan (plan/estimate.py), which must agree. Imports nothing heavy.
 
 The input embedding is a lookup table: a micro-batch reads only its own rows (2048 rows of an 8B model's 128,256
 are 16 MiB), so it can stay in pinned host memory and send just those rows, while on the GPU it costs vocabulary x

@@ -1,4 +1,4 @@
-"""model.input_embeddings: the frozen input embedding in host memory (peftctl/train/host_embedding.py, the rule in
+"""model.input_embeddings: the frozen input embedding in host memory (peftctl/host_embedding.py, the rule in
 peftctl/placement.py). On this CPU-only machine the "device" is the CPU itself: the module's transfer (`send`) is
 observed with a spy, and the outputs and gradients are compared with the model's own embedding bit for bit."""
 
@@ -11,7 +11,7 @@ import torch
 
 from peftctl import placement
 from peftctl.errors import InvalidInput, RecipeError
-from peftctl.train.host_embedding import HostEmbedding, place_input_embeddings, why_not
+from peftctl.host_embedding import HostEmbedding, place_input_embeddings, why_not
 
 
 def load(folder, *, checkpointing: bool = False, targets=("q_proj", "v_proj")):

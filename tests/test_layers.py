@@ -18,9 +18,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "peftctl"
 LAYERS = [
     # foundations: torch-free, each importable alone
     ["peftctl", "peftctl.errors", "peftctl.files", "peftctl.adapter_folder", "peftctl.remote_code",
-     "peftctl.fast_path", "peftctl.startup", "peftctl.recipe.base"],
+     "peftctl.fast_path", "peftctl.placement", "peftctl.startup", "peftctl.recipe.base"],
     ["peftctl.data", "peftctl.hub"],  # rows, tokens and batches; where models and data come from
-    ["peftctl.model", "peftctl.generation_config", "peftctl.packed_attention"],  # the base model and its tokenizer
+    # the base model and its tokenizer; what the loop changes in it (packed attention, the host embedding)
+    ["peftctl.model", "peftctl.generation_config", "peftctl.packed_attention", "peftctl.host_embedding"],
     ["peftctl.methods"],  # one module per method: its recipe section (on recipe.base) and its build step
     ["peftctl.recipe"],  # the recipe, assembled from the methods' sections; torch-free
     ["peftctl.params", "peftctl.plan", "peftctl.serving"],  # counts, the memory plan, the serving check

@@ -95,7 +95,7 @@ def _moe_shape(model, text) -> dict:
 
 def model_shape(model, config, recipe) -> ModelShape:
     """Read what the plan needs from a meta model with the recipe's adapter attached (params.attach_on_meta)."""
-    from peftctl.train import host_embedding
+    from peftctl import host_embedding
 
     text = getattr(config, "get_text_config", lambda: config)()
     hidden = _first(text, "hidden_size", "n_embd", "d_model")
