@@ -189,12 +189,12 @@ def setup(loaded, options: TrainOptions, console=None, clock=None):
 
     from peftctl import packed_attention
     from peftctl.data.prepare import prepare
+    from peftctl.host_embedding import place_input_embeddings
     from peftctl.methods import runtime
     from peftctl.methods.peft_common import AttachContext
     from peftctl.model import check_packing_isolation, load_model, load_tokenizer, pick_device
     from peftctl.params import check_targets, count_parameters
     from peftctl.train.fused_lora import fuse_lora_layers
-    from peftctl.host_embedding import place_input_embeddings
     from peftctl.train.kernels import apply_fast_kernels, skip_adapter_input_casts
     from peftctl.train.loss import build_loss
     from peftctl.train.metrics import Metrics
