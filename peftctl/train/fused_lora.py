@@ -67,14 +67,63 @@ class _LoraBranch(torch.autograd.Function):
         return grad_x, (grad_out if needs_result else None), grad_a, grad_b, None, None
 
 
+class _LoraDropoutKernelBranch(torch.autograd.Function):
+    """The same sum as _LoraBranch with p > 0, the mask drawn inside the LoRA-A product by the Triton kernels
+    (train/lora_dropout_kernel.py): no dropped copy and no mask are written; x itself, a seed and h are kept."""
+
+    @staticmethod
+    def forward(ctx, x2, result2, weight_a, weight_b, p: float, scaling: float):
+        from peftctl.train import lora_dropout_kernel as kernel
+
+        dtype = x2.dtype
+        seed = kernel.draw_seed(x2.device)
+        h = kernel.dropout_a_forward(x2, weight_a.to(dtype), seed, p)
+        out = torch.addmm(result2.to(dtype), h, weight_b.to(dtype).t(), alpha=scaling)
+        ctx.save_for_backward(x2, seed, h, weight_a, weight_b)
+        ctx.p, ctx.scaling = p, scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from peftctl.train import lora_dropout_kernel as kernel
+
+        x2, seed, h, weight_a, weight_b = ctx.saved_tensors
+        needs_x, needs_result, needs_a, needs_b = ctx.needs_input_grad[:4]
+        dtype = x2.dtype
+        g = grad_out.to(dtype)
+        grad_x = grad_a = grad_b = None
+        if needs_b:
+            grad_b = (g.t() @ h).mul_(ctx.scaling).to(weight_b.dtype)
+        if needs_x or needs_a:
+            grad_h = (g @ weight_b.to(dtype)).mul_(ctx.scaling)
+            if needs_a:
+                grad_a = kernel.dropout_a_grad_weight(grad_h, x2, seed, ctx.p).to(weight_a.dtype)
+            if needs_x:
+                grad_x = kernel.dropout_a_grad_input(grad_h, weight_a.to(dtype), seed, ctx.p, dtype)
+        return grad_x, (grad_out if needs_result else None), grad_a, grad_b, None, None
+
+
+def dropout_kernel_applies(x2: torch.Tensor, weight_a: torch.Tensor, p: float) -> bool:
+    """Whether this call's branch goes through the dropout kernel (the rule of peftctl/fast_path.py, which the
+    memory plan reads too); the triton import is only attempted for a device the kernel runs on."""
+    from peftctl import fast_path
+
+    if x2.device.type not in fast_path.LORA_DROPOUT_KERNEL_DEVICES or not p > 0:
+        return False
+    return fast_path.lora_dropout_kernel_applies(device_type=x2.device.type, dropout=p,
+                                                 dtype=str(x2.dtype).removeprefix("torch."), r=weight_a.shape[0],
+                                                 elements=x2.numel(), triton=fast_path.triton_available())
+
+
 def lora_branch(x, result, weight_a, weight_b, p: float, scaling: float):
     """`result + scaling * B(A(dropout_p(x)))`; pass p = 0 outside training.
 
     The reshapes to 2-D and back happen out here, not inside the Function: a view created inside a custom Function
     may not be modified in place, and some models add to a projection's output in place (Falcon's attention), which
     plain peft allows. A view of a Function's plain output may be modified in place like any other tensor."""
-    out = _LoraBranch.apply(x.reshape(-1, x.shape[-1]), result.reshape(-1, result.shape[-1]), weight_a, weight_b,
-                            p, scaling)
+    x2 = x.reshape(-1, x.shape[-1])
+    branch = _LoraDropoutKernelBranch if dropout_kernel_applies(x2, weight_a, p) else _LoraBranch
+    out = branch.apply(x2, result.reshape(-1, result.shape[-1]), weight_a, weight_b, p, scaling)
     return out.reshape(*result.shape[:-1], out.shape[-1])
 
 
