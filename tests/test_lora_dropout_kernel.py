@@ -177,13 +177,16 @@ def test_fused_model_trains_through_the_kernel(tiny_model, kernel_calls):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from peftctl.train.fused_lora import fuse_lora_layers
+    from peftctl.train.fused_lora import dropout_kernel_layers, fuse_lora_layers
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model(), dtype=torch.float32).to(DEVICE)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear",
                                             init_lora_weights=False))
     routed = fuse_lora_layers(model)
+    # what run.json's fast_path names: every routed layer here, none where the rule is CUDA's alone
+    assert dropout_kernel_layers(model, DEVICE, None, 12) == routed
+    assert dropout_kernel_layers(model, DEVICE, torch.bfloat16, 12) == 0  # float32 activations: peft's forward
     ids = torch.randint(0, model.config.vocab_size, (1, 12), device=DEVICE)
     model.train()
     model(input_ids=ids, labels=ids).loss.backward()

@@ -178,6 +178,28 @@ def fuse_lora_layers(model) -> int:
     return routed
 
 
+def dropout_kernel_layers(model, device_type: str, autocast_dtype, tokens: int) -> int:
+    """How many routed layers will take the dropout kernel in training (run.json names the kernel where any does):
+    the per-call rule (dropout_kernel_applies) for the dtype the branch computes in -- the autocast dtype where the
+    activations are in it, else the adapter's own where they match it (elsewhere peft's forward runs)."""
+    from peftctl import fast_path
+
+    activations = model.get_input_embeddings().weight.dtype
+    count = 0
+    for module in model.modules():
+        if getattr(module.forward, "__func__", None) is not _fused_forward:
+            continue
+        for name, lora_a in module.lora_A.items():
+            dtype = autocast_dtype if autocast_dtype is not None else lora_a.weight.dtype
+            dropout = module.lora_dropout[name]
+            p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+            count += activations == dtype and fast_path.lora_dropout_kernel_applies(
+                device_type=device_type, dropout=p, dtype=str(dtype).removeprefix("torch."),
+                r=lora_a.weight.shape[0], elements=tokens * lora_a.weight.shape[1],
+                triton=device_type in fast_path.LORA_DROPOUT_KERNEL_DEVICES and fast_path.triton_available())
+    return count
+
+
 def _has_variant_or_bias(module) -> bool:
     """DoRA (a variant) or a LoRA bias on any of the layer's adapters: peft's forward computes those. Checked when
     layers are routed (so run.json claims the fused branch only where it runs) and on every call (an adapter added
