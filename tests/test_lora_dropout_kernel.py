@@ -97,8 +97,11 @@ def test_drop_fraction_is_p_and_the_mask_follows_the_seed():
     assert torch.equal(_kernel_mask(x, p, seed=1)[0], kept)  # same seed, same mask
     other = _kernel_mask(x, p, seed=2)[0]
     assert (other != kept).float().mean().item() > 0.2  # independent masks differ in 2p(1-p) = 42% of places
-    # every row draws its own mask (the offsets count rows as well as columns)
+    # every row draws its own mask (the offsets count rows as well as columns)...
     assert sum(torch.equal(kept[0], kept[i]) for i in range(1, kept.shape[0])) == 0
+    # ...and so does each of the four columns one Philox call serves
+    for lane in (1, 2, 3):
+        assert (kept[:, 0::4] != kept[:, lane::4]).float().mean().item() > 0.2, lane
 
 
 def test_checkpoint_recompute_draws_the_same_mask(kernel_calls):

@@ -28,9 +28,15 @@ _TARGET_PROGRAMS = 256  # about two waves of an H200's 132 SMs: how far grad_A's
 
 
 @triton.jit
-def _keep(seed, rows, cols, in_features, p):
-    """The mask: element (row, col) is kept where its Philox uniform is at least p (probability 1 - p)."""
-    return tl.rand(seed, rows[:, None] * in_features + cols[None, :]) >= p
+def _keep(seed, rows, k0, in_features, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The mask of columns k0 .. k0 + BLOCK_K: an element is kept where its Philox uniform is at least p (probability
+    1 - p). One Philox call gives four uniforms, so a counter covers four neighbouring columns of a row (counter
+    row * ceil(in / 4) + col // 4): a quarter of the generator's work, which the kernels pay in every pass, as
+    torch's dropout kernel does (it also draws four per call)."""
+    quads = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+    u0, u1, u2, u3 = tl.rand4x(seed, rows[:, None] * tl.cdiv(in_features, 4) + quads[None, :])
+    u = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), (BLOCK_M, BLOCK_K))  # each quad's 4 beside it
+    return u >= p
 
 
 @triton.jit
@@ -56,7 +62,8 @@ def _forward_kernel(x_ptr, a_ptr, h_ptr, seed_ptr, tokens, in_features, r, strid
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=inside,
                     other=0.0)
         # scaled in fp32 and rounded once to x's dtype, as torch's dropout kernel does
-        dropped = tl.where(_keep(seed, rows, cols, in_features, p), x.to(tl.float32) * scale, 0.0).to(x.dtype)
+        keep = _keep(seed, rows, k0, in_features, p, BLOCK_M, BLOCK_K)
+        dropped = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
         a_t = tl.load(a_ptr + ranks[None, :] * in_features + cols[:, None],
                       mask=(ranks[None, :] < r) & (cols[:, None] < in_features), other=0.0)
         acc += _dot(dropped, a_t, IEEE, UPCAST)
@@ -77,7 +84,8 @@ def _grad_input_kernel(gh_ptr, a_ptr, gx_ptr, seed_ptr, tokens, in_features, r, 
                 mask=(ranks[:, None] < r) & (cols[None, :] < in_features), other=0.0)
     acc = _dot(gh, a, IEEE, UPCAST)
     seed = tl.load(seed_ptr)
-    grad = tl.where(_keep(seed, rows, cols, in_features, p), acc * scale, 0.0)
+    keep = _keep(seed, rows, tl.program_id(1) * BLOCK_K, in_features, p, BLOCK_M, BLOCK_K)
+    grad = tl.where(keep, acc * scale, 0.0)
     tl.store(gx_ptr + rows[:, None].to(tl.int64) * in_features + cols[None, :], grad.to(gx_ptr.dtype.element_ty),
              mask=(rows[:, None] < tokens) & (cols[None, :] < in_features))
 
@@ -102,7 +110,8 @@ def _grad_weight_kernel(gh_ptr, x_ptr, ga_ptr, seed_ptr, tokens, in_features, r,
         inside = (rows[:, None] < end) & (cols[None, :] < in_features)
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=inside,
                     other=0.0)
-        dropped = tl.where(_keep(seed, rows, cols, in_features, p), x.to(tl.float32) * scale, 0.0).to(x.dtype)
+        keep = _keep(seed, rows, tl.program_id(0) * BLOCK_K, in_features, p, BLOCK_M, BLOCK_K)
+        dropped = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
         acc += _dot(gh_t, dropped, IEEE, UPCAST)
     tl.store(ga_ptr + split * r * in_features + ranks[:, None] * in_features + cols[None, :], acc,
              mask=(ranks[:, None] < r) & (cols[None, :] < in_features))
