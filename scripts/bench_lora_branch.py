@@ -1,13 +1,18 @@
-"""Time one decoder layer's LoRA layers, peft's forward against peftctl's fused branch, on the GPU.
+"""Time one decoder layer's LoRA layers on the GPU: peft's forward, peftctl's fused branch, LoRA's dropout kernel.
 
 Each of the Llama-3-8B layer's seven linear shapes is wrapped by peft's own LoRA layer (bf16 or 4-bit NF4 base,
 float32 adapter, r 16, alpha 32, dropout 0.05) and run forward and backward under bf16 autocast on `--tokens`
-tokens, once through peft's forward and once through `peftctl.train.fused_lora`. Prints the median time of each
-and their sum over the layer, and checks that both give the same output and gradients with dropout off.
+tokens, through peft's forward, through `peftctl.train.fused_lora` with torch's dropout (today's fused branch), and
+through the same branch with the dropout kernel (`peftctl/train/lora_dropout_kernel.py`). Prints the median time
+of each and their sum over the layer; checks that peft and the fused branch give the same output and gradients
+with dropout off, and that the kernel's output and A's gradient follow the explicit formula for the mask read back
+from x's gradient (with the dropped fraction, about `--dropout`); then what the seven layers keep for the backward
+pass with siblings sharing their input (q/k/v, gate/up), each way, and the memory the kernel saves.
 
     python scripts/bench_lora_branch.py --quant 4bit --tokens 8192
 
-A CPU smoke run of the harness (what tests/test_bench.py runs): `--device cpu --quant none --shrink 64 --tokens 32`.
+A CPU smoke run of the harness (what tests/test_bench.py runs; the kernel column runs only under
+TRITON_INTERPRET=1): `--device cpu --quant none --shrink 64 --tokens 16`.
 """
 
 from __future__ import annotations
