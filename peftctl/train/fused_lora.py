@@ -14,8 +14,13 @@ dropout keeps a masked copy of the input for every adapted layer, although q, k 
   they were. (Rebuilding the dropped input from x and the mask in the backward pass saved 8 GiB on an 8B QLoRA run
   but cost more time than the fusion gained: BENCHMARKS.md.)
 
-The mask comes from torch's generator on x's device, so activation checkpointing, which restores that generator's
-state before recomputing, draws the same mask again.
+With dropout on a CUDA device (and triton there, in a dtype and at an r it supports: peftctl/fast_path.py, which
+the memory plan reads too), the branch takes LoRA's dropout kernel instead (train/lora_dropout_kernel.py): the mask
+is drawn inside the LoRA-A product from a seed and drawn again in the backward pass, so the layer keeps x itself
+(shared by q/k/v, gate/up) instead of a dropped copy and a mask. Same sums, same distribution, other draws.
+
+The mask comes from torch's generator on x's device (dropout's, or the kernel's seed), so activation
+checkpointing, which restores that generator's state before recomputing, draws the same mask again.
 
 Used only where it is the same computation as peft's: one active plain LoRA adapter (no DoRA or other variant,
 no LoRA bias, not merged, adapters enabled) on a Linear layer, full precision or bitsandbytes 4/8-bit, with the
