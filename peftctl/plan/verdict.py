@@ -92,8 +92,8 @@ def plan_memory(recipe, counted=None, *, card: Card | None = None, checkpointing
                             "peftctl[gpu] installed the peak is lower)")
     kernel_layers = dropout_kernel_layers(shape, s)
     if kernel_layers:
-        chosen.notes.append(f"LoRA's dropout kernel assumed on {kernel_layers} layers (triton on the training machine): "
-                            "no dropped copies of their inputs")
+        chosen.notes.append(f"LoRA's dropout kernel assumed on {kernel_layers} layers (triton on the training "
+                            "machine): no dropped copies of their inputs")
     if s.attention == "sdpa" and s.attention_mask:
         chosen.notes.append("assumed: SDPA gets a mask (packed or padded rows); rows of one whole example need "
                             "less")
