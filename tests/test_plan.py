@@ -302,6 +302,27 @@ def test_dropout_kernel_on_llama3_8b_keeps_the_no_dropout_adapter_bytes():
     assert adapter(0.05, False) == ((2 + 1) * (6 * h + i) + h_bytes, 0)  # copy + mask of all 7
 
 
+def test_plan_assumes_the_dropout_kernel_where_triton_imports(monkeypatch):
+    from peftctl import fast_path, plan
+
+    def recipe(dropout):
+        return make_recipe(str(LLAMA3_8B), {"name": "qlora", "r": 16, "dropout": dropout, "targets": "all-linear"},
+                           quantization={"bits": 4}, micro_batch_size=4, max_length=2048)
+
+    monkeypatch.setattr(fast_path, "triton_available", lambda: True)
+    with_kernel = plan.plan_memory(recipe(0.05), card=card(139), fast_path=True)
+    assert any("dropout kernel assumed on 224 layers" in n for n in with_kernel.notes)
+    monkeypatch.setattr(fast_path, "triton_available", lambda: False)
+    without = plan.plan_memory(recipe(0.05), card=card(139), fast_path=True)
+    assert not any("dropout kernel" in n for n in without.notes) and without.peak > with_kernel.peak + 15 * GiB
+
+    def never():
+        raise AssertionError("triton imported for a plan without LoRA dropout")
+
+    monkeypatch.setattr(fast_path, "triton_available", never)
+    plan.plan_memory(recipe(0.0), card=card(139), fast_path=True)
+
+
 @pytest.mark.parametrize("dtype,quant,name", [
     ("float32", None, "lora-all"), ("float32", None, "ia3"), ("float32", None, "houlsby"),
     ("bfloat16", {"bits": 4}, "lora-all"), ("bfloat16", {"bits": 4}, "lora-dropout"),

@@ -101,7 +101,12 @@ def setting_for(recipe, shape: ModelShape, checkpointing: bool, *, fast_path: bo
                    fused_loss=fast_path_rules.fused_loss_applies(shape.model_type, plain_head=shape.plain_head,
                                                                  prompt_learning=prompt_learning, liger=fast),
                    adapter_input_casts=autocast is None,
-                   triton=fast_path_rules.triton_available() if triton is None else triton)
+                   triton=_triton_for(shape) if triton is None else triton)
+
+
+def _triton_for(shape: ModelShape) -> bool:
+    """Whether triton imports here, asked only where a LoRA layer has dropout (its import costs a moment)."""
+    return any(m.kind == "lora" and m.dropout > 0 for m in shape.adapted) and fast_path_rules.triton_available()
 
 
 def weight_bytes(shape: ModelShape, s: Setting) -> int:
