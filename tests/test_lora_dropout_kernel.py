@@ -59,14 +59,18 @@ def _inputs(dtype, tokens=37, width_in=40, width_out=24, r=8):
     return x, result, a, b
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_forward_mask_is_the_backward_mask_and_gradients_follow_the_formula(dtype, kernel_calls):
+@pytest.mark.parametrize("dtype, r", [(torch.float32, 8), (torch.bfloat16, 8), (torch.float16, 8),
+                                      (torch.bfloat16, 256), (torch.float32, 256)],
+                         ids=["fp32-r8", "bf16-r8", "fp16-r8", "bf16-r256", "fp32-r256"])
+def test_forward_mask_is_the_backward_mask_and_gradients_follow_the_formula(dtype, r, kernel_calls):
+    """r 8 and 256: the smallest tile of the rank and the widest r the kernel takes."""
     p, scaling = 0.3, 1.5
-    x, result, a, b = _inputs(dtype)
+    x, result, a, b = _inputs(dtype, r=r)
     kept, dropped = _kernel_mask(x, p, seed=7)
     # the kept values are x / (1-p), rounded to x's dtype (within one bf16 step: the interpreter rounds to zero)
     want = (x.float() * (1 / (1 - p))).to(dtype)[kept]
-    torch.testing.assert_close(dropped[kept], want, rtol=2 ** -7 if dtype == torch.bfloat16 else 0, atol=0)
+    step = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}.get(dtype, 0)
+    torch.testing.assert_close(dropped[kept], want, rtol=step, atol=0)
     leaves = [t.clone().requires_grad_() for t in (x, a, b)]
     torch.manual_seed(7)  # the same seed: the same mask, now with real A and B
     fused = lora_branch(leaves[0], result, leaves[1], leaves[2], p, scaling)
@@ -200,3 +204,20 @@ def test_fused_model_trains_through_the_kernel(tiny_model, kernel_calls):
     with torch.no_grad():
         model(input_ids=ids)
     assert len(kernel_calls) == routed
+
+
+def test_a_strided_input_gives_what_its_contiguous_copy_gives(kernel_calls):
+    """x may reach the branch as a strided view (the kernels read it through its strides, never copying it)."""
+    x, result, a, b = _inputs(torch.float32, tokens=20, width_in=24, width_out=8, r=4)
+    strided = x.t().contiguous().t()  # the same values, column-major
+    grads = []
+    for inp in (x, strided):
+        leaf = inp.detach().clone() if inp is x else inp.detach().t().clone().t()
+        leaf.requires_grad_()
+        torch.manual_seed(9)
+        out = lora_branch(leaf, result, a, b, 0.4, 1.0)
+        (out ** 2).sum().backward()
+        grads.append((out.detach(), leaf.grad))
+    assert not strided.is_contiguous() and len(kernel_calls) == 2
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    torch.testing.assert_close(grads[1][1], grads[0][1])

@@ -117,11 +117,16 @@ def _grad_weight_kernel(gh_ptr, x_ptr, ga_ptr, seed_ptr, tokens, in_features, r,
              mask=(ranks[:, None] < r) & (cols[None, :] < in_features))
 
 
-def _blocks(r: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_K, BLOCK_R): tl.dot needs every side a power of two of at least 16; a wider r gets fewer rows
-    per program so that its fp32 accumulator stays in registers."""
+def _blocks(r: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and pipeline depth: tl.dot needs every side a power of two of at least 16; a wider r gets fewer
+    rows per program so that its fp32 accumulator stays in registers. float32 tiles take twice the shared memory:
+    narrower and two stages keep every kernel under 64 KiB (compiled for sm_90: at most 48 KiB), which any card
+    since Turing has; 16-bit tiles stay under 48 KiB with Triton's default three stages."""
     block_r = max(16, triton.next_power_of_2(r))
-    return (128 if block_r <= 32 else 64 if block_r <= 128 else 32), 64, block_r
+    if dtype == torch.float32:
+        return {"BLOCK_M": 64 if block_r <= 32 else 32 if block_r <= 128 else 16, "BLOCK_K": 32, "BLOCK_R": block_r,
+                "num_stages": 2}
+    return {"BLOCK_M": 128 if block_r <= 32 else 64 if block_r <= 128 else 32, "BLOCK_K": 64, "BLOCK_R": block_r}
 
 
 def _precision(t: torch.Tensor) -> dict:
@@ -140,10 +145,10 @@ def dropout_a_forward(x2: torch.Tensor, weight_a: torch.Tensor, seed: torch.Tens
     r = weight_a.shape[0]
     a = weight_a.contiguous()
     h = torch.empty(tokens, r, device=x2.device, dtype=x2.dtype)
-    block_m, block_k, block_r = _blocks(r)
-    _forward_kernel[(triton.cdiv(tokens, block_m),)](
-        x2, a, h, seed, tokens, in_features, r, x2.stride(0), x2.stride(1), p, 1.0 / (1.0 - p),
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, **_precision(x2))
+    blocks = _blocks(r, x2.dtype)
+    _forward_kernel[(triton.cdiv(tokens, blocks["BLOCK_M"]),)](
+        x2, a, h, seed, tokens, in_features, r, x2.stride(0), x2.stride(1), p, 1.0 / (1.0 - p), **blocks,
+        **_precision(x2))
     return h
 
 
@@ -154,10 +159,10 @@ def dropout_a_grad_input(grad_h: torch.Tensor, weight_a: torch.Tensor, seed: tor
     in_features = weight_a.shape[1]
     gh, a = grad_h.contiguous(), weight_a.contiguous()
     grad_x = torch.empty(tokens, in_features, device=gh.device, dtype=dtype)
-    block_m, block_k, block_r = _blocks(r)
-    grid = (triton.cdiv(tokens, block_m), triton.cdiv(in_features, block_k))
-    _grad_input_kernel[grid](gh, a, grad_x, seed, tokens, in_features, r, p, 1.0 / (1.0 - p),
-                             BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, **_precision(gh))
+    blocks = _blocks(r, gh.dtype)
+    grid = (triton.cdiv(tokens, blocks["BLOCK_M"]), triton.cdiv(in_features, blocks["BLOCK_K"]))
+    _grad_input_kernel[grid](gh, a, grad_x, seed, tokens, in_features, r, p, 1.0 / (1.0 - p), **blocks,
+                             **_precision(gh))
     return grad_x
 
 
@@ -169,13 +174,14 @@ def dropout_a_grad_weight(grad_h: torch.Tensor, x2: torch.Tensor, seed: torch.Te
     tokens, in_features = x2.shape
     r = grad_h.shape[1]
     gh = grad_h.contiguous()
-    block_m, block_k, block_r = _blocks(r)
-    col_blocks = triton.cdiv(in_features, block_k)
+    blocks = _blocks(r, x2.dtype)
+    block_m = blocks["BLOCK_M"]
+    col_blocks = triton.cdiv(in_features, blocks["BLOCK_K"])
     splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, col_blocks), triton.cdiv(tokens, 4 * block_m)))
     rows_per_split = block_m * triton.cdiv(triton.cdiv(tokens, splits), block_m)
     splits = triton.cdiv(tokens, rows_per_split)
     partial = torch.empty(splits, r, in_features, device=x2.device, dtype=torch.float32)
     _grad_weight_kernel[(col_blocks, splits)](
         gh, x2, partial, seed, tokens, in_features, r, x2.stride(0), x2.stride(1), rows_per_split, p,
-        1.0 / (1.0 - p), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, **_precision(x2))
+        1.0 / (1.0 - p), **blocks, **_precision(x2))
     return partial[0] if splits == 1 else partial.sum(0)
