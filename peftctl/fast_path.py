@@ -175,3 +175,37 @@ def varlen_repeats_kv() -> bool:
     except ImportError:
         return True
     return "enable_gqa" not in inspect.signature(varlen_attn).parameters
+
+
+# The Triton kernel that draws LoRA's dropout mask inside the LoRA-A product (train/lora_dropout_kernel.py): where
+# it runs, an adapted layer keeps x itself (shared by siblings) instead of a dropped copy and a mask. The plan and
+# the fused branch both ask lora_dropout_kernel_applies, so the plan counts exactly what the loop keeps.
+LORA_DROPOUT_KERNEL_DEVICES = {"cuda"}  # the tests add "cpu" to run the kernels in Triton's interpreter
+LORA_DROPOUT_KERNEL_DTYPES = {"bfloat16", "float16", "float32"}
+LORA_DROPOUT_KERNEL_MAX_R = 256  # r is padded to a power of two >= 16 for tl.dot; wider would spill registers
+LORA_DROPOUT_KERNEL_MAX_ELEMENTS = 2 ** 31  # the mask's element offsets are int32: tokens x in_features below this
+
+
+def triton_available() -> bool:
+    """Whether triton imports here (CUDA builds of torch ship it); asked once, then remembered."""
+    global _TRITON
+    if _TRITON is None:
+        try:
+            importlib.import_module("triton.language")
+            _TRITON = True
+        except Exception:  # noqa: BLE001 - ImportError, or a triton that fails to initialise
+            _TRITON = False
+    return _TRITON
+
+
+_TRITON: bool | None = None
+
+
+def lora_dropout_kernel_applies(*, device_type: str, dropout: float, dtype: str, r: int, elements: int,
+                                triton: bool) -> bool:
+    """Whether a fused LoRA layer's branch goes through the dropout kernel: training with dropout (p = 0 keeps the
+    plain product), on CUDA with triton, in a dtype and at an r the kernel supports, within int32 offsets.
+    `dtype` is the branch's compute dtype (torch's name without "torch."); `elements` is tokens x in_features."""
+    return (triton and device_type in LORA_DROPOUT_KERNEL_DEVICES and 0 < dropout < 1
+            and dtype in LORA_DROPOUT_KERNEL_DTYPES and 0 < r <= LORA_DROPOUT_KERNEL_MAX_R
+            and 0 < elements < LORA_DROPOUT_KERNEL_MAX_ELEMENTS)

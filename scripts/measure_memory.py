@@ -221,6 +221,7 @@ class Row:
     seconds: float = 0.0
     exit_code: int | None = None
     tokens_per_s: float | None = None
+    kernels: list = field(default_factory=list)  # run.json's fast_path kernels: what the plan must have assumed
     records: list = field(default_factory=list)
     error: str | None = None
 
@@ -282,6 +283,7 @@ def run_case(case: Case, work: Path, model: Path, data: Path, steps: int, timeou
         run = json.loads(manifest.read_text())
         row.measured = run.get("peak_memory_bytes") or row.measured  # the loop's own figure, where it writes one
         row.tokens_per_s = run.get("tokens_per_s")
+        row.kernels = (run.get("fast_path") or {}).get("kernels") or []
     if row.exit_code not in (0, None) and row.error is None:
         tail = log.read_text().strip().splitlines()[-3:] if log.exists() else []
         row.error = f"exit code {row.exit_code}: " + " | ".join(tail)[-300:]
@@ -416,7 +418,8 @@ def _row_dict(row: Row) -> dict:
             "gradient_checkpointing": row.case.checkpointing, "plan": row.plan, "measured_bytes": row.measured,
             "reserved_bytes": row.reserved, "error_pct": row.error_pct, "tokens_per_s": row.tokens_per_s,
             "seconds": round(row.seconds, 1), "exit_code": row.exit_code, "error": row.error,
-            "forward_records": row.records}
+            "forward_records": row.records, "fast_path_kernels": row.kernels,
+            "lora_dropout_kernel": "lora_dropout_kernel" in row.kernels}
 
 
 def _versions() -> dict:

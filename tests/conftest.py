@@ -20,6 +20,11 @@ DEMO_DATA = REPO / "recipes" / "data" / "demo.jsonl"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("PEFTCTL_DEBUG", None)
+# Triton's interpreter runs LoRA's dropout kernel on CPU tensors (tests/test_lora_dropout_kernel.py). It is chosen
+# when triton is first imported (bitsandbytes imports it), so here; never where a GPU exists, whose runs (liger's
+# kernels too) must compile.
+if not Path("/dev/nvidiactl").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

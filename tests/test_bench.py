@@ -8,6 +8,8 @@ statistics and the gate verdicts. The slow ones run the whole harness with --tin
 from __future__ import annotations
 
 import json
+import os
+import re
 import statistics
 import subprocess
 import sys
@@ -194,19 +196,30 @@ def test_lora_branch_benchmark_runs_both_paths_and_takes_the_fused_one(monkeypat
     from peftctl.train import fused_lora
 
     repeats = 1
-    # main() wraps lora_branch to count its calls and never unwraps it (a script's process ends): put it back after
+    from peftctl import fast_path
+
+    # main() wraps lora_branch and the kernel's apply to count their calls and sets the kernel's devices, and never
+    # puts them back (a script's process ends): put them back after
     monkeypatch.setattr(fused_lora, "lora_branch", fused_lora.lora_branch)
+    monkeypatch.setattr(fused_lora._LoraDropoutKernelBranch, "apply", fused_lora._LoraDropoutKernelBranch.apply)
+    monkeypatch.setattr(fast_path, "LORA_DROPOUT_KERNEL_DEVICES", fast_path.LORA_DROPOUT_KERNEL_DEVICES)
     monkeypatch.setattr(sys, "argv", ["bench_lora_branch.py", "--device", "cpu", "--quant", "none", "--shrink", "64",
                                       "--tokens", "16", "--repeats", str(repeats)])
     bench_lora_branch.main()
     stdout = capsys.readouterr().out
     rows = [line.split() for line in stdout.splitlines() if line.split()[:1] and line.split()[0].endswith("proj")]
     assert [r[0] for r in rows] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # the kernel column runs in Triton's interpreter
     for row in rows:
-        out_diff, grad_x_diff, grad_a_diff, calls = float(row[4]), float(row[6]), float(row[8]), int(row[9])
+        out_diff, grad_x_diff, grad_a_diff, calls = float(row[6]), float(row[8]), float(row[10]), int(row[11])
         assert calls == repeats + 3  # warm-up calls included
         assert out_diff < 2e-2 and grad_x_diff < 2e-2 and grad_a_diff < 2e-2, row  # bf16 rounding at most
+        if interpreted:  # (the script itself fails unless the kernel ran on every timed call)
+            dropped, kernel_out, kernel_grad_a = float(row[12]), float(row[14]), float(row[16])
+            assert 0 < dropped < 0.15 and kernel_out < 3e-2 and kernel_grad_a < 3e-2, row  # p = 0.05
     assert "layer sum" in stdout
+    kept = re.search(r"fused ([\d.]+) MiB, kernel ([\d.]+) MiB", stdout)
+    assert not interpreted or float(kept[2]) < float(kept[1])
 
 
 @pytest.mark.slow

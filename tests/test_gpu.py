@@ -175,3 +175,57 @@ def test_a_packed_run_chooses_varlen_and_packed_equals_unpacked(medium_llama, wr
     result = train(load_recipe(str(path)), TrainOptions(quiet=True))
     manifest = json.loads((tmp_path / "run" / "run.json").read_text())
     assert result.steps == 4 and manifest["fast_path"]["attention"] == {"kernel": "varlen", "tried": []}
+
+
+@pytest.mark.parametrize("width_in, width_out", [(4096, 4096), (4096, 14336), (14336, 4096)])
+def test_lora_dropout_kernel_against_peft_on_8b_widths(width_in, width_out, monkeypatch):
+    """LoRA's dropout kernel on the Llama-3-8B widths in bf16 (r 16, p 0.05), under autocast as the loop trains:
+    p = 0 gives peft's product; with p > 0 the mask read back from x's gradient drops about p, and the output and
+    every gradient follow the explicit formula for that mask."""
+    pytest.importorskip("triton")
+    from peft import LoraConfig
+    from peft.tuners.lora import layer as lora_layer
+
+    from peftctl.train import fused_lora, lora_dropout_kernel
+    from peftctl.train.fused_lora import lora_branch
+
+    calls = []
+    apply = fused_lora._LoraDropoutKernelBranch.apply
+    monkeypatch.setattr(fused_lora._LoraDropoutKernelBranch, "apply", lambda *a: (calls.append(1), apply(*a))[1])
+    torch.manual_seed(0)
+    tokens, r, p = 4096, 16, 0.05
+    base = torch.nn.Linear(width_in, width_out, bias=False, dtype=torch.bfloat16, device="cuda").requires_grad_(False)
+    config = LoraConfig(r=r, lora_alpha=32, lora_dropout=p, init_lora_weights=False)
+    layer = lora_layer.Linear(base, "default", config=config, r=r, lora_alpha=32).cuda()
+    a, b, scaling = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    x = torch.randn(tokens, width_in, device="cuda", dtype=torch.bfloat16)
+
+    # p = 0: the kernel's product is peft's (dropout off), at bf16 tolerance
+    seed = lora_dropout_kernel.draw_seed(x.device)
+    h = lora_dropout_kernel.dropout_a_forward(x, a.to(torch.bfloat16), seed, 0.0)
+    layer.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        torch.testing.assert_close(h, layer.lora_A["default"](x), rtol=2e-2, atol=2e-2)
+        want = layer(x)
+    with torch.no_grad():
+        got = lora_branch(x, base(x), a, b, 0.0, scaling)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+    # p > 0: the kernel (the base output given, so x's gradient is the branch's alone: zero where dropped)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, a, b)]
+    result = base(x)
+    out = lora_branch(leaves[0], result, leaves[1], leaves[2], p, scaling)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    assert calls == [1]
+    kept = leaves[0].grad != 0
+    n = kept.numel()
+    assert abs((1 - kept.float().mean().item()) - p) < 6 * (p * (1 - p) / n) ** 0.5
+    eager_in = [t.detach().float().requires_grad_() for t in (x, a, b)]
+    ex, ea, eb = eager_in
+    eager = result.float() + ((ex * kept / (1 - p)) @ ea.t()) @ eb.t() * scaling
+    eager.backward(grad.float())
+    rel = lambda f, e: ((f.float() - e).norm() / e.norm()).item()  # noqa: E731
+    assert rel(out.detach(), eager.detach()) < 1e-2
+    for name, f, e in zip(("x", "A", "B"), leaves, eager_in):
+        assert rel(f.grad, e.grad) < 2e-2, name

@@ -53,10 +53,12 @@ def make_recipe(model: str, method: dict, *, quantization: dict | None = None, d
 
 @pytest.fixture(autouse=True)
 def plain_path(monkeypatch):
-    """Plans for the plain path (no liger-kernel) unless a test says otherwise, wherever the suite runs."""
+    """Plans for the plain path (no liger-kernel, no LoRA dropout kernel) unless a test says otherwise, wherever the
+    suite runs."""
     from peftctl import fast_path
 
     monkeypatch.setattr(fast_path, "liger_available", lambda: False)
+    monkeypatch.setattr(fast_path, "triton_available", lambda: False)
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +170,7 @@ def saved_bytes(model, inputs: dict, autocast: bool) -> int:
 
 
 def measured_and_planned(folder: Path, arch: str, method: dict, *, dtype="bfloat16", quant=None, b=2, s=96,
-                         skip_casts: bool = False):
+                         skip_casts: bool = False, fused: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -181,6 +183,7 @@ def measured_and_planned(folder: Path, arch: str, method: dict, *, dtype="bfloat
     recipe = make_recipe(str(folder), method, quantization=quant, dtype=dtype, micro_batch_size=b, max_length=s)
     shape, setting = shape_and_setting(recipe, device="cpu")
     setting.adapter_input_casts = not skip_casts  # peft's default here (the loop turns it off under CUDA autocast)
+    setting.triton = fused  # the dropout kernel runs only in the fused branch
     if quant:
         model = load_model(recipe, torch.device("cpu"))
     else:
@@ -191,6 +194,10 @@ def measured_and_planned(folder: Path, arch: str, method: dict, *, dtype="bfloat
     model.train()
     if skip_casts:
         skip_adapter_input_casts(model)
+    if fused:  # the loop's fused LoRA branch (with the dropout kernel where the setting has triton)
+        from peftctl.train.fused_lora import fuse_lora_layers
+
+        fuse_lora_layers(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     # every layer saves as the plan assumes: the first one too (its input needs a gradient only with prompts)
     base.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
@@ -250,6 +257,70 @@ def test_activations_without_peft_input_casts(arch, name, folders):
     output o_proj has to copy (2 x hidden more per token and layer than planned; the CUDA kernels do not)."""
     measured, planned = measured_and_planned(folders[arch], arch, METHODS[name], skip_casts=True)
     assert planned == pytest.approx(measured, rel=0.04)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_activations_with_the_lora_dropout_kernel(arch, folders, monkeypatch):
+    """The loop's fused branch with LoRA's dropout kernel (run by Triton's interpreter here): each layer keeps its
+    input itself, siblings share it, no dropped copies or masks -- as planned by the rule the branch asks."""
+    pytest.importorskip("triton")
+    import os
+
+    from peftctl import fast_path
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton's interpreter is off (a GPU machine): tests/test_gpu.py covers the kernel there")
+    monkeypatch.setattr(fast_path, "LORA_DROPOUT_KERNEL_DEVICES", {"cuda", "cpu"})
+    monkeypatch.setattr(fast_path, "triton_available", lambda: True)  # plain_path turned it off
+    measured, planned = measured_and_planned(folders[arch], arch, METHODS["lora-dropout"], skip_casts=True,
+                                             fused=True)
+    assert planned == pytest.approx(measured, rel=0.04)
+    # and the kernel is what made the difference: torch's dropout in the same branch keeps a copy and a mask per
+    # layer (bool on the CPU in native_dropout, where peft's nn.Dropout keeps a float noise tensor: not planned here)
+    monkeypatch.setattr(fast_path, "LORA_DROPOUT_KERNEL_DEVICES", {"cuda"})
+    without, _ = measured_and_planned(folders[arch], arch, METHODS["lora-dropout"], skip_casts=True, fused=True)
+    assert without > 1.1 * measured
+
+
+def test_dropout_kernel_on_llama3_8b_keeps_the_no_dropout_adapter_bytes():
+    """QLoRA all-linear, dropout 0.05, 4 x 2048 (benchmark case 3): with the kernel the adapters keep what they keep
+    without dropout (q/k/v's input once, gate/up's once, down's, and h); without it a bf16 copy and a bool mask of
+    each of the 7 inputs."""
+    from peftctl import plan
+
+    def adapter(dropout, triton):
+        recipe = make_recipe(str(LLAMA3_8B), {"name": "qlora", "r": 16, "dropout": dropout, "targets": "all-linear"},
+                             quantization={"bits": 4}, micro_batch_size=4, max_length=2048)
+        shape = shape_and_setting(recipe)[0]
+        setting = plan.setting_for(recipe, shape, False, fast_path=True, triton=triton)
+        return plan.activation_bytes(shape, setting)["adapter"], plan.dropout_kernel_layers(shape, setting)
+
+    assert adapter(0.05, True) == (adapter(0.0, False)[0], 7 * 32)
+    h, i = 4096, 14336
+    h_bytes = 7 * 2 * 16
+    assert adapter(0.0, False)[0] == 2 * h + 2 * h + 2 * i + h_bytes  # q/k/v once, gate/up once, down; o: SDPA's
+    assert adapter(0.05, False) == ((2 + 1) * (6 * h + i) + h_bytes, 0)  # copy + mask of all 7
+
+
+def test_plan_assumes_the_dropout_kernel_where_triton_imports(monkeypatch):
+    from peftctl import fast_path, plan
+
+    def recipe(dropout):
+        return make_recipe(str(LLAMA3_8B), {"name": "qlora", "r": 16, "dropout": dropout, "targets": "all-linear"},
+                           quantization={"bits": 4}, micro_batch_size=4, max_length=2048)
+
+    monkeypatch.setattr(fast_path, "triton_available", lambda: True)
+    with_kernel = plan.plan_memory(recipe(0.05), card=card(139), fast_path=True)
+    assert any("dropout kernel assumed on 224 layers" in n for n in with_kernel.notes)
+    monkeypatch.setattr(fast_path, "triton_available", lambda: False)
+    without = plan.plan_memory(recipe(0.05), card=card(139), fast_path=True)
+    assert not any("dropout kernel" in n for n in without.notes) and without.peak > with_kernel.peak + 15 * GiB
+
+    def never():
+        raise AssertionError("triton imported for a plan without LoRA dropout")
+
+    monkeypatch.setattr(fast_path, "triton_available", never)
+    plan.plan_memory(recipe(0.0), card=card(139), fast_path=True)
 
 
 @pytest.mark.parametrize("dtype,quant,name", [

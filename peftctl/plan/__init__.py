@@ -73,7 +73,16 @@ from peftctl.plan.constants import (
                                     KiB,
                                     MiB,
 )
-from peftctl.plan.estimate import Component, Setting, activation_bytes, estimate, per_gpu, setting_for, weight_bytes
+from peftctl.plan.estimate import (
+    Component,
+    Setting,
+    activation_bytes,
+    dropout_kernel_layers,
+    estimate,
+    per_gpu,
+    setting_for,
+    weight_bytes,
+)
 from peftctl.plan.shape import Adapted, ModelShape, model_shape
 from peftctl.plan.verdict import MemoryPlan, describe_plan, needs_checkpointing, plan_memory, remedies
 
@@ -83,6 +92,6 @@ __all__ = ["ACTIVATION_SCALE", "ACT_FN_SAVED", "ADAM_BYTES", "ADAPTER_BYTES", "A
            "FUSED_LOSS_HIDDEN_COPIES", "GATED_MLP_SAVED", "GRADIENT_BYTES", "GiB", "INT8_ROW_SCALE", "KiB",
            "LOSS_BACKWARD_BYTES", "LSE_BYTES", "MLP_INPUT_NAMES", "MiB", "NF4_BLOCK", "NF4_NESTED_BLOCK",
            "NF4_NESTED_PER_TENSOR", "NF4_PER_TENSOR", "NORM_SAVED_BYTES", "WORKSPACE", "Adapted", "ModelShape",
-           "model_shape", "Component", "Setting", "activation_bytes", "estimate", "per_gpu", "setting_for",
-           "weight_bytes", "Card", "card_from_option", "local_card", "parse_gpu_memory", "MemoryPlan", "describe_plan",
-           "needs_checkpointing", "plan_memory", "remedies"]
+           "model_shape", "Component", "Setting", "activation_bytes", "dropout_kernel_layers", "estimate", "per_gpu",
+           "setting_for", "weight_bytes", "Card", "card_from_option", "local_card", "parse_gpu_memory", "MemoryPlan",
+           "describe_plan", "needs_checkpointing", "plan_memory", "remedies"]

@@ -64,6 +64,7 @@ class Setting:
     attention_mask: bool = True  # SDPA gets a dense mask: packed rows of several examples, or padded rows (rows
     #                              of one whole example get none, and keep key/value heads unrepeated): assumed
     device: str = "cuda"  # the plan is for CUDA; "cpu" reproduces CPU kernels for tests (dropout, LayerNorm)
+    triton: bool = False  # triton on the training machine: LoRA's dropout kernel runs where fast_path says it applies
     world_size: int = 1  # processes (GPUs) of a distributed run; the plan is then per GPU
     engine: str | None = None  # None (one process), ddp or fsdp (train/distributed.py)
     input_embeddings: str = "gpu"  # model.input_embeddings: auto | gpu | cpu (peftctl/placement.py decides)
@@ -78,9 +79,10 @@ class Setting:
 
 
 def setting_for(recipe, shape: ModelShape, checkpointing: bool, *, fast_path: bool | None = None,
-                device: str = "cuda") -> Setting:
+                device: str = "cuda", triton: bool | None = None) -> Setting:
     """The loop's choices for this recipe on a CUDA device (`device`: "cpu" for what the loop does on the CPU).
-    fast_path: whether liger-kernel is there (default: whether it can be imported here, where the plan runs)."""
+    fast_path: whether liger-kernel is there; triton: whether triton is (LoRA's dropout kernel); each
+    defaults to whether it can be imported here, where the plan runs."""
     from peftctl.methods.registry import METHODS
 
     quant = recipe.quantization
@@ -111,7 +113,13 @@ def setting_for(recipe, shape: ModelShape, checkpointing: bool, *, fast_path: bo
                    fused_loss=fast_path_rules.fused_loss_applies(shape.model_type, plain_head=shape.plain_head,
                                                                  prompt_learning=prompt_learning, liger=fast),
                    adapter_input_casts=autocast is None, input_embeddings=recipe.model.input_embeddings,
-                   prompt_learning=prompt_learning)
+                   prompt_learning=prompt_learning,
+                   triton=_triton_for(shape) if triton is None else triton)
+
+
+def _triton_for(shape: ModelShape) -> bool:
+    """Whether triton imports here, asked only where a LoRA layer has dropout (its import costs a moment)."""
+    return any(m.kind == "lora" and m.dropout > 0 for m in shape.adapted) and fast_path_rules.triton_available()
 
 
 def weight_bytes(shape: ModelShape, s: Setting) -> int:
@@ -179,7 +187,8 @@ def _adapter_bytes(shape: ModelShape, s: Setting, a: int) -> float:
     LoRA: lora_A keeps its input. peft copies that input to the adapter's fp32 first (cast_input_dtype_enabled),
     unless the loop turned that off (under autocast) or the layer is bitsandbytes' under CUDA autocast; without a
     copy and without dropout, siblings that read the same tensor (q/k/v, gate/up) keep it once. With dropout each
-    layer keeps its own dropped-out input and the mask.
+    layer keeps its own dropped-out input and the mask -- unless LoRA's dropout kernel runs there, which keeps the
+    input itself (shared, as without dropout) and draws the mask again in the backward pass.
     """
     cuda = s.device == "cuda"
     total, shared = 0.0, set()
@@ -194,7 +203,7 @@ def _adapter_bytes(shape: ModelShape, s: Setting, a: int) -> float:
             continue
         copies = s.adapter_input_casts and a == 2 and not (m.quantized_base and s.autocast and cuda)
         dropout_dtype = 4 if copies or a == 4 else 2  # the dtype dropout sees: the fp32 copy, or the input itself
-        if m.dropout > 0:
+        if m.dropout > 0 and not _dropout_kernel(m, s, a):
             mask = DROPOUT_MASK_BYTES if cuda else dropout_dtype  # the CPU kernel keeps a noise tensor instead
             saved = (2 if s.autocast else dropout_dtype) * m.in_features + mask * m.in_features
         elif copies or (s.autocast and a == 4):
@@ -221,6 +230,25 @@ def _adapter_bytes(shape: ModelShape, s: Setting, a: int) -> float:
         block_bytes = 2 if s.autocast else 4
         total += blocks * block_bytes * (shape.hidden + 2 * width)
     return total
+
+
+def _dropout_kernel(m, s: Setting, a: int) -> bool:
+    """Whether this LoRA layer's branch runs the dropout kernel (train/fused_lora.py asks the same rule per call).
+    The fused branch runs where the input is in the dtype it computes in: under autocast the autocast dtype (a = 2),
+    without it the float32 adapter's own (a = 4); elsewhere peft's forward keeps its dropped copy. Settings that
+    keep peft's input casts under autocast describe peft's own layers (tests): no kernel there either."""
+    if m.kind != "lora" or m.dora or (s.adapter_input_casts and s.autocast) or a != (2 if s.autocast else 4):
+        return False
+    elements = s.micro_batch_size * s.max_length * m.in_features
+    return fast_path_rules.lora_dropout_kernel_applies(device_type=s.device, dropout=m.dropout,
+                                                       dtype=s.autocast or "float32", r=m.r, elements=elements,
+                                                       triton=s.triton)
+
+
+def dropout_kernel_layers(shape: ModelShape, s: Setting) -> int:
+    """How many adapted layers run LoRA's dropout kernel in this setting."""
+    a = 4 if s.weights_dtype == "float32" or s.upcast_embeddings else 2  # as activation_bytes
+    return sum(1 for m in shape.adapted if m.dropout > 0 and _dropout_kernel(m, s, a))
 
 
 def estimate(shape: ModelShape, s: Setting, method_name: str = "") -> list[Component]:

@@ -8,7 +8,7 @@ from peftctl import fast_path as fast_path_rules  # the parameter `fast_path` me
 from peftctl.plan import card as cards  # cards.local_card: patchable in tests
 from peftctl.plan.card import Card
 from peftctl.plan.constants import ALLOCATOR_SLACK, CUDA_CONTEXT, GiB
-from peftctl.plan.estimate import Component, Setting, estimate, setting_for
+from peftctl.plan.estimate import Component, Setting, dropout_kernel_layers, estimate, setting_for
 from peftctl.plan.shape import ModelShape, model_shape
 
 
@@ -51,11 +51,12 @@ class MemoryPlan:
 
 
 def plan_memory(recipe, counted=None, *, card: Card | None = None, checkpointing: bool | None = None,
-                fast_path: bool | None = None, world_size: int = 1, engine: str | None = None) -> MemoryPlan:
+                fast_path: bool | None = None, world_size: int = 1, engine: str | None = None,
+                triton: bool | None = None) -> MemoryPlan:
     """The plan for a recipe. `counted` is params.count_for_recipe's result (its meta model is reused); the card
     defaults to the local GPU; checkpointing defaults to the recipe's setting, `auto` resolved by this plan;
-    fast_path (liger-kernel on the training machine) defaults to whether liger can be imported here; world_size
-    and engine (ddp or fsdp) plan one GPU of a distributed run."""
+    fast_path (liger-kernel on the training machine) and triton (LoRA's dropout kernel) default to whether they can
+    be imported here; world_size and engine (ddp or fsdp) plan one GPU of a distributed run."""
     from peftctl.methods.registry import METHODS
     from peftctl.params import count_for_recipe
 
@@ -70,8 +71,8 @@ def plan_memory(recipe, counted=None, *, card: Card | None = None, checkpointing
         s = replace(s, world_size=world_size, engine=engine if world_size > 1 else None)
         return MemoryPlan(s, estimate(shape, s, method), card)
 
-    off = make(setting_for(recipe, shape, False, fast_path=fast_path))
-    on = make(setting_for(recipe, shape, True, fast_path=fast_path)) if spec.can_checkpoint else None
+    off = make(setting_for(recipe, shape, False, fast_path=fast_path, triton=triton))
+    on = make(setting_for(recipe, shape, True, fast_path=fast_path, triton=triton)) if spec.can_checkpoint else None
     if checkpointing is None:
         checkpointing = setting if isinstance(setting, bool) else (on is not None and off.fits is False)
     chosen, other = (on, off) if checkpointing and on is not None else (off, on)
@@ -89,6 +90,10 @@ def plan_memory(recipe, counted=None, *, card: Card | None = None, checkpointing
     elif fast_path is None and not fast_path_rules.liger_available():
         chosen.notes.append("liger-kernel is not importable here: planned for the plain path (on a GPU with "
                             "peftctl[gpu] installed the peak is lower)")
+    kernel_layers = dropout_kernel_layers(shape, s)
+    if kernel_layers:
+        chosen.notes.append(f"LoRA's dropout kernel assumed on {kernel_layers} layers (triton on the training "
+                            "machine): no dropped copies of their inputs")
     if s.attention in ("varlen", "flex_attention"):
         chosen.notes.append(f"packed rows: {s.attention} attention assumed, no mask (the run probes it before the "
                             "first step and falls back to SDPA with a mask, which needs more)")

@@ -14,8 +14,13 @@ dropout keeps a masked copy of the input for every adapted layer, although q, k 
   they were. (Rebuilding the dropped input from x and the mask in the backward pass saved 8 GiB on an 8B QLoRA run
   but cost more time than the fusion gained: BENCHMARKS.md.)
 
-The mask comes from torch's generator on x's device, so activation checkpointing, which restores that generator's
-state before recomputing, draws the same mask again.
+With dropout on a CUDA device (and triton there, in a dtype and at an r it supports: peftctl/fast_path.py, which
+the memory plan reads too), the branch takes LoRA's dropout kernel instead (train/lora_dropout_kernel.py): the mask
+is drawn inside the LoRA-A product from a seed and drawn again in the backward pass, so the layer keeps x itself
+(shared by q/k/v, gate/up) instead of a dropped copy and a mask. Same sums, same distribution, other draws.
+
+The mask comes from torch's generator on x's device (dropout's, or the kernel's seed), so activation
+checkpointing, which restores that generator's state before recomputing, draws the same mask again.
 
 Used only where it is the same computation as peft's: one active plain LoRA adapter (no DoRA or other variant,
 no LoRA bias, not merged, adapters enabled) on a Linear layer, full precision or bitsandbytes 4/8-bit, with the
@@ -67,14 +72,63 @@ class _LoraBranch(torch.autograd.Function):
         return grad_x, (grad_out if needs_result else None), grad_a, grad_b, None, None
 
 
+class _LoraDropoutKernelBranch(torch.autograd.Function):
+    """The same sum as _LoraBranch with p > 0, the mask drawn inside the LoRA-A product by the Triton kernels
+    (train/lora_dropout_kernel.py): no dropped copy and no mask are written; x itself, a seed and h are kept."""
+
+    @staticmethod
+    def forward(ctx, x2, result2, weight_a, weight_b, p: float, scaling: float):
+        from peftctl.train import lora_dropout_kernel as kernel
+
+        dtype = x2.dtype
+        seed = kernel.draw_seed(x2.device)
+        h = kernel.dropout_a_forward(x2, weight_a.to(dtype), seed, p)
+        out = torch.addmm(result2.to(dtype), h, weight_b.to(dtype).t(), alpha=scaling)
+        ctx.save_for_backward(x2, seed, h, weight_a, weight_b)
+        ctx.p, ctx.scaling = p, scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from peftctl.train import lora_dropout_kernel as kernel
+
+        x2, seed, h, weight_a, weight_b = ctx.saved_tensors
+        needs_x, needs_result, needs_a, needs_b = ctx.needs_input_grad[:4]
+        dtype = x2.dtype
+        g = grad_out.to(dtype)
+        grad_x = grad_a = grad_b = None
+        if needs_b:
+            grad_b = (g.t() @ h).mul_(ctx.scaling).to(weight_b.dtype)
+        if needs_x or needs_a:
+            grad_h = (g @ weight_b.to(dtype)).mul_(ctx.scaling)
+            if needs_a:
+                grad_a = kernel.dropout_a_grad_weight(grad_h, x2, seed, ctx.p).to(weight_a.dtype)
+            if needs_x:
+                grad_x = kernel.dropout_a_grad_input(grad_h, weight_a.to(dtype), seed, ctx.p, dtype)
+        return grad_x, (grad_out if needs_result else None), grad_a, grad_b, None, None
+
+
+def dropout_kernel_applies(x2: torch.Tensor, weight_a: torch.Tensor, p: float) -> bool:
+    """Whether this call's branch goes through the dropout kernel (the rule of peftctl/fast_path.py, which the
+    memory plan reads too); the triton import is only attempted for a device the kernel runs on."""
+    from peftctl import fast_path
+
+    if x2.device.type not in fast_path.LORA_DROPOUT_KERNEL_DEVICES or not p > 0:
+        return False
+    return fast_path.lora_dropout_kernel_applies(device_type=x2.device.type, dropout=p,
+                                                 dtype=str(x2.dtype).removeprefix("torch."), r=weight_a.shape[0],
+                                                 elements=x2.numel(), triton=fast_path.triton_available())
+
+
 def lora_branch(x, result, weight_a, weight_b, p: float, scaling: float):
     """`result + scaling * B(A(dropout_p(x)))`; pass p = 0 outside training.
 
     The reshapes to 2-D and back happen out here, not inside the Function: a view created inside a custom Function
     may not be modified in place, and some models add to a projection's output in place (Falcon's attention), which
     plain peft allows. A view of a Function's plain output may be modified in place like any other tensor."""
-    out = _LoraBranch.apply(x.reshape(-1, x.shape[-1]), result.reshape(-1, result.shape[-1]), weight_a, weight_b,
-                            p, scaling)
+    x2 = x.reshape(-1, x.shape[-1])
+    branch = _LoraDropoutKernelBranch if dropout_kernel_applies(x2, weight_a, p) else _LoraBranch
+    out = branch.apply(x2, result.reshape(-1, result.shape[-1]), weight_a, weight_b, p, scaling)
     return out.reshape(*result.shape[:-1], out.shape[-1])
 
 
@@ -127,6 +181,28 @@ def fuse_lora_layers(model) -> int:
             module.forward = types.MethodType(_fused_forward, module)
             routed += 1
     return routed
+
+
+def dropout_kernel_layers(model, device_type: str, autocast_dtype, tokens: int) -> int:
+    """How many routed layers will take the dropout kernel in training (run.json names the kernel where any does):
+    the per-call rule (dropout_kernel_applies) for the dtype the branch computes in -- the autocast dtype where the
+    activations are in it, else the adapter's own where they match it (elsewhere peft's forward runs)."""
+    from peftctl import fast_path
+
+    activations = model.get_input_embeddings().weight.dtype
+    count = 0
+    for module in model.modules():
+        if getattr(module.forward, "__func__", None) is not _fused_forward:
+            continue
+        for name, lora_a in module.lora_A.items():
+            dtype = autocast_dtype if autocast_dtype is not None else lora_a.weight.dtype
+            dropout = module.lora_dropout[name]
+            p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+            count += activations == dtype and fast_path.lora_dropout_kernel_applies(
+                device_type=device_type, dropout=p, dtype=str(dtype).removeprefix("torch."),
+                r=lora_a.weight.shape[0], elements=tokens * lora_a.weight.shape[1],
+                triton=device_type in fast_path.LORA_DROPOUT_KERNEL_DEVICES and fast_path.triton_available())
+    return count
 
 
 def _has_variant_or_bias(module) -> bool:

@@ -194,7 +194,7 @@ def setup(loaded, options: TrainOptions, console=None, clock=None):
     from peftctl.methods.peft_common import AttachContext
     from peftctl.model import check_packing_isolation, load_model, load_tokenizer, pick_device
     from peftctl.params import check_targets, count_parameters
-    from peftctl.train.fused_lora import fuse_lora_layers
+    from peftctl.train.fused_lora import dropout_kernel_layers, fuse_lora_layers
     from peftctl.train.kernels import apply_fast_kernels, skip_adapter_input_casts
     from peftctl.train.loss import build_loss
     from peftctl.train.metrics import Metrics
@@ -323,6 +323,11 @@ def setup(loaded, options: TrainOptions, console=None, clock=None):
     autocast_dtype = _autocast_dtype(recipe, device)
     if autocast_dtype is not None and skip_adapter_input_casts(model):
         kernels = kernels + ["adapter_inputs_in_autocast_dtype"]
+    rows = training.micro_batch_size  # the plan's micro-batch (plan/estimate.setting_for): the largest it takes
+    if training.micro_batch_tokens:
+        rows = max(1, -(-training.micro_batch_tokens // recipe.dataset.max_length))
+    if dropout_kernel_layers(model, device.type, autocast_dtype, rows * recipe.dataset.max_length):
+        kernels = kernels + ["lora_dropout_kernel"]
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
     manifest = reports.manifest(recipe, spec, data, counts, device, total_steps, checkpointing, world, engine)
     manifest["fast_path"] = {"kernels": kernels, "loss": loss_name, "autocast": str(autocast_dtype),

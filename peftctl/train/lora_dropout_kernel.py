@@ -1,0 +1,187 @@
+"""Triton kernels that draw LoRA's dropout mask inside the LoRA-A product, so no dropped copy of x is ever written.
+
+peft computes `h = dropout_p(x) @ A^T` with torch's dropout, which writes a masked copy of x and a mask, both kept
+for the backward pass -- for every adapted layer, although q, k and v read the same x. Here the mask is a function
+of a seed and each element's position (Philox: `tl.rand(seed, row * in_features + col)`), so it is drawn again
+wherever it is needed instead of being stored:
+
+- forward: `h = (x * m / (1-p)) @ A^T`, reading x once and writing only h (tokens x r);
+- backward: `grad_x = (grad_h @ A) * m / (1-p)` (needs no read of x) and `grad_A = grad_h^T @ (x * m / (1-p))`.
+
+Kept for the backward pass: x itself (the very tensor the layer got, so siblings share it), the seed, h.
+
+The seed is drawn with torch.randint on x's device and read by the kernels with tl.load: no host sync, and
+`torch.manual_seed` or activation checkpointing's RNG restore reproduce the same mask. Element offsets are int32:
+callers keep tokens x in_features below 2**31 (peftctl/fast_path.py decides where the kernels apply).
+
+Triton's interpreter (TRITON_INTERPRET=1, set before triton is first imported) runs the same kernels on CPU
+tensors; the tests use it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_TARGET_PROGRAMS = 256  # about two waves of an H200's 132 SMs: how far grad_A's reduction over tokens is split
+
+
+@triton.jit
+def _keep(seed, rows, k0, in_features, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The mask of columns k0 .. k0 + BLOCK_K: an element is kept where its Philox uniform is at least p (probability
+    1 - p). One Philox call gives four uniforms, so a counter covers four neighbouring columns of a row (counter
+    row * ceil(in / 4) + col // 4): a quarter of the generator's work, which the kernels pay in every pass, as
+    torch's dropout kernel does (it also draws four per call)."""
+    quads = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+    u0, u1, u2, u3 = tl.rand4x(seed, rows[:, None] * tl.cdiv(in_features, 4) + quads[None, :])
+    u = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), (BLOCK_M, BLOCK_K))  # each quad's 4 beside it
+    return u >= p
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b accumulated in fp32. UPCAST (Triton's interpreter only): its tl.dot multiplies bf16 as the raw integers
+    it stores them in (triton 3.9), so the operands go up to fp32 first -- the same products, exact in fp32."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision="ieee" if IEEE else None)
+
+
+@triton.jit
+def _forward_kernel(x_ptr, a_ptr, h_ptr, seed_ptr, tokens, in_features, r, stride_xm, stride_xk, p, scale,
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+                    UPCAST: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = tl.arange(0, BLOCK_R)
+    seed = tl.load(seed_ptr)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, in_features, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        inside = (rows[:, None] < tokens) & (cols[None, :] < in_features)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=inside,
+                    other=0.0)
+        # scaled in fp32 and rounded once to x's dtype, as torch's dropout kernel does
+        keep = _keep(seed, rows, k0, in_features, p, BLOCK_M, BLOCK_K)
+        dropped = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
+        a_t = tl.load(a_ptr + ranks[None, :] * in_features + cols[:, None],
+                      mask=(ranks[None, :] < r) & (cols[:, None] < in_features), other=0.0)
+        acc += _dot(dropped, a_t, IEEE, UPCAST)
+    tl.store(h_ptr + rows[:, None] * r + ranks[None, :], acc.to(h_ptr.dtype.element_ty),
+             mask=(rows[:, None] < tokens) & (ranks[None, :] < r))
+
+
+@triton.jit
+def _grad_input_kernel(gh_ptr, a_ptr, gx_ptr, seed_ptr, tokens, in_features, r, p, scale,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+                       UPCAST: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ranks = tl.arange(0, BLOCK_R)
+    gh = tl.load(gh_ptr + rows[:, None] * r + ranks[None, :], mask=(rows[:, None] < tokens) & (ranks[None, :] < r),
+                 other=0.0)
+    a = tl.load(a_ptr + ranks[:, None] * in_features + cols[None, :],
+                mask=(ranks[:, None] < r) & (cols[None, :] < in_features), other=0.0)
+    acc = _dot(gh, a, IEEE, UPCAST)
+    seed = tl.load(seed_ptr)
+    keep = _keep(seed, rows, tl.program_id(1) * BLOCK_K, in_features, p, BLOCK_M, BLOCK_K)
+    grad = tl.where(keep, acc * scale, 0.0)
+    tl.store(gx_ptr + rows[:, None].to(tl.int64) * in_features + cols[None, :], grad.to(gx_ptr.dtype.element_ty),
+             mask=(rows[:, None] < tokens) & (cols[None, :] < in_features))
+
+
+@triton.jit
+def _grad_weight_kernel(gh_ptr, x_ptr, ga_ptr, seed_ptr, tokens, in_features, r, stride_xm, stride_xk,
+                        rows_per_split, p, scale,
+                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+                        UPCAST: tl.constexpr):
+    """One (r x BLOCK_K) slice of grad_A, summed over one split of the tokens; the splits are added up after."""
+    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    split = tl.program_id(1)
+    ranks = tl.arange(0, BLOCK_R)
+    seed = tl.load(seed_ptr)
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    first = split * rows_per_split
+    end = tl.minimum(first + rows_per_split, tokens)
+    for m0 in range(first, end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        gh_t = tl.load(gh_ptr + rows[None, :] * r + ranks[:, None], mask=(rows[None, :] < end) & (ranks[:, None] < r),
+                       other=0.0)
+        inside = (rows[:, None] < end) & (cols[None, :] < in_features)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=inside,
+                    other=0.0)
+        keep = _keep(seed, rows, tl.program_id(0) * BLOCK_K, in_features, p, BLOCK_M, BLOCK_K)
+        dropped = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
+        acc += _dot(gh_t, dropped, IEEE, UPCAST)
+    tl.store(ga_ptr + split * r * in_features + ranks[:, None] * in_features + cols[None, :], acc,
+             mask=(ranks[:, None] < r) & (cols[None, :] < in_features))
+
+
+def _blocks(r: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and pipeline depth: tl.dot needs every side a power of two of at least 16; a wider r gets fewer
+    rows per program so that its fp32 accumulator stays in registers. float32 tiles take twice the shared memory:
+    narrower and two stages keep every kernel under 64 KiB (compiled for sm_90: at most 48 KiB), which any card
+    since Turing has; 16-bit tiles stay under 48 KiB with Triton's default three stages."""
+    block_r = max(16, triton.next_power_of_2(r))
+    if dtype == torch.float32:
+        return {"BLOCK_M": 64 if block_r <= 32 else 32 if block_r <= 128 else 16, "BLOCK_K": 32, "BLOCK_R": block_r,
+                "num_stages": 2}
+    return {"BLOCK_M": 128 if block_r <= 32 else 64 if block_r <= 128 else 32, "BLOCK_K": 64, "BLOCK_R": block_r}
+
+
+def _precision(t: torch.Tensor) -> dict:
+    """float32 in full precision, as torch's own float32 matmul (not TF32); the interpreter's bf16 workaround."""
+    return {"IEEE": t.dtype == torch.float32, "UPCAST": t.device.type == "cpu"}
+
+
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """A seed from torch's generator on `device`, left there: the kernels read it, the host never waits for it."""
+    return torch.randint(0, 2 ** 31 - 1, (1,), device=device, dtype=torch.int64)
+
+
+def dropout_a_forward(x2: torch.Tensor, weight_a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """h = (x2 * mask / (1-p)) @ weight_a^T for 2-D x2 (tokens x in) and weight_a (r x in) of x2's dtype."""
+    tokens, in_features = x2.shape
+    r = weight_a.shape[0]
+    a = weight_a.contiguous()
+    h = torch.empty(tokens, r, device=x2.device, dtype=x2.dtype)
+    blocks = _blocks(r, x2.dtype)
+    _forward_kernel[(triton.cdiv(tokens, blocks["BLOCK_M"]),)](
+        x2, a, h, seed, tokens, in_features, r, x2.stride(0), x2.stride(1), p, 1.0 / (1.0 - p), **blocks,
+        **_precision(x2))
+    return h
+
+
+def dropout_a_grad_input(grad_h: torch.Tensor, weight_a: torch.Tensor, seed: torch.Tensor, p: float,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """grad_x = (grad_h @ weight_a) * mask / (1-p), the mask drawn again from the seed (x is not read)."""
+    tokens, r = grad_h.shape
+    in_features = weight_a.shape[1]
+    gh, a = grad_h.contiguous(), weight_a.contiguous()
+    grad_x = torch.empty(tokens, in_features, device=gh.device, dtype=dtype)
+    blocks = _blocks(r, gh.dtype)
+    grid = (triton.cdiv(tokens, blocks["BLOCK_M"]), triton.cdiv(in_features, blocks["BLOCK_K"]))
+    _grad_input_kernel[grid](gh, a, grad_x, seed, tokens, in_features, r, p, 1.0 / (1.0 - p), **blocks,
+                             **_precision(gh))
+    return grad_x
+
+
+def dropout_a_grad_weight(grad_h: torch.Tensor, x2: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """grad_A = grad_h^T @ (x2 * mask / (1-p)) in float32 (r x in), reading x2 once.
+
+    Few column blocks (in_features / 64) would leave most of the GPU idle, so the tokens are split as well; each
+    split writes its own partial sum and the splits are added in a fixed order (deterministic, no atomics)."""
+    tokens, in_features = x2.shape
+    r = grad_h.shape[1]
+    gh = grad_h.contiguous()
+    blocks = _blocks(r, x2.dtype)
+    block_m = blocks["BLOCK_M"]
+    col_blocks = triton.cdiv(in_features, blocks["BLOCK_K"])
+    splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, col_blocks), triton.cdiv(tokens, 4 * block_m)))
+    rows_per_split = block_m * triton.cdiv(triton.cdiv(tokens, splits), block_m)
+    splits = triton.cdiv(tokens, rows_per_split)
+    partial = torch.empty(splits, r, in_features, device=x2.device, dtype=torch.float32)
+    _grad_weight_kernel[(col_blocks, splits)](
+        gh, x2, partial, seed, tokens, in_features, r, x2.stride(0), x2.stride(1), rows_per_split, p,
+        1.0 / (1.0 - p), **blocks, **_precision(x2))
+    return partial[0] if splits == 1 else partial.sum(0)
