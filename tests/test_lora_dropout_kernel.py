@@ -92,6 +92,30 @@ def test_forward_mask_is_the_backward_mask_and_gradients_follow_the_formula(dtyp
         assert f.grad.dtype == f.dtype  # x's gradient in x's dtype; A's and B's in the adapter's float32
 
 
+def test_split_sums_give_the_formula(kernel_calls):
+    """Enough columns that the forward splits them, enough tokens that grad_A's sum splits them (the sizes, like
+    the others here, no multiple of a block): the mask read back from x's gradient (its kernel does not split)
+    gives the output and A's gradient of the explicit formula."""
+    from peftctl.train.lora_dropout_kernel import _blocks, _split
+
+    tokens, width_in, p = 460, 232, 0.2
+    blocks = _blocks(4, torch.float32)
+    assert _split(width_in, blocks["BLOCK_K"], -(-tokens // blocks["BLOCK_M"]))[0] > 1
+    assert _split(tokens, blocks["BLOCK_M"], -(-width_in // blocks["BLOCK_K"]))[0] > 1
+    x, result, a, b = _inputs(torch.float32, tokens=tokens, width_in=width_in, width_out=8, r=4)
+    leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+    out = lora_branch(leaves[0], result, leaves[1], leaves[2], p, 1.0)
+    weights = torch.randn(out.shape, device=DEVICE)
+    (out * weights).sum().backward()
+    kept = leaves[0].grad != 0
+    ex, ea, eb = [t.detach().clone().requires_grad_() for t in (x, a, b)]
+    eager = result + ((ex * kept / (1 - p)) @ ea.t()) @ eb.t()
+    (eager * weights).sum().backward()
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(leaves[1].grad, ea.grad, rtol=1e-4, atol=1e-3)
+    assert abs((1 - kept.float().mean().item()) - p) < 0.02
+
+
 def test_drop_fraction_is_p_and_the_mask_follows_the_seed():
     p = 0.3
     x = torch.rand(64, 64, device=DEVICE) + 0.5
@@ -237,7 +261,7 @@ for dtype, r in ((torch.bfloat16, 16), (torch.float32, 256)):
     blocks = k._blocks(r, dtype)
     options = {"num_stages": blocks.pop("num_stages")} if "num_stages" in blocks else {}
     consts = dict(blocks, IEEE=dtype == torch.float32, UPCAST=False)
-    kernels = {k._forward_kernel: [f"*{t}"] * 3 + ["*i64"] + ["i32"] * 5 + ["fp32"] * 2,
+    kernels = {k._forward_kernel: [f"*{t}", f"*{t}", "*fp32", "*i64"] + ["i32"] * 6 + ["fp32"] * 2,
                k._grad_input_kernel: [f"*{t}"] * 3 + ["*i64"] + ["i32"] * 3 + ["fp32"] * 2,
                k._grad_weight_kernel: [f"*{t}", f"*{t}", "*fp32", "*i64"] + ["i32"] * 6 + ["fp32"] * 2}
     for fn, types in kernels.items():

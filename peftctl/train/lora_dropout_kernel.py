@@ -49,25 +49,30 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _forward_kernel(x_ptr, a_ptr, h_ptr, seed_ptr, tokens, in_features, r, stride_xm, stride_xk, p, scale,
-                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+def _forward_kernel(x_ptr, a_ptr, h_ptr, seed_ptr, tokens, in_features, r, stride_xm, stride_xk, cols_per_split, p,
+                    scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
                     UPCAST: tl.constexpr):
+    """One (BLOCK_M x r) tile of h, summed over one split of the input columns, in fp32; the splits are added up
+    after."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(1)
     ranks = tl.arange(0, BLOCK_R)
     seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, in_features, BLOCK_K):
+    first = split * cols_per_split
+    end = tl.minimum(first + cols_per_split, in_features)
+    for k0 in range(first, end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        inside = (rows[:, None] < tokens) & (cols[None, :] < in_features)
+        inside = (rows[:, None] < tokens) & (cols[None, :] < end)
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=inside,
                     other=0.0)
         # scaled in fp32 and rounded once to x's dtype, as torch's dropout kernel does
         keep = _keep(seed, rows, k0, in_features, p, BLOCK_M, BLOCK_K)
         dropped = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
         a_t = tl.load(a_ptr + ranks[None, :] * in_features + cols[:, None],
-                      mask=(ranks[None, :] < r) & (cols[:, None] < in_features), other=0.0)
+                      mask=(ranks[None, :] < r) & (cols[:, None] < end), other=0.0)
         acc += _dot(dropped, a_t, IEEE, UPCAST)
-    tl.store(h_ptr + rows[:, None] * r + ranks[None, :], acc.to(h_ptr.dtype.element_ty),
+    tl.store(h_ptr + split * tokens * r + rows[:, None] * r + ranks[None, :], acc,
              mask=(rows[:, None] < tokens) & (ranks[None, :] < r))
 
 
@@ -140,16 +145,31 @@ def draw_seed(device: torch.device) -> torch.Tensor:
 
 
 def dropout_a_forward(x2: torch.Tensor, weight_a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """h = (x2 * mask / (1-p)) @ weight_a^T for 2-D x2 (tokens x in) and weight_a (r x in) of x2's dtype."""
+    """h = (x2 * mask / (1-p)) @ weight_a^T for 2-D x2 (tokens x in) and weight_a (r x in) of x2's dtype.
+
+    A few thousand tokens make few row blocks (8,192 / 128 = 64 programs for 132 SMs), so the input columns are
+    split as well; each split writes its own fp32 partial h (tokens x r: small) and the splits are added in a fixed
+    order."""
     tokens, in_features = x2.shape
     r = weight_a.shape[0]
     a = weight_a.contiguous()
-    h = torch.empty(tokens, r, device=x2.device, dtype=x2.dtype)
     blocks = _blocks(r, x2.dtype)
-    _forward_kernel[(triton.cdiv(tokens, blocks["BLOCK_M"]),)](
-        x2, a, h, seed, tokens, in_features, r, x2.stride(0), x2.stride(1), p, 1.0 / (1.0 - p), **blocks,
-        **_precision(x2))
-    return h
+    row_blocks = triton.cdiv(tokens, blocks["BLOCK_M"])
+    splits, cols_per_split = _split(in_features, blocks["BLOCK_K"], row_blocks)
+    partial = torch.empty(splits, tokens, r, device=x2.device, dtype=torch.float32)
+    _forward_kernel[(row_blocks, splits)](
+        x2, a, partial, seed, tokens, in_features, r, x2.stride(0), x2.stride(1), cols_per_split, p,
+        1.0 / (1.0 - p), **blocks, **_precision(x2))
+    return (partial[0] if splits == 1 else partial.sum(0)).to(x2.dtype)
+
+
+def _split(length: int, block: int, programs: int) -> tuple[int, int]:
+    """(splits, length per split): enough splits of `length` (in whole blocks, at least 4 blocks each) for about
+    _TARGET_PROGRAMS programs in all, when `programs` others run beside each split."""
+    blocks = triton.cdiv(length, block)
+    splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, programs), blocks // 4))
+    per_split = block * triton.cdiv(blocks, splits)
+    return triton.cdiv(length, per_split), per_split
 
 
 def dropout_a_grad_input(grad_h: torch.Tensor, weight_a: torch.Tensor, seed: torch.Tensor, p: float,
@@ -177,9 +197,7 @@ def dropout_a_grad_weight(grad_h: torch.Tensor, x2: torch.Tensor, seed: torch.Te
     blocks = _blocks(r, x2.dtype)
     block_m = blocks["BLOCK_M"]
     col_blocks = triton.cdiv(in_features, blocks["BLOCK_K"])
-    splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, col_blocks), triton.cdiv(tokens, 4 * block_m)))
-    rows_per_split = block_m * triton.cdiv(triton.cdiv(tokens, splits), block_m)
-    splits = triton.cdiv(tokens, rows_per_split)
+    splits, rows_per_split = _split(tokens, block_m, col_blocks)
     partial = torch.empty(splits, r, in_features, device=x2.device, dtype=torch.float32)
     _grad_weight_kernel[(col_blocks, splits)](
         gh, x2, partial, seed, tokens, in_features, r, x2.stride(0), x2.stride(1), rows_per_split, p,
