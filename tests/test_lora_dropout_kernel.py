@@ -295,3 +295,23 @@ def test_the_kernels_compile_for_a_gpu(tmp_path):
     assert len(compiled) == 6
     for name, dtype, r, cubin_bytes, shared in compiled:
         assert cubin_bytes > 0 and shared <= 64 * 1024, (name, dtype, r, shared)
+
+
+def test_a_model_fused_without_the_kernel_keeps_torch_s_dropout(tiny_model, kernel_calls):
+    """fuse_lora_layers(dropout_kernel=False) -- what the loop does unless the memory plan needs the kernel --
+    trains through torch's dropout on every layer, and run.json's count of kernel layers is zero."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from peftctl.train.fused_lora import dropout_kernel_layers, fuse_lora_layers
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model(), dtype=torch.float32).to(DEVICE)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear",
+                                            init_lora_weights=False))
+    assert fuse_lora_layers(model, dropout_kernel=False) > 0
+    assert dropout_kernel_layers(model, DEVICE, None, 12) == 0
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), device=DEVICE)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert kernel_calls == []

@@ -310,11 +310,18 @@ def test_plan_assumes_the_dropout_kernel_where_triton_imports(monkeypatch):
                            quantization={"bits": 4}, micro_batch_size=4, max_length=2048)
 
     monkeypatch.setattr(fast_path, "triton_available", lambda: True)
-    with_kernel = plan.plan_memory(recipe(0.05), card=card(139), fast_path=True)
+    # The kernel is slower than torch's dropout: taken only where the run fits with it and not without it.
+    roomy = plan.plan_memory(recipe(0.05), card=card(139), fast_path=True)
+    assert not any("dropout kernel" in n for n in roomy.notes) and not roomy.setting.checkpointing
+    with_kernel = plan.plan_memory(recipe(0.05), card=card(56), fast_path=True)
     assert any("dropout kernel assumed on 224 layers" in n for n in with_kernel.notes)
+    assert with_kernel.fits and not with_kernel.setting.checkpointing and with_kernel.setting.triton
+    assert roomy.peak > with_kernel.peak + 15 * GiB
+    tight = plan.plan_memory(recipe(0.05), card=card(24), fast_path=True)  # checkpointing, and then no kernel
+    assert tight.setting.checkpointing and not any("dropout kernel" in n for n in tight.notes)
     monkeypatch.setattr(fast_path, "triton_available", lambda: False)
-    without = plan.plan_memory(recipe(0.05), card=card(139), fast_path=True)
-    assert not any("dropout kernel" in n for n in without.notes) and without.peak > with_kernel.peak + 15 * GiB
+    without = plan.plan_memory(recipe(0.05), card=card(56), fast_path=True)
+    assert not any("dropout kernel" in n for n in without.notes) and without.setting.checkpointing
 
     def never():
         raise AssertionError("triton imported for a plan without LoRA dropout")
@@ -593,3 +600,35 @@ def test_micro_batch_and_length_shorthands(capsys):
     with_set = json.loads(capsys.readouterr().out)["memory"]
     assert shorthand == with_set
     assert (shorthand["setting"]["micro_batch_size"], shorthand["setting"]["max_length"]) == (1, 4096)
+
+
+def test_the_loop_s_memory_mode_follows_the_plan(monkeypatch):
+    """train/loop.py asks plan.memory_mode: explicit checkpointing never takes the dropout kernel (nor asks the
+    plan); auto takes the kernel exactly where the plan does, on the card it is given."""
+    import torch
+
+    from peftctl import fast_path, plan
+    from peftctl.plan import card as cards, verdict
+    from peftctl.train.loop import _memory_mode
+
+    monkeypatch.setattr(fast_path, "triton_available", lambda: True)
+    monkeypatch.setattr(fast_path, "liger_available", lambda: True)
+
+    def recipe(checkpointing):
+        return make_recipe(str(LLAMA3_8B), {"name": "qlora", "r": 16, "dropout": 0.05, "targets": "all-linear"},
+                           quantization={"bits": 4}, micro_batch_size=4, max_length=2048,
+                           checkpointing=checkpointing)
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(verdict, "plan_memory", lambda *a, **k: (_ for _ in ()).throw(AssertionError("planned")))
+    assert _memory_mode(recipe(True), cuda) == (True, False)
+    assert _memory_mode(recipe("auto"), torch.device("cpu")) == (False, False)
+    monkeypatch.undo()
+    monkeypatch.setattr(fast_path, "triton_available", lambda: True)
+    monkeypatch.setattr(fast_path, "liger_available", lambda: True)
+    for gib, expected in ((139, (False, False)), (56, (False, True)), (24, (True, False))):
+        monkeypatch.setattr(cards, "local_card", lambda device=None, gib=gib: card(gib))
+        assert _memory_mode(recipe("auto"), cuda) == expected, gib
+    monkeypatch.setattr(cards, "local_card", lambda device=None: card(56))
+    assert _memory_mode(recipe(False), cuda) == (False, True)
+    assert plan.memory_mode is verdict.memory_mode

@@ -84,7 +84,7 @@ from peftctl.plan.estimate import (
     weight_bytes,
 )
 from peftctl.plan.shape import Adapted, ModelShape, model_shape
-from peftctl.plan.verdict import MemoryPlan, describe_plan, needs_checkpointing, plan_memory, remedies
+from peftctl.plan.verdict import MemoryPlan, describe_plan, memory_mode, needs_checkpointing, plan_memory, remedies
 
 __all__ = ["ACTIVATION_SCALE", "ACT_FN_SAVED", "ADAM_BYTES", "ADAPTER_BYTES", "ALLOCATOR_SLACK",
            "ATTENTION_INPUT_NAMES", "ATTENTION_OUTPUT_NAMES", "AUTOCAST_COPY_BYTES", "BACKWARD_TRANSIENT",
@@ -94,4 +94,4 @@ __all__ = ["ACTIVATION_SCALE", "ACT_FN_SAVED", "ADAM_BYTES", "ADAPTER_BYTES", "A
            "NF4_NESTED_PER_TENSOR", "NF4_PER_TENSOR", "NORM_SAVED_BYTES", "WORKSPACE", "Adapted", "ModelShape",
            "model_shape", "Component", "Setting", "activation_bytes", "dropout_kernel_layers", "estimate", "per_gpu",
            "setting_for", "weight_bytes", "Card", "card_from_option", "local_card", "parse_gpu_memory", "MemoryPlan",
-           "describe_plan", "needs_checkpointing", "plan_memory", "remedies"]
+           "describe_plan", "memory_mode", "needs_checkpointing", "plan_memory", "remedies"]

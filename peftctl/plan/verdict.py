@@ -71,8 +71,16 @@ def plan_memory(recipe, counted=None, *, card: Card | None = None, checkpointing
         s = replace(s, world_size=world_size, engine=engine if world_size > 1 else None)
         return MemoryPlan(s, estimate(shape, s, method), card)
 
-    off = make(setting_for(recipe, shape, False, fast_path=fast_path, triton=triton))
-    on = make(setting_for(recipe, shape, True, fast_path=fast_path, triton=triton)) if spec.can_checkpoint else None
+    # LoRA's dropout kernel keeps no dropped copies (-17 GiB on 8B QLoRA all-linear 4 x 2048) but is slower than
+    # torch's dropout (0.87x a decoder layer's LoRA branches in bf16 on the H200, BENCHMARKS.md): the loop takes it
+    # only where the run does not fit without it and does with it -- never under checkpointing, where it saves
+    # only one layer's copies
+    off = make(setting_for(recipe, shape, False, fast_path=fast_path, triton=False))
+    if off.fits is False and triton is not False:
+        with_kernel = make(setting_for(recipe, shape, False, fast_path=fast_path, triton=triton))
+        if dropout_kernel_layers(shape, with_kernel.setting) and (with_kernel.fits or setting is False):
+            off = with_kernel
+    on = make(setting_for(recipe, shape, True, fast_path=fast_path, triton=False)) if spec.can_checkpoint else None
     if checkpointing is None:
         checkpointing = setting if isinstance(setting, bool) else (on is not None and off.fits is False)
     chosen, other = (on, off) if checkpointing and on is not None else (off, on)
@@ -196,9 +204,22 @@ def describe_plan(recipe, card: Card | None = None) -> str:
 def needs_checkpointing(recipe, device) -> bool:
     """Whether the run needs gradient checkpointing to fit on `device`: only when the plan without it does not
     fit the card (training.gradient_checkpointing: auto)."""
+    return memory_mode(recipe, device)[0]
+
+
+def memory_mode(recipe, device) -> tuple[bool, bool]:
+    """Gradient checkpointing and LoRA's dropout kernel for a run on `device`, as this plan decides them: with
+    `gradient_checkpointing: auto`, checkpointing only where the plan without it does not fit the card (after
+    the dropout kernel was tried); the kernel only where it makes the run fit without checkpointing."""
     from peftctl.methods.registry import METHODS
 
-    if not METHODS[recipe.method.name].can_checkpoint:
-        return False
-    plan = plan_memory(recipe, card=cards.local_card(device), checkpointing=False)
-    return plan.fits is False
+    setting = recipe.training.gradient_checkpointing
+    if setting is True:
+        return True, False
+    has_dropout = (getattr(recipe.method, "dropout", 0) or 0) > 0  # the kernel's layers: the plan counts them
+    if not METHODS[recipe.method.name].can_checkpoint and not has_dropout:
+        return False, False
+    if setting is False and not has_dropout:
+        return False, False
+    plan = plan_memory(recipe, card=cards.local_card(device))
+    return plan.setting.checkpointing, bool(plan.setting.triton)

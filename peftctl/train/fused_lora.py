@@ -120,14 +120,15 @@ def dropout_kernel_applies(x2: torch.Tensor, weight_a: torch.Tensor, p: float) -
                                                  elements=x2.numel(), triton=fast_path.triton_available())
 
 
-def lora_branch(x, result, weight_a, weight_b, p: float, scaling: float):
+def lora_branch(x, result, weight_a, weight_b, p: float, scaling: float, dropout_kernel: bool = True):
     """`result + scaling * B(A(dropout_p(x)))`; pass p = 0 outside training.
 
     The reshapes to 2-D and back happen out here, not inside the Function: a view created inside a custom Function
     may not be modified in place, and some models add to a projection's output in place (Falcon's attention), which
     plain peft allows. A view of a Function's plain output may be modified in place like any other tensor."""
     x2 = x.reshape(-1, x.shape[-1])
-    branch = _LoraDropoutKernelBranch if dropout_kernel_applies(x2, weight_a, p) else _LoraBranch
+    kernel = dropout_kernel and dropout_kernel_applies(x2, weight_a, p)
+    branch = _LoraDropoutKernelBranch if kernel else _LoraBranch
     out = branch.apply(x2, result.reshape(-1, result.shape[-1]), weight_a, weight_b, p, scaling)
     return out.reshape(*result.shape[:-1], out.shape[-1])
 
@@ -153,7 +154,8 @@ def _fused_forward(self, x, *args, **kwargs):
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     result = self.base_layer(x)
-    return lora_branch(x, result, lora_a.weight, lora_b.weight, p, self.scaling[name]).to(result.dtype)
+    return lora_branch(x, result, lora_a.weight, lora_b.weight, p, self.scaling[name],
+                       dropout_kernel=getattr(self, "peftctl_dropout_kernel", True)).to(result.dtype)
 
 
 def _fusable_layer_types() -> tuple[type, ...]:
@@ -168,8 +170,10 @@ def _fusable_layer_types() -> tuple[type, ...]:
     return tuple(types_)
 
 
-def fuse_lora_layers(model) -> int:
+def fuse_lora_layers(model, *, dropout_kernel: bool = True) -> int:
     """Route every plain LoRA Linear layer of `model` through the fused branch; returns how many were routed.
+    `dropout_kernel`: whether the branch may take LoRA's dropout kernel where it applies (the loop asks the memory
+    plan: only where the run needs the memory, since the kernel is slower than torch's dropout).
 
     The layer keeps its parameters, state dict and class (saving, merging and peft's own methods are unchanged);
     only the instance's forward changes, and it falls back to the class's forward for anything it does not cover.
@@ -179,6 +183,7 @@ def fuse_lora_layers(model) -> int:
     for module in model.modules():
         if type(module) in fusable and not _has_variant_or_bias(module):
             module.forward = types.MethodType(_fused_forward, module)
+            module.peftctl_dropout_kernel = dropout_kernel
             routed += 1
     return routed
 
@@ -192,7 +197,7 @@ def dropout_kernel_layers(model, device_type: str, autocast_dtype, tokens: int) 
     activations = model.get_input_embeddings().weight.dtype
     count = 0
     for module in model.modules():
-        if getattr(module.forward, "__func__", None) is not _fused_forward:
+        if getattr(module.forward, "__func__", None) is not _fused_forward or not module.peftctl_dropout_kernel:
             continue
         for name, lora_a in module.lora_A.items():
             dtype = autocast_dtype if autocast_dtype is not None else lora_a.weight.dtype

@@ -250,7 +250,7 @@ def setup(loaded, options: TrainOptions, console=None, clock=None):
         return reports.dry_run_report(recipe, data, schedule.steps_in(0), total_steps, say)
 
     device = device or pick_device()
-    checkpointing = _gradient_checkpointing(recipe, device, data)
+    checkpointing, dropout_kernel = _memory_mode(recipe, device)
     clock.mark("memory_plan")  # gradient_checkpointing: auto asks the plan (a meta model) on a GPU
     _seed_everything(training.seed)  # before the adapter exists: its initial weights come from this seed
     model = load_model(recipe, device, gradient_checkpointing=checkpointing)
@@ -293,7 +293,7 @@ def setup(loaded, options: TrainOptions, console=None, clock=None):
     if recipe.method.init_from:
         runtime.initialise_from(model, recipe.method, recipe.method.init_from)
         say(f"starting from the adapter in {recipe.method.init_from}")
-    if fuse_lora_layers(model):
+    if fuse_lora_layers(model, dropout_kernel=dropout_kernel):
         kernels = kernels + ["fused_lora_branch"]
     # After the adapter: peft must see the model's own embedding (to wrap or tie it), and the hooks peft put on it
     # move with it. Before the loss, which reads the head, and before the parameters are counted.
@@ -687,15 +687,14 @@ def _out_of_memory(recipe, step: int, checkpointing: bool) -> OutOfMemory:
                        "shows the plan)")
 
 
-def _gradient_checkpointing(recipe, device, data) -> bool:
+def _memory_mode(recipe, device) -> tuple[bool, bool]:
+    """(gradient checkpointing, LoRA's dropout kernel): the plan decides both on a GPU (plan.memory_mode)."""
     setting = recipe.training.gradient_checkpointing
-    if setting != "auto":
-        return bool(setting)
     if device.type != "cuda":
-        return False
-    from peftctl.plan import needs_checkpointing
+        return setting is True, False
+    from peftctl.plan import memory_mode
 
-    return needs_checkpointing(recipe, device)
+    return memory_mode(recipe, device)
 
 
 def _autocast_dtype(recipe, device):
