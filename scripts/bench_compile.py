@@ -3,7 +3,8 @@
 
 The model is built the way the loop builds it on the GPU: liger's RMSNorm/RoPE/SwiGLU patched in, peft's LoRA
 (r 16, alpha 32, dropout 0.05, float32 adapter) on q,k,v,o (`--targets qkvo`) or every linear layer (`all`), each
-adapted layer routed through peftctl's fused branch, the adapter inputs left in the autocast dtype. One step is
+adapted layer routed through peftctl's fused branch (torch's dropout, as the loop has it where the run fits
+without LoRA's dropout kernel), the adapter inputs left in the autocast dtype. One step is
 the decoder's forward and backward under bf16 autocast on `--rows` x `--tokens` tokens (no head: the fused loss
 is not what compilation would change). Prints the median step of each, the ratio, the compile time, and how far
 the two disagree with dropout off (the compiled decoder must compute the same thing).
@@ -50,7 +51,7 @@ def build(args, device):
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"] if args.targets == "qkvo" else "all-linear"
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets,
                                              init_lora_weights=False))
-    fused = fuse_lora_layers(model)
+    fused = fuse_lora_layers(model, dropout_kernel=False)  # as the loop, where the run fits without it
     if device.type == "cuda":
         skip_adapter_input_casts(model)
     model.train()
