@@ -23,11 +23,6 @@ from __future__ import annotations
 import inspect
 
 VARLEN = "peftctl_varlen"  # the name under which transformers' AttentionInterface knows our varlen function
-# Grouped-query attention: torch's flash kernel takes fewer key/value heads than query heads as they are (torch
-# 2.11 on the H200: same outputs and gradients as with the heads repeated, 10% faster, and no repeated copies kept
-# for the backward pass: 3 GiB on case 2). Where the probe finds it does not, `choose` turns this off and the
-# heads are repeated as transformers' repeat_kv does.
-native_gqa = True
 PROBE_RTOL = 2e-2  # of the largest reference value: bf16 keeps ~3 significant digits, a leak or a wrong scale is O(1)
 
 
@@ -55,7 +50,7 @@ def _call_varlen(kernel, query, key, value, cu_seq_lens, max_length: int, scale:
     if groups > 1:
         if "enable_gqa" in params:
             kwargs["enable_gqa"] = True
-        elif not native_gqa:
+        else:
             key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     return kernel(query, key, value, cu_seq_lens, cu_seq_lens, max_length, max_length, **kwargs)
 
@@ -213,14 +208,8 @@ def choose(model, candidates: list[str], refused: list[dict], *, rows: int, leng
     it is), and return the record for run.json: {"kernel": ..., "tried": [{"kernel", "refused"}, ...]}."""
     tried = list(refused)
     shape = attention_shape(model.config, rows, length)
-    global native_gqa
     for i, kernel in enumerate(candidates[:-1]):
-        native_gqa = True
         why = probe(kernel, shape, device, dtype)
-        if why is not None and kernel == "varlen" and shape["kv_heads"] < shape["heads"]:
-            tried.append({"kernel": "varlen with grouped-query heads as they are", "refused": why})
-            native_gqa = False  # the key/value heads repeated instead
-            why = probe(kernel, shape, device, dtype)
         if why is None:
             set_attention(model, VARLEN if kernel == "varlen" else kernel)
             return {"kernel": kernel, "tried": tried}

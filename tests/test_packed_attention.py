@@ -84,9 +84,6 @@ def _tiny_llama(kv_heads: int = 2):
 @pytest.mark.parametrize("kernel", [reference_varlen, reference_without_gqa], ids=["window_size+gqa", "is_causal"])
 def test_a_tiny_llama_through_the_varlen_wrapper_gets_the_logits_of_each_example_alone(monkeypatch, kernel):
     monkeypatch.setattr(packed_attention, "varlen_kernel", lambda: kernel)
-    # heads as they are where the kernel takes them (enable_gqa, or torch's flash kernel); repeated otherwise, as
-    # `choose` decides after the probe
-    monkeypatch.setattr(packed_attention, "native_gqa", kernel is reference_varlen)
     model = _tiny_llama()
     examples = [example(7), example(5, 40), example(9, 80), example(6, 120)]
     batch = collate([examples[:2], examples[2:]], pad_id=0, packed=True, pad_to=16)
@@ -172,10 +169,8 @@ def test_a_kernel_that_fails_its_probe_falls_back_to_sdpa_and_the_run_trains(tin
     assert result.steps == 2 and manifest["status"] == "completed"
     attention = manifest["fast_path"]["attention"]
     assert attention["kernel"] == "sdpa"
-    why = "RuntimeError: FlashAttention only supports Ampere GPUs or newer."
-    # a grouped-query model: the heads as they are first, then repeated, then SDPA
-    assert attention["tried"] == [{"kernel": "varlen with grouped-query heads as they are", "refused": why},
-                                  {"kernel": "varlen", "refused": why}]
+    assert attention["tried"] == [{"kernel": "varlen",
+                                   "refused": "RuntimeError: FlashAttention only supports Ampere GPUs or newer."}]
     assert any(n.startswith("note: packed attention: varlen failed its probe") and "sdpa instead" in n
                for n in notes)
 
@@ -250,18 +245,3 @@ def test_the_lengths_reach_the_attention_through_peft(monkeypatch):
         singles = [collate([[e]], pad_id=0, packed=False) for e in examples]
         unpacked_loss = sum(loss_sum(model, b) for b in singles) / sum(b.n_trained for b in singles)
     assert packed_loss.item() == pytest.approx(unpacked_loss.item(), rel=1e-5)
-
-
-def test_a_kernel_that_refuses_fewer_key_value_heads_gets_them_repeated(tiny_model, write_recipe, monkeypatch):
-    """The probe tries the key/value heads as they are first (torch 2.11's flash kernel takes them); a kernel that
-    refuses them gets them repeated, and run.json says which form was refused and why."""
-    monkeypatch.setattr(packed_attention, "native_gqa", True)
-    model_dir = tiny_model("llama")
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    assert config["num_key_value_heads"] < config["num_attention_heads"]  # a grouped-query model
-    manifest, notes, result = _fallback_run(tiny_model, write_recipe, monkeypatch, reference_without_gqa)
-    attention = manifest["fast_path"]["attention"]
-    assert attention["kernel"] == "varlen" and result.steps == 2
-    assert [t["kernel"] for t in attention["tried"]] == ["varlen with grouped-query heads as they are"]
-    assert "AssertionError" in attention["tried"][0]["refused"]
-    assert packed_attention.native_gqa is False
