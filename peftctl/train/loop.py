@@ -192,7 +192,7 @@ def setup(loaded, options: TrainOptions, console=None, clock=None):
     from peftctl.host_embedding import place_input_embeddings
     from peftctl.methods import runtime
     from peftctl.methods.peft_common import AttachContext
-    from peftctl.model import check_packing_isolation, load_model, load_tokenizer, pick_device
+    from peftctl.model import load_model, load_tokenizer, pick_device
     from peftctl.params import check_targets, count_parameters
     from peftctl.train.fused_lora import dropout_kernel_layers, fuse_lora_layers
     from peftctl.train.kernels import apply_fast_kernels, skip_adapter_input_casts
@@ -255,33 +255,12 @@ def setup(loaded, options: TrainOptions, console=None, clock=None):
     _seed_everything(training.seed)  # before the adapter exists: its initial weights come from this seed
     model = load_model(recipe, device, gradient_checkpointing=checkpointing)
     clock.mark("model_load")
-    loaded_with = model.config._attn_implementation
-    attention = packed_attention.choose_for_run(model, recipe, device, packed=data.packed, say=say)
-    if data.packed:
-        isolated, difference, contamination = check_packing_isolation(model, device, len(tokenizer))
-        if not isolated and attention["kernel"] != loaded_with:
-            # The kernel passed its probe but the model does not hand it the documents' lengths: back to the
-            # kernel it was loaded with, checked again.
-            why = f"the model leaks across packed examples with it (difference {difference:.3g})"
-            say(f"note: packed attention: {attention['kernel']} refused: {why}")
-            attention = packed_attention.unchoose(model, attention, loaded_with, why)
-            isolated, difference, contamination = check_packing_isolation(model, device, len(tokenizer))
-        clock.mark("packing_check")
-        if not isolated and recipe.dataset.packing == "auto":
-            # Unpacked rows train the same examples; only packing's speed is lost.
-            say(f"note: {model.config.model_type}'s attention does not keep packed examples apart: one example "
-                "a row (dataset.packing: auto)")
-            unpacked = recipe.dataset.model_copy(update={"packing": False})
-            data = _prepare_everywhere(world, lambda: prepare(unpacked, tokenizer, seed=training.seed,
-                                                              pad_id=tokenizer.pad_token_id))
-            schedule = data.step_schedule(training, world.size)
-            total_steps = training.max_steps or schedule.total(training.epochs)
-            clock.mark("data")
-        elif not isolated:
-            raise InvalidInput(f"{model.config.model_type}: this model's attention does not keep packed examples "
-                               f"apart (difference {difference:.3g} against {contamination:.3g} unpacked)",
-                               hint="set dataset.packing: auto (falls back to one example a row) or false, or "
-                                    "model.attn_implementation to sdpa or eager")
+    packed_before = data.packed
+    data, attention = _settle_packing(model, recipe, data, tokenizer, world, device, say)
+    if data.packed != packed_before:  # one example a row after all: the step schedule follows the new rows
+        schedule = data.step_schedule(training, world.size)
+        total_steps = training.max_steps or schedule.total(training.epochs)
+    clock.mark("packing_check")
     kernels = apply_fast_kernels(model, device)  # before the adapter: peft then wraps the patched layers as usual
     clock.mark("kernels")
     check_targets(model, recipe.method, loaded.where("method.targets"))  # peft skips a name that matches nothing
@@ -323,9 +302,7 @@ def setup(loaded, options: TrainOptions, console=None, clock=None):
     autocast_dtype = _autocast_dtype(recipe, device)
     if autocast_dtype is not None and skip_adapter_input_casts(model):
         kernels = kernels + ["adapter_inputs_in_autocast_dtype"]
-    rows = training.micro_batch_size  # the plan's micro-batch (plan/estimate.setting_for): the largest it takes
-    if training.micro_batch_tokens:
-        rows = max(1, -(-training.micro_batch_tokens // recipe.dataset.max_length))
+    rows = packed_attention.micro_batch_rows(recipe)  # the plan's micro-batch (plan/estimate.setting_for)
     if dropout_kernel_layers(model, device.type, autocast_dtype, rows * recipe.dataset.max_length):
         kernels = kernels + ["lora_dropout_kernel"]
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
@@ -348,6 +325,42 @@ def setup(loaded, options: TrainOptions, console=None, clock=None):
                total_steps, checkpointing, model, step_module, eval_loss, engine, counts, optimizer, scheduler,
                state, autocast_dtype, scaler, manifest, metrics, t_start,
                trainable=[p for p in model.parameters() if p.requires_grad], setup_phases=clock.phases)
+
+
+def _settle_packing(model, recipe, data, tokenizer, world, device, say):
+    """The attention kernel of packed rows (probed on the run's shapes) and the check that packed examples stay
+    apart through it. Returns the data (re-prepared one example a row when the model leaks and the recipe says
+    `packing: auto`) and run.json's fast_path.attention record."""
+    from peftctl import packed_attention
+    from peftctl.data.prepare import prepare
+    from peftctl.model import check_packing_isolation
+
+    loaded_with = model.config._attn_implementation
+    attention = packed_attention.choose_for_run(model, recipe, device, packed=data.packed, say=say)
+    if not data.packed:
+        return data, attention
+    isolated, difference, contamination = check_packing_isolation(model, device, len(tokenizer))
+    if not isolated and attention["kernel"] != loaded_with:
+        # The kernel passed its probe but the model does not hand it the documents' lengths: back to the kernel
+        # it was loaded with, checked again.
+        why = f"the model leaks across packed examples with it (difference {difference:.3g})"
+        say(f"note: packed attention: {attention['kernel']} refused: {why}")
+        attention = packed_attention.unchoose(model, attention, loaded_with, why)
+        isolated, difference, contamination = check_packing_isolation(model, device, len(tokenizer))
+    if isolated:
+        return data, attention
+    if recipe.dataset.packing != "auto":
+        raise InvalidInput(f"{model.config.model_type}: this model's attention does not keep packed examples "
+                           f"apart (difference {difference:.3g} against {contamination:.3g} unpacked)",
+                           hint="set dataset.packing: auto (falls back to one example a row) or false, or "
+                                "model.attn_implementation to sdpa or eager")
+    # Unpacked rows train the same examples; only packing's speed is lost.
+    say(f"note: {model.config.model_type}'s attention does not keep packed examples apart: one example a row "
+        "(dataset.packing: auto)")
+    unpacked = recipe.dataset.model_copy(update={"packing": False})
+    training = recipe.training
+    return _prepare_everywhere(world, lambda: prepare(unpacked, tokenizer, seed=training.seed,
+                                                      pad_id=tokenizer.pad_token_id)), attention
 
 
 def _prepare_everywhere(world, prepare_data):
