@@ -36,6 +36,15 @@ import torch
 from torch import nn
 
 
+def _b_side_backward(ctx, grad_out, h, weight_b, dtype, needs_b: bool, needs_h: bool):
+    """The gradients of B and of h (= the dropped input times A^T), with the scaling on the small tensors: the part
+    of the backward pass both branches share."""
+    g = grad_out.to(dtype)
+    grad_b = (g.t() @ h).mul_(ctx.scaling).to(weight_b.dtype) if needs_b else None
+    grad_h = (g @ weight_b.to(dtype)).mul_(ctx.scaling) if needs_h else None
+    return grad_b, grad_h
+
+
 class _LoraBranch(torch.autograd.Function):
     """out = result + scaling * (dropout_p(x) @ A^T) @ B^T, with dropout's own kernels (p = 0: no dropout)."""
 
@@ -57,12 +66,9 @@ class _LoraBranch(torch.autograd.Function):
         dropped, mask, h, weight_a, weight_b = ctx.saved_tensors
         needs_x, needs_result, needs_a, needs_b = ctx.needs_input_grad[:4]
         dtype = dropped.dtype
-        g = grad_out.to(dtype)
-        grad_x = grad_a = grad_b = None
-        if needs_b:
-            grad_b = (g.t() @ h).mul_(ctx.scaling).to(weight_b.dtype)
-        if needs_x or needs_a:
-            grad_h = (g @ weight_b.to(dtype)).mul_(ctx.scaling)
+        grad_x = grad_a = None
+        grad_b, grad_h = _b_side_backward(ctx, grad_out, h, weight_b, dtype, needs_b, needs_x or needs_a)
+        if grad_h is not None:
             if needs_a:
                 grad_a = (grad_h.t() @ dropped).to(weight_a.dtype)
             if needs_x:
@@ -95,12 +101,9 @@ class _LoraDropoutKernelBranch(torch.autograd.Function):
         x2, seed, h, weight_a, weight_b = ctx.saved_tensors
         needs_x, needs_result, needs_a, needs_b = ctx.needs_input_grad[:4]
         dtype = x2.dtype
-        g = grad_out.to(dtype)
-        grad_x = grad_a = grad_b = None
-        if needs_b:
-            grad_b = (g.t() @ h).mul_(ctx.scaling).to(weight_b.dtype)
-        if needs_x or needs_a:
-            grad_h = (g @ weight_b.to(dtype)).mul_(ctx.scaling)
+        grad_x = grad_a = None
+        grad_b, grad_h = _b_side_backward(ctx, grad_out, h, weight_b, dtype, needs_b, needs_x or needs_a)
+        if grad_h is not None:
             if needs_a:
                 grad_a = kernel.dropout_a_grad_weight(grad_h, x2, seed, ctx.p).to(weight_a.dtype)
             if needs_x:
