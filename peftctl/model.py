@@ -203,6 +203,7 @@ def check_packing_isolation(model, device, vocab_size: int) -> tuple[bool, float
     """
     import torch
 
+    from peftctl.data.packing import cumulative_lengths, document_kwargs
     from peftctl.packed_attention import uses_documents
 
     gen = torch.Generator().manual_seed(0)
@@ -217,8 +218,7 @@ def check_packing_isolation(model, device, vocab_size: int) -> tuple[bool, float
         if not uses_documents(model):
             return {}
         lengths = [p.shape[1] for p in parts]
-        cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
-        return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lengths), "max_length_k": max(lengths)}
+        return document_kwargs(cumulative_lengths(lengths).to(device), max(lengths))
 
     packed, positions = row(a, b)
     b_first, b_first_positions = row(b, c)

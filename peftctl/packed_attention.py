@@ -143,10 +143,12 @@ def _run_candidate(kernel: str, q, k, v, lengths: list[int], scale: float):
 
     import torch
 
+    from peftctl.data.packing import cumulative_lengths
+
     rows, seq = q.shape[0], q.shape[2]
     module = SimpleNamespace(is_causal=True, training=True, num_key_value_groups=q.shape[1] // k.shape[1])
     if kernel == "varlen":
-        cu = torch.tensor([0] + lengths * rows, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(q.device)
+        cu = cumulative_lengths(lengths * rows).to(q.device)
         out, _ = varlen_attention_forward(module, q, k, v, None, scaling=scale, cu_seq_lens_q=cu,
                                           cu_seq_lens_k=cu, max_length_q=max(lengths), max_length_k=max(lengths))
         return out
@@ -224,6 +226,7 @@ def choose_for_run(model, recipe, device, *, packed: bool, say) -> dict:
     model's attention and returns the record for run.json's fast_path.attention."""
     import torch
 
+    from peftctl.data.prepare import largest_micro_batch_rows
     from peftctl.fast_path import autocast_name, document_kernel_refusal, packed_attention_candidates
 
     dtype = autocast_name(recipe, device.type)
@@ -234,16 +237,9 @@ def choose_for_run(model, recipe, device, *, packed: bool, say) -> dict:
         refusal=refusal)
     if len(candidates) == 1:
         return {"kernel": model.config._attn_implementation, "tried": refused}
-    return choose(model, candidates, refused, rows=micro_batch_rows(recipe), length=recipe.dataset.max_length,
-                  device=device, dtype=getattr(torch, dtype) if dtype else model.dtype, say=say)
-
-
-def micro_batch_rows(recipe) -> int:
-    """Rows of a micro-batch: micro_batch_size, or as many rows of max_length as micro_batch_tokens holds."""
-    training = recipe.training
-    if training.micro_batch_tokens:
-        return max(1, -(-training.micro_batch_tokens // recipe.dataset.max_length))
-    return training.micro_batch_size
+    rows = largest_micro_batch_rows(recipe.training, recipe.dataset.max_length)
+    return choose(model, candidates, refused, rows=rows, length=recipe.dataset.max_length, device=device,
+                  dtype=getattr(torch, dtype) if dtype else model.dtype, say=say)
 
 
 def unchoose(model, record: dict, loaded_with: str, why: str) -> dict:

@@ -85,9 +85,21 @@ def model_inputs(batch, *, prompt_learning: bool, documents: bool = False) -> di
     if batch.attention_mask is not None:
         inputs["attention_mask"] = batch.attention_mask
     if documents and batch.cu_seq_lens is not None:
-        inputs.update(cu_seq_lens_q=batch.cu_seq_lens, cu_seq_lens_k=batch.cu_seq_lens,
-                      max_length_q=batch.max_length, max_length_k=batch.max_length)
+        inputs.update(document_kwargs(batch.cu_seq_lens, batch.max_length))
     return inputs
+
+
+def document_kwargs(cu_seq_lens, max_length: int) -> dict:
+    """The documents' boundaries under the names transformers passes through to the attention function."""
+    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": max_length,
+            "max_length_k": max_length}
+
+
+def cumulative_lengths(lengths: list[int]):
+    """Where each document starts, and the end: [0, l0, l0 + l1, ...] as int32, the form varlen kernels read."""
+    import torch
+
+    return torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
 
 
 def document_lengths(row_lengths: list[list[int]], width: int) -> list[int]:
@@ -138,6 +150,6 @@ def collate(rows: list[list[dict]], pad_id: int, packed: bool, pad_to: int | Non
     cu_seq_lens, longest = None, 0
     if packed and position_ids is not None:
         lengths = document_lengths(row_lengths, width)
-        cu_seq_lens = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        cu_seq_lens = cumulative_lengths(lengths)
         longest = max(lengths)
     return Batch(input_ids, labels, position_ids, attention_mask, n_trained, n_tokens, cu_seq_lens, longest)

@@ -116,6 +116,15 @@ class PreparedData:
         return collate([[next(examples) for _ in row] for row in chunk], self.pad_id, self.packed)
 
 
+def largest_micro_batch_rows(training, max_length: int) -> int:
+    """Rows of the largest micro-batch a step can take: micro_batch_size, or as many rows of max_length as
+    micro_batch_tokens holds (padding counted, as StepSchedule counts it). What the memory plan, the attention
+    probe and run.json's kernel count size for."""
+    if training.micro_batch_tokens:
+        return max(1, -(-training.micro_batch_tokens // max_length))
+    return training.micro_batch_size
+
+
 class StepSchedule:
     """Which rows each optimiser step takes, epoch by epoch, in micro-batches.
 

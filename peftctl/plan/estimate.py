@@ -83,6 +83,7 @@ def setting_for(recipe, shape: ModelShape, checkpointing: bool, *, fast_path: bo
     """The loop's choices for this recipe on a CUDA device (`device`: "cpu" for what the loop does on the CPU).
     fast_path: whether liger-kernel is there; triton: whether triton is (LoRA's dropout kernel); each
     defaults to whether it can be imported here, where the plan runs."""
+    from peftctl.data.prepare import largest_micro_batch_rows
     from peftctl.methods.registry import METHODS
 
     quant = recipe.quantization
@@ -100,9 +101,7 @@ def setting_for(recipe, shape: ModelShape, checkpointing: bool, *, fast_path: bo
             setting="auto", packed=packed, device_type=device, dtype=autocast,
             refusal=shape.document_kernel_refusal)[0][0]
         attention = first if first in ("varlen", "flex_attention") else shape.attention
-    rows = recipe.training.micro_batch_size
-    if recipe.training.micro_batch_tokens:  # the budget in rows of max_length (padding counted, as the loop does)
-        rows = max(1, -(-recipe.training.micro_batch_tokens // recipe.dataset.max_length))
+    rows = largest_micro_batch_rows(recipe.training, recipe.dataset.max_length)
     return Setting(micro_batch_size=rows, max_length=recipe.dataset.max_length,
                    checkpointing=checkpointing, gradient_accumulation=recipe.training.gradient_accumulation,
                    weights_dtype=dtype, bits=quant.bits if quant else None,

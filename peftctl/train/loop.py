@@ -126,7 +126,7 @@ class Run:
     first_step_s: float | None = None
     setup_peak: int | None = None
     t_loop: float = 0.0
-    setup_phases: dict = field(default_factory=dict)  # train/timings.py: seconds per phase of setup
+    setup_clock: object = None  # train/timings.SetupClock: seconds per phase of setup
 
     @property
     def recipe(self):
@@ -187,8 +187,7 @@ def setup(loaded, options: TrainOptions, console=None, clock=None):
     clock = clock or SetupClock()
     import torch
 
-    from peftctl import packed_attention
-    from peftctl.data.prepare import prepare
+    from peftctl.data.prepare import largest_micro_batch_rows, prepare
     from peftctl.host_embedding import place_input_embeddings
     from peftctl.methods import runtime
     from peftctl.methods.peft_common import AttachContext
@@ -302,7 +301,7 @@ def setup(loaded, options: TrainOptions, console=None, clock=None):
     autocast_dtype = _autocast_dtype(recipe, device)
     if autocast_dtype is not None and skip_adapter_input_casts(model):
         kernels = kernels + ["adapter_inputs_in_autocast_dtype"]
-    rows = packed_attention.micro_batch_rows(recipe)  # the plan's micro-batch (plan/estimate.setting_for)
+    rows = largest_micro_batch_rows(training, recipe.dataset.max_length)  # as the plan sizes it
     if dropout_kernel_layers(model, device.type, autocast_dtype, rows * recipe.dataset.max_length):
         kernels = kernels + ["lora_dropout_kernel"]
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
@@ -324,7 +323,7 @@ def setup(loaded, options: TrainOptions, console=None, clock=None):
     return Run(loaded, options, console, say, folder, recipe_yaml, world, device, tokenizer, data, schedule,
                total_steps, checkpointing, model, step_module, eval_loss, engine, counts, optimizer, scheduler,
                state, autocast_dtype, scaler, manifest, metrics, t_start,
-               trainable=[p for p in model.parameters() if p.requires_grad], setup_phases=clock.phases)
+               trainable=[p for p in model.parameters() if p.requires_grad], setup_clock=clock)
 
 
 def _settle_packing(model, recipe, data, tokenizer, world, device, say):
@@ -523,7 +522,7 @@ def _record_end(run: Run, status: str, exit_code: int, **extra) -> None:
                "setup_s": round(run.t_loop - run.t_start, 2),
                "first_step_s": round(run.first_step_s, 2) if run.first_step_s else None,
                "train_s_all_attempts": round(run.train_s + manifest.get("resume", {}).get("earlier_train_s", 0), 2),
-               "setup_phases": {name: round(seconds, 3) for name, seconds in run.setup_phases.items()}}
+               "setup_phases": run.setup_clock.as_dict()}
     run.folder.write_manifest({**manifest, **extra, "status": status, "exit_code": exit_code,
                                "steps_done": state.step, "tokens_seen": state.tokens_seen, "timings": timings,
                                "peak_memory_bytes": _peak_since(run.device, run.setup_peak),

@@ -40,6 +40,17 @@ def _keep(seed, rows, k0, in_features, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.con
 
 
 @triton.jit
+def _dropped_tile(x_ptr, rows, cols, k0, row_end, col_end, stride_xm, stride_xk, seed, in_features, p, scale,
+                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The dropped-out tile x[rows, cols] * mask / (1 - p), columns from k0: scaled in fp32 and rounded once to x's
+    dtype, as torch's dropout kernel does. The forward and grad_A kernels both read x through it."""
+    inside = (rows[:, None] < row_end) & (cols[None, :] < col_end)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=inside, other=0.0)
+    keep = _keep(seed, rows, k0, in_features, p, BLOCK_M, BLOCK_K)
+    return tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
+
+
+@triton.jit
 def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b accumulated in fp32. UPCAST (Triton's interpreter only): its tl.dot multiplies bf16 as the raw integers
     it stores them in (triton 3.9), so the operands go up to fp32 first -- the same products, exact in fp32."""
@@ -63,12 +74,8 @@ def _forward_kernel(x_ptr, a_ptr, h_ptr, seed_ptr, tokens, in_features, r, strid
     end = tl.minimum(first + cols_per_split, in_features)
     for k0 in range(first, end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        inside = (rows[:, None] < tokens) & (cols[None, :] < end)
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=inside,
-                    other=0.0)
-        # scaled in fp32 and rounded once to x's dtype, as torch's dropout kernel does
-        keep = _keep(seed, rows, k0, in_features, p, BLOCK_M, BLOCK_K)
-        dropped = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
+        dropped = _dropped_tile(x_ptr, rows, cols, k0, tokens, end, stride_xm, stride_xk, seed, in_features, p,
+                                scale, BLOCK_M, BLOCK_K)
         a_t = tl.load(a_ptr + ranks[None, :] * in_features + cols[:, None],
                       mask=(ranks[None, :] < r) & (cols[:, None] < end), other=0.0)
         acc += _dot(dropped, a_t, IEEE, UPCAST)
@@ -112,11 +119,8 @@ def _grad_weight_kernel(gh_ptr, x_ptr, ga_ptr, seed_ptr, tokens, in_features, r,
         rows = m0 + tl.arange(0, BLOCK_M)
         gh_t = tl.load(gh_ptr + rows[None, :] * r + ranks[:, None], mask=(rows[None, :] < end) & (ranks[:, None] < r),
                        other=0.0)
-        inside = (rows[:, None] < end) & (cols[None, :] < in_features)
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=inside,
-                    other=0.0)
-        keep = _keep(seed, rows, tl.program_id(0) * BLOCK_K, in_features, p, BLOCK_M, BLOCK_K)
-        dropped = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
+        dropped = _dropped_tile(x_ptr, rows, cols, tl.program_id(0) * BLOCK_K, end, in_features, stride_xm,
+                                stride_xk, seed, in_features, p, scale, BLOCK_M, BLOCK_K)
         acc += _dot(gh_t, dropped, IEEE, UPCAST)
     tl.store(ga_ptr + split * r * in_features + ranks[:, None] * in_features + cols[None, :], acc,
              mask=(ranks[:, None] < r) & (cols[None, :] < in_features))
