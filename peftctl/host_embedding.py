@@ -14,6 +14,7 @@ from torch import nn
 
 from peftctl import placement
 from peftctl.errors import InvalidInput
+from peftctl.model import base_model
 
 
 class HostEmbedding(nn.Module):
@@ -57,7 +58,7 @@ class HostEmbedding(nn.Module):
 
 def why_not(model) -> str | None:
     """Why this model's own input embedding cannot move to the host (None: it can)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     embedding, head = base.get_input_embeddings(), base.get_output_embeddings()
     if type(embedding) is not nn.Embedding or embedding.max_norm is not None:
         return f"its input embedding ({type(embedding).__name__}) is not a plain lookup table"
@@ -80,7 +81,7 @@ def place_input_embeddings(model, choice: str, device, *, world_size: int, quant
     if not placement.on_host(choice, device_type=device.type, quantised=quantised, checkpointing=checkpointing,
                              blocker=blocker):
         return False
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     embedding = base.get_input_embeddings()
     base.set_input_embeddings(HostEmbedding(embedding, device))
     embedding.weight.data = torch.empty(0, dtype=embedding.weight.dtype, device=embedding.weight.device)  # free it

@@ -159,6 +159,11 @@ def disable_cpu_repacking(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def base_model(model):
+    """The transformers model under a peft wrapper (the model itself when it is not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def decoder_layers(model, count: int | None = None):
     """The model's list of decoder layers: the ModuleList as long as config.num_hidden_layers (or `count`)."""
     from torch import nn

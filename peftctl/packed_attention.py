@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import inspect
 
+from peftctl.model import base_model
+
 VARLEN = "peftctl_varlen"  # the name under which transformers' AttentionInterface knows our varlen function
 PROBE_RTOL = 2e-2  # of the largest reference value: bf16 keeps ~3 significant digits, a leak or a wrong scale is O(1)
 
@@ -83,12 +85,12 @@ def register() -> None:
 
 def uses_documents(model) -> bool:
     """Whether this model's forward needs the batch's document lengths (its attention is our varlen function)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     return getattr(getattr(base, "config", None), "_attn_implementation", None) == VARLEN
 
 
 def set_attention(model, name: str) -> None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     if name == VARLEN:
         register()
     if base.config._attn_implementation == name:

@@ -20,6 +20,7 @@ from peftctl.data.packing import collate, pack_examples
 from peftctl.data.tokenize import IGNORE
 from peftctl.errors import InvalidInput
 from peftctl.eval.targets import Group, Target
+from peftctl.model import base_model
 
 
 @dataclass
@@ -129,7 +130,7 @@ def _packs(model, tokenizer) -> bool:
 
     if _prompt_learning(model):
         return False
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     try:
         isolated, _, _ = check_packing_isolation(base, pick_device(), len(tokenizer))
     except Exception:  # noqa: BLE001 - a model that cannot take position_ids at all: pad instead

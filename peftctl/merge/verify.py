@@ -28,6 +28,7 @@ from peftctl.merge.layout import assemble, checkpoint_layout
 from peftctl.merge.models import empty_model
 from peftctl.merge.quantized import by_checkpoint_key, quantized_weights, weight_transform
 from peftctl.merge.safetensors_io import SafetensorsFolder
+from peftctl.model import base_model
 
 FLOAT32_TOLERANCE = 1e-4  # relative logit difference of float32 rounding noise (measured ~1e-7 on tiny models)
 MIN_EFFECT = 1e-6  # relative: below this the merged model is the base model, whatever the dtype
@@ -239,7 +240,7 @@ def stream_logits(model, source: SafetensorsFolder, ids, transform, notes: list[
 
     from peftctl.model import decoder_layers
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = base_model(model)
     try:
         layers = list(decoder_layers(inner))
     except ValueError:

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 
 from peftctl import fast_path
+from peftctl.model import base_model
 from peftctl.params import is_tuner_layer
 from peftctl.plan.constants import (
     ACT_FN_SAVED,
@@ -107,7 +108,7 @@ def model_shape(model, config, recipe) -> ModelShape:
     vocab = _first(text, "vocab_size")
     quant = recipe.quantization
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     output_embeddings = base.get_output_embeddings()
     input_embeddings = base.get_input_embeddings()
     embedding_ids = {id(p) for m in (input_embeddings, output_embeddings) if m is not None for p in m.parameters()}

@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 
 from peftctl.errors import EXIT_FAILURE, InvalidInput
+from peftctl.model import base_model
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ def wrap(model, loss_fn, world: World, device, engine: str | None):
 
         from peftctl.model import decoder_layers
 
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         for layer in decoder_layers(base):  # one all-gather per layer, freed after it
             fully_shard(layer)
         fully_shard(module)  # the rest: embeddings, final norm, output head

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from peftctl.data.packing import model_inputs
 from peftctl.data.tokenize import IGNORE
+from peftctl.model import base_model
 from peftctl.packed_attention import uses_documents
 
 
@@ -33,7 +34,7 @@ def loss_sum(model, batch, *, prompt_learning: bool = False):
 
 def fused_loss_sum(model, batch, *, loss_module):
     """Summed token loss from the final hidden states through liger's fused linear cross-entropy."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     inputs = model_inputs(batch, prompt_learning=False, documents=uses_documents(base))
     hidden = base.get_decoder()(**inputs).last_hidden_state
     head = base.get_output_embeddings()
@@ -46,7 +47,7 @@ def build_loss(model, method_spec, device) -> tuple[Callable, str]:
     from peftctl.fast_path import fused_loss_applies, liger_available
 
     prompt_learning = method_spec.prompt_learning
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     head = base.get_output_embeddings()
     plain_head = type(head).__name__ == "Linear" and not any(p.requires_grad for p in head.parameters())
     if (device.type == "cuda" and hasattr(base, "get_decoder")
