@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from peftctl.train.fused_lora import _fused_forward, fuse_lora_layers, lora_branch
+from peftctl.train import fused_lora
+from peftctl.train.fused_lora import _fused_forward, _owns_base, fuse_lora_layers, lora_branch
 
 
 def _eager(x, result, a, b, mask, p, scaling):
@@ -111,6 +112,100 @@ def test_checkpoint_recompute_draws_the_same_mask():
     torch.testing.assert_close(ckpt_out, plain_out)
     for g_ckpt, g_plain in zip(ckpt_grads, plain_grads):
         torch.testing.assert_close(g_ckpt, g_plain)
+
+
+def _linear_4bit(width_in, width_out, dtype=torch.float32):
+    """A bitsandbytes NF4 layer on the CPU (its CPU backend), frozen, computing in `dtype`."""
+    bnb = pytest.importorskip("bitsandbytes")
+    layer = bnb.nn.Linear4bit(width_in, width_out, bias=False, compute_dtype=dtype, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(width_out, width_in) * 0.1, requires_grad=False, quant_type="nf4")
+    return layer.to("cpu")
+
+
+def _frozen_linear(width_in, width_out, dtype):
+    return torch.nn.Linear(width_in, width_out, dtype=dtype).requires_grad_(False)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("kind", ["linear", "nf4"])
+def test_branch_that_computes_the_base_matches_the_eager_formula(kind, p):
+    """With the base computed inside the function, x's gradient carries the base's part (grad @ W, W dequantised
+    for 4-bit) as well as the branch's, and the output is the base's plus the branch."""
+    torch.manual_seed(0)
+    dtype = torch.float64 if kind == "linear" else torch.float32
+    base = _frozen_linear(12, 7, dtype) if kind == "linear" else _linear_4bit(64, 32)
+    width_in, width_out = base.in_features, base.out_features
+    assert _owns_base(base, torch.zeros(1, width_in, dtype=dtype))
+    if kind == "linear":
+        weight, bias = base.weight, base.bias
+    else:
+        import bitsandbytes.functional as bnb_functional
+
+        weight, bias = bnb_functional.dequantize_4bit(base.weight.data, base.weight.quant_state), None
+    leaves = [torch.randn(2, 5, width_in, dtype=dtype), torch.randn(3, width_in, dtype=dtype),
+              torch.randn(width_out, 3, dtype=dtype)]
+    fused_in = [t.clone().requires_grad_() for t in leaves]
+    eager_in = [t.clone().requires_grad_() for t in leaves]
+    torch.manual_seed(1)
+    fused = lora_branch(fused_in[0], None, fused_in[1], fused_in[2], p, 1.7, base=base)
+    torch.manual_seed(1)
+    mask = torch.native_dropout(leaves[0].reshape(-1, width_in), p, True)[1].reshape(2, 5, width_in) if p else None
+    x, a, b = eager_in
+    eager = _eager(x, torch.nn.functional.linear(x, weight, bias), a, b, mask, p, 1.7)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(fused, eager, **tol)
+    weights = torch.randn_like(eager)
+    (fused * weights).sum().backward()
+    (eager * weights).sum().backward()
+    for name, f, e in zip(("x", "A", "B"), fused_in, eager_in):
+        torch.testing.assert_close(f.grad, e.grad, **tol, msg=f"gradient of {name}")
+
+
+def test_branch_that_computes_the_base_adds_into_the_base_output_buffer():
+    """No copy of the base's output: the result is the very tensor the base layer returned."""
+    base = _frozen_linear(16, 8, torch.float32)
+    returned = []
+    forward = base.forward
+    base.forward = lambda t: (returned.append(forward(t)), returned[-1])[1]  # not a hook: _owns_base still says yes
+    x = torch.randn(3, 16, requires_grad=True)
+    out = lora_branch(x, None, torch.randn(2, 16), torch.randn(8, 2), 0.0, 1.0, base=base)
+    assert len(returned) == 1 and out.data_ptr() == returned[0].data_ptr()
+    out.add_(1.0).sum().backward()  # and the caller may still add to it in place
+    assert x.grad is not None
+
+
+def test_only_frozen_plain_base_layers_are_computed_inside():
+    x = torch.zeros(1, 16)
+    assert _owns_base(_frozen_linear(16, 8, torch.float32), x)
+    assert not _owns_base(torch.nn.Linear(16, 8), x)  # a trained weight: autograd must see it
+    trained_bias = _frozen_linear(16, 8, torch.float32)
+    trained_bias.bias.requires_grad_(True)
+    assert not _owns_base(trained_bias, x)
+    hooked = _frozen_linear(16, 8, torch.float32)
+    hooked.register_forward_hook(lambda *a: None)
+    assert not _owns_base(hooked, x)
+
+    class Subclass(torch.nn.Linear):
+        pass
+
+    assert not _owns_base(Subclass(16, 8).requires_grad_(False), x)
+    nf4 = _linear_4bit(64, 32, dtype=torch.bfloat16)
+    assert _owns_base(nf4, torch.zeros(1, 64, dtype=torch.bfloat16))
+    assert not _owns_base(nf4, torch.zeros(1, 64))  # bitsandbytes would cast x: its own forward does that
+
+
+def test_fused_model_computes_every_plain_base_inside(tiny_model, monkeypatch):
+    """Every routed layer of a frozen base model takes the path that computes the base (and x's gradient through
+    it) inside the function."""
+    model = _peft_model(tiny_model, lora_dropout=0.1)
+    routed = fuse_lora_layers(model)
+    calls = []
+    add = fused_lora._add_base_grad
+    monkeypatch.setattr(fused_lora, "_add_base_grad", lambda *a: (calls.append(1), add(*a))[1])
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    model.get_input_embeddings().weight.requires_grad_(True)  # so that the first layer's x needs a gradient too
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert len(calls) == routed > 0
 
 
 def _peft_model(tiny_model, **lora):

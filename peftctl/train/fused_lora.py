@@ -14,6 +14,14 @@ dropout keeps a masked copy of the input for every adapted layer, although q, k 
   they were. (Rebuilding the dropped input from x and the mask in the backward pass saved 8 GiB on an 8B QLoRA run
   but cost more time than the fusion gained: BENCHMARKS.md.)
 
+Where the base layer is a frozen `nn.Linear` or a bitsandbytes 4-bit layer (peftctl's own base layers), the
+function computes the base too (`_owns_base`): its output is written by the base's own forward inside the
+function, so the branch is added into that very buffer (`addmm_`: torch's out-of-place addmm first copies its C
+operand, a full pass over the output), and x's gradient is one buffer -- the branch's, into which the base's
+`grad @ W` (W dequantised as bitsandbytes' backward does) is accumulated by the same GEMM -- instead of two tensors
+that autograd then sums in another pass. Same sums; the base's part of x's gradient is rounded to the activations'
+dtype once, with the branch's, instead of twice.
+
 With dropout on a CUDA device (and triton there, in a dtype and at an r it supports: peftctl/fast_path.py, which
 the memory plan reads too), the branch takes LoRA's dropout kernel instead (train/lora_dropout_kernel.py): the mask
 is drawn inside the LoRA-A product from a seed and drawn again in the backward pass, so the layer keeps x itself
@@ -45,20 +53,36 @@ def _b_side_backward(ctx, grad_out, h, weight_b, dtype, needs_b: bool, needs_h: 
     return grad_b, grad_h
 
 
+def _add_product(result2, base, x2, h, weight_b, scaling: float, dtype):
+    """result + scaling * h @ B^T. With `base` (result2 None): the base's output computed here, and the product
+    added into its buffer where it is a plain tensor of the right dtype (anything else is summed out of place)."""
+    if result2 is None:
+        result2 = base(x2)  # grad mode is off inside a Function's forward: x's gradient through W is ours
+        if result2.dtype == dtype and result2.is_contiguous() and not result2._is_view():
+            return result2.addmm_(h, weight_b.to(dtype).t(), alpha=scaling)
+    return torch.addmm(result2.to(dtype), h, weight_b.to(dtype).t(), alpha=scaling)
+
+
+def _add_base_grad(grad_x, grad_out, base, dtype):
+    """x's gradient through the frozen base, accumulated into the branch's by the GEMM itself (C operand)."""
+    return grad_x.addmm_(grad_out.to(dtype), _base_matrix(base, dtype))
+
+
 class _LoraBranch(torch.autograd.Function):
-    """out = result + scaling * (dropout_p(x) @ A^T) @ B^T, with dropout's own kernels (p = 0: no dropout)."""
+    """out = base(x) + scaling * (dropout_p(x) @ A^T) @ B^T, with dropout's own kernels (p = 0: no dropout); the
+    base's output given as `result2` (its gradient passed back to it), or computed here from `base`."""
 
     @staticmethod
-    def forward(ctx, x2, result2, weight_a, weight_b, p: float, scaling: float):
+    def forward(ctx, x2, result2, weight_a, weight_b, p: float, scaling: float, base=None):
         dtype = x2.dtype
         if p > 0:
             dropped, mask = torch.native_dropout(x2, p, True)
         else:
             dropped, mask = x2, None
         h = dropped @ weight_a.to(dtype).t()
-        out = torch.addmm(result2.to(dtype), h, weight_b.to(dtype).t(), alpha=scaling)
+        out = _add_product(result2, base, x2, h, weight_b, scaling, dtype)
         ctx.save_for_backward(dropped, mask, h, weight_a, weight_b)
-        ctx.p, ctx.scaling = p, scaling
+        ctx.p, ctx.scaling, ctx.base = p, scaling, base
         return out
 
     @staticmethod
@@ -75,7 +99,9 @@ class _LoraBranch(torch.autograd.Function):
                 grad_x = grad_h @ weight_a.to(dtype)
                 if mask is not None:
                     grad_x = torch.ops.aten.native_dropout_backward(grad_x, mask, 1.0 / (1.0 - ctx.p))
-        return grad_x, (grad_out if needs_result else None), grad_a, grad_b, None, None
+        if needs_x and ctx.base is not None:
+            grad_x = _add_base_grad(grad_x, grad_out, ctx.base, dtype)
+        return grad_x, (grad_out if needs_result else None), grad_a, grad_b, None, None, None
 
 
 class _LoraDropoutKernelBranch(torch.autograd.Function):
@@ -83,15 +109,15 @@ class _LoraDropoutKernelBranch(torch.autograd.Function):
     (train/lora_dropout_kernel.py): no dropped copy and no mask are written; x itself, a seed and h are kept."""
 
     @staticmethod
-    def forward(ctx, x2, result2, weight_a, weight_b, p: float, scaling: float):
+    def forward(ctx, x2, result2, weight_a, weight_b, p: float, scaling: float, base=None):
         from peftctl.train import lora_dropout_kernel as kernel
 
         dtype = x2.dtype
         seed = kernel.draw_seed(x2.device)
         h = kernel.dropout_a_forward(x2, weight_a.to(dtype), seed, p)
-        out = torch.addmm(result2.to(dtype), h, weight_b.to(dtype).t(), alpha=scaling)
+        out = _add_product(result2, base, x2, h, weight_b, scaling, dtype)
         ctx.save_for_backward(x2, seed, h, weight_a, weight_b)
-        ctx.p, ctx.scaling = p, scaling
+        ctx.p, ctx.scaling, ctx.base = p, scaling, base
         return out
 
     @staticmethod
@@ -108,7 +134,9 @@ class _LoraDropoutKernelBranch(torch.autograd.Function):
                 grad_a = kernel.dropout_a_grad_weight(grad_h, x2, seed, ctx.p).to(weight_a.dtype)
             if needs_x:
                 grad_x = kernel.dropout_a_grad_input(grad_h, weight_a.to(dtype), seed, ctx.p, dtype)
-        return grad_x, (grad_out if needs_result else None), grad_a, grad_b, None, None
+        if needs_x and ctx.base is not None:
+            grad_x = _add_base_grad(grad_x, grad_out, ctx.base, dtype)
+        return grad_x, (grad_out if needs_result else None), grad_a, grad_b, None, None, None
 
 
 def dropout_kernel_applies(x2: torch.Tensor, weight_a: torch.Tensor, p: float) -> bool:
@@ -123,8 +151,9 @@ def dropout_kernel_applies(x2: torch.Tensor, weight_a: torch.Tensor, p: float) -
                                                  elements=x2.numel(), triton=fast_path.triton_available())
 
 
-def lora_branch(x, result, weight_a, weight_b, p: float, scaling: float, dropout_kernel: bool = True):
-    """`result + scaling * B(A(dropout_p(x)))`; pass p = 0 outside training.
+def lora_branch(x, result, weight_a, weight_b, p: float, scaling: float, dropout_kernel: bool = True, base=None):
+    """`result + scaling * B(A(dropout_p(x)))`; pass p = 0 outside training. `result` is the base layer's output;
+    or pass `result=None` and the frozen base layer as `base` (one `_owns_base` accepts) to have it computed here.
 
     The reshapes to 2-D and back happen out here, not inside the Function: a view created inside a custom Function
     may not be modified in place, and some models add to a projection's output in place (Falcon's attention), which
@@ -132,8 +161,40 @@ def lora_branch(x, result, weight_a, weight_b, p: float, scaling: float, dropout
     x2 = x.reshape(-1, x.shape[-1])
     kernel = dropout_kernel and dropout_kernel_applies(x2, weight_a, p)
     branch = _LoraDropoutKernelBranch if kernel else _LoraBranch
-    out = branch.apply(x2, result.reshape(-1, result.shape[-1]), weight_a, weight_b, p, scaling)
-    return out.reshape(*result.shape[:-1], out.shape[-1])
+    result2 = None if result is None else result.reshape(-1, result.shape[-1])
+    out = branch.apply(x2, result2, weight_a, weight_b, p, scaling, base)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _bnb_4bit_type():
+    import sys
+
+    module = sys.modules.get("bitsandbytes.nn")  # a 4-bit layer exists only where bitsandbytes was imported
+    return getattr(module, "Linear4bit", None)
+
+
+def _owns_base(base, x) -> bool:
+    """Whether the fused function may compute this base layer itself: a frozen `nn.Linear` (no subclass) or a
+    frozen bitsandbytes 4-bit layer computing in x's dtype, with no hooks (accelerate's offload moves weights in
+    around the forward: the backward could not read them)."""
+    frozen = not base.weight.requires_grad and (getattr(base, "bias", None) is None or not base.bias.requires_grad)
+    if not frozen or base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+        return False
+    if type(base) is nn.Linear:
+        return True
+    linear_4bit = _bnb_4bit_type()
+    return (linear_4bit is not None and type(base) is linear_4bit and base.weight.device == x.device
+            and base.compute_dtype in (None, x.dtype) and getattr(base.weight, "quant_state", None) is not None)
+
+
+def _base_matrix(base, dtype):
+    """The (out x in) matrix x's gradient goes through: the weight, or the 4-bit weight dequantised as
+    bitsandbytes' own backward does."""
+    if type(base) is nn.Linear:
+        return base.weight.to(dtype)
+    import bitsandbytes.functional as bnb_functional
+
+    return bnb_functional.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor):
@@ -156,9 +217,13 @@ def _fused_forward(self, x, *args, **kwargs):
         return type(self).forward(self, x, *args, **kwargs)
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    kernel = getattr(self, "peftctl_dropout_kernel", True)
+    if _owns_base(self.base_layer, x):
+        return lora_branch(x, None, lora_a.weight, lora_b.weight, p, self.scaling[name], dropout_kernel=kernel,
+                           base=self.base_layer)
     result = self.base_layer(x)
     return lora_branch(x, result, lora_a.weight, lora_b.weight, p, self.scaling[name],
-                       dropout_kernel=getattr(self, "peftctl_dropout_kernel", True)).to(result.dtype)
+                       dropout_kernel=kernel).to(result.dtype)
 
 
 def _fusable_layer_types() -> tuple[type, ...]:
