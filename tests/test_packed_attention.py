@@ -40,6 +40,17 @@ def reference_without_gqa(query, key, value, cu_q, cu_k, max_q, max_k, *, scale=
     return reference_varlen(query, key, value, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0))
 
 
+def reference_flash_211(query, key, value, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+    """torch 2.11's varlen_attn as it is: window_size=, no enable_gqa, and the flash kernel takes fewer key/value
+    heads than query heads as they are."""
+    reference_flash_211.kv_heads_seen.append(key.shape[1])
+    return reference_varlen(query, key, value, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size,
+                            enable_gqa=key.shape[1] != query.shape[1])
+
+
+reference_flash_211.kv_heads_seen = []
+
+
 def example(n: int, start: int = 5) -> dict:
     ids = list(range(start, start + n))
     return {"input_ids": ids, "labels": [-100] + ids[1:]}
@@ -81,13 +92,16 @@ def _tiny_llama(kv_heads: int = 2):
     return LlamaForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("kernel", [reference_varlen, reference_without_gqa], ids=["window_size+gqa", "is_causal"])
-def test_a_tiny_llama_through_the_varlen_wrapper_gets_the_logits_of_each_example_alone(monkeypatch, kernel):
+@pytest.mark.parametrize("kernel, name", [(reference_varlen, packed_attention.VARLEN),
+                                          (reference_flash_211, packed_attention.VARLEN),
+                                          (reference_without_gqa, packed_attention.VARLEN_REPEAT_KV)],
+                         ids=["window_size+gqa", "heads-as-they-are", "is_causal+repeated"])
+def test_a_tiny_llama_through_the_varlen_wrapper_gets_the_logits_of_each_example_alone(monkeypatch, kernel, name):
     monkeypatch.setattr(packed_attention, "varlen_kernel", lambda: kernel)
     model = _tiny_llama()
     examples = [example(7), example(5, 40), example(9, 80), example(6, 120)]
     batch = collate([examples[:2], examples[2:]], pad_id=0, packed=True, pad_to=16)
-    packed_attention.set_attention(model, packed_attention.VARLEN)
+    packed_attention.set_attention(model, name)
     assert packed_attention.uses_documents(model)
     with torch.no_grad():
         packed = model(**model_inputs(batch, prompt_learning=False, documents=True)).logits
@@ -169,8 +183,10 @@ def test_a_kernel_that_fails_its_probe_falls_back_to_sdpa_and_the_run_trains(tin
     assert result.steps == 2 and manifest["status"] == "completed"
     attention = manifest["fast_path"]["attention"]
     assert attention["kernel"] == "sdpa"
-    assert attention["tried"] == [{"kernel": "varlen",
-                                   "refused": "RuntimeError: FlashAttention only supports Ampere GPUs or newer."}]
+    why = "RuntimeError: FlashAttention only supports Ampere GPUs or newer."
+    # a grouped-query model: the heads as they are first, then repeated, then SDPA
+    assert attention["tried"] == [{"kernel": "varlen with grouped-query heads as they are", "refused": why},
+                                  {"kernel": "varlen", "refused": why}]
     assert any(n.startswith("note: packed attention: varlen failed its probe") and "sdpa instead" in n
                for n in notes)
 
@@ -245,3 +261,66 @@ def test_the_lengths_reach_the_attention_through_peft(monkeypatch):
         singles = [collate([[e]], pad_id=0, packed=False) for e in examples]
         unpacked_loss = sum(loss_sum(model, b) for b in singles) / sum(b.n_trained for b in singles)
     assert packed_loss.item() == pytest.approx(unpacked_loss.item(), rel=1e-5)
+
+
+def test_the_key_value_heads_go_to_the_kernel_as_they_are_where_it_takes_them(monkeypatch):
+    """torch 2.11's kernel has no enable_gqa but takes 2 key/value heads for 4 query heads: the probe passes them
+    unrepeated (no repeated copies kept for the backward pass)."""
+    monkeypatch.setattr(packed_attention, "varlen_kernel", lambda: reference_flash_211)
+    monkeypatch.setattr(reference_flash_211, "kv_heads_seen", [])
+    shape = {"heads": 4, "kv_heads": 2, "head_dim": 16, "rows": 2, "length": 40}
+    assert packed_attention.probe("varlen", shape, torch.device("cpu"), torch.float32) is None
+    assert set(reference_flash_211.kv_heads_seen) == {2}
+    assert packed_attention.probe("varlen", shape, torch.device("cpu"), torch.float32, repeat_kv=True) is None
+    assert reference_flash_211.kv_heads_seen[-1] == 4
+
+
+def test_a_kernel_that_refuses_fewer_key_value_heads_gets_them_repeated(tiny_model, write_recipe, monkeypatch):
+    """The probe tries the key/value heads as they are first; a kernel that refuses them gets them repeated, and
+    run.json says which form was refused and why."""
+    model_dir = tiny_model("llama")
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    assert config["num_key_value_heads"] < config["num_attention_heads"]  # a grouped-query model
+    manifest, notes, result = _fallback_run(tiny_model, write_recipe, monkeypatch, reference_without_gqa)
+    attention = manifest["fast_path"]["attention"]
+    assert attention["kernel"] == "varlen" and result.steps == 2
+    assert [t["kernel"] for t in attention["tried"]] == ["varlen with grouped-query heads as they are"]
+    assert "AssertionError" in attention["tried"][0]["refused"]
+
+
+def test_rows_of_one_example_each_skip_the_probe_and_the_isolation_check(tiny_model, write_recipe, monkeypatch,
+                                                                          tmp_path):
+    """Packing on, but every example longer than half a row: no row holds two, so nothing can leak and the run
+    spends no time probing kernels or checking isolation (the benchmark's full-length cases)."""
+    from peftctl.recipe.loader import load_recipe
+    from peftctl.train.loop import TrainOptions, train
+
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"repeat {i} " + "the cat sat on the mat " * 6, "input": "",
+                                        "output": "the cat sat on the mat " * 6}) + "\n" for i in range(8)))
+    real_rule = fast_path.packed_attention_candidates
+    monkeypatch.setattr(fast_path, "packed_attention_candidates",
+                        lambda **kw: (["varlen", "sdpa"], []) if kw["packed"] else real_rule(**kw))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("not to be called for rows of one example")
+
+    monkeypatch.setattr(packed_attention, "probe", refuse)
+    monkeypatch.setattr("peftctl.model.check_packing_isolation", refuse)
+    recipe = write_recipe(tiny_model("llama"), data=data, dataset={"packing": True, "max_length": 96},
+                          training={"max_steps": 2, "micro_batch_size": 2})
+    loaded = load_recipe(str(recipe), [])
+    result = train(loaded, TrainOptions(quiet=True))
+    manifest = json.loads((Path(result.run_dir) / "run.json").read_text())
+    assert result.steps == 2 and manifest["fast_path"]["attention"]["kernel"] == "sdpa"
+
+    from peftctl.data.prepare import prepare
+    from peftctl.model import load_tokenizer
+
+    tokenizer = load_tokenizer(loaded.recipe.model)
+    prepared = prepare(loaded.recipe.dataset, tokenizer, seed=0, pad_id=tokenizer.pad_token_id)
+    assert prepared.packed and all(len(row) == 1 for row in prepared.train.rows)  # the case this test means
+    assert not prepared.shares_rows
+    short = prepare(loaded.recipe.dataset.model_copy(update={"max_length": 1024}), tokenizer, seed=0,
+                    pad_id=tokenizer.pad_token_id)
+    assert short.shares_rows  # the same examples in longer rows do share them
