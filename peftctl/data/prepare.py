@@ -90,6 +90,12 @@ class PreparedData:
     def step_schedule(self, training, world_size: int = 1) -> StepSchedule:
         return StepSchedule(self, training, world_size)
 
+    @property
+    def shares_rows(self) -> bool:
+        """Whether any row holds more than one example: only then can packed examples see each other."""
+        return self.packed and any(len(row) > 1 for split in (self.train, self.validation) if split is not None
+                                   for row in split.rows)
+
     def trained_tokens(self, split: Split, row_ids) -> int:
         """Trained tokens in these rows, from the table's counts: no collation, no device sync."""
         return sum(split.row_counts()[0][int(r)] for r in row_ids)

@@ -335,8 +335,9 @@ def _settle_packing(model, recipe, data, tokenizer, world, device, say):
     from peftctl.model import check_packing_isolation
 
     loaded_with = model.config._attn_implementation
-    attention = packed_attention.choose_for_run(model, recipe, device, packed=data.packed, say=say)
-    if not data.packed:
+    # Rows of one example each (examples as long as a row) keep apart whatever the kernel: nothing to probe.
+    attention = packed_attention.choose_for_run(model, recipe, device, packed=data.shares_rows, say=say)
+    if not data.shares_rows:
         return data, attention
     isolated, difference, contamination = check_packing_isolation(model, device, len(tokenizer))
     if not isolated and attention["kernel"] != loaded_with:
