@@ -255,3 +255,27 @@ def test_regional_compile_benchmark_compiles_the_same_decoder(monkeypatch, tmp_p
     assert result["fused_lora_layers"] == 2 * 4
     assert result["rel_diff_output"] < 1e-4 and result["rel_diff_adapter_grads"] < 1e-4
     assert result["eager_step_s"] > 0 and result["compiled_step_s"] > 0 and result["tokens"] == 32
+
+
+def test_step_profile_measures_base_fused_and_peft_ways(monkeypatch, capsys):
+    """scripts/profile_step.py on the CPU, tiny: the base, fused and peft steps are timed on models routed as each
+    way says (the peft way has no layer on the fused forward), and the LoRA branch's cost is printed."""
+    import types
+
+    import torch
+
+    import profile_step
+    from peftctl.train.fused_lora import _fused_forward
+
+    args = types.SimpleNamespace(tiny=True, layers=1, targets="qkvo", quant="none")
+    fused, _, routed = profile_step.build(args, torch.device("cpu"), fused=True)
+    plain, _, _ = profile_step.build(args, torch.device("cpu"), fused=False)
+    on_fused = lambda m: sum(getattr(x.forward, "__func__", None) is _fused_forward for x in m.modules())  # noqa: E731
+    assert on_fused(fused) == routed == 4 and on_fused(plain) == 0
+    monkeypatch.setattr(sys, "argv", ["profile_step.py", "--device", "cpu", "--tiny", "--layers", "1", "--rows", "1",
+                                      "--tokens", "8", "--repeats", "1"])
+    profile_step.main()
+    out = capsys.readouterr().out
+    for way in ("base", "fused", "peft"):
+        assert f"  {way} " in out
+    assert "the LoRA branch: fused" in out
