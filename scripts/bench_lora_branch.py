@@ -137,8 +137,8 @@ def main() -> None:
     branch = fused_lora.lora_branch
     fused_lora.lora_branch = lambda *a, **k: (calls.append(1), branch(*a, **k))[1]
     kernel_calls = []  # and that the kernel column ran the dropout kernel
-    kernel_apply = fused_lora._LoraDropoutKernelBranch.apply
-    fused_lora._LoraDropoutKernelBranch.apply = lambda *a: (kernel_calls.append(1), kernel_apply(*a))[1]
+    kernel_forward = fused_lora._KernelDropout.forward
+    fused_lora._KernelDropout.forward = staticmethod(lambda *a: (kernel_calls.append(1), kernel_forward(*a))[1])
     device = args.device
     # the kernel on the CPU only in Triton's interpreter (the smoke run of tests/test_bench.py)
     kernel_devices = {"cuda"} | ({"cpu"} if os.environ.get("TRITON_INTERPRET") == "1" else set())

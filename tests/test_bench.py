@@ -201,7 +201,7 @@ def test_lora_branch_benchmark_runs_both_paths_and_takes_the_fused_one(monkeypat
     # main() wraps lora_branch and the kernel's apply to count their calls and sets the kernel's devices, and never
     # puts them back (a script's process ends): put them back after
     monkeypatch.setattr(fused_lora, "lora_branch", fused_lora.lora_branch)
-    monkeypatch.setattr(fused_lora._LoraDropoutKernelBranch, "apply", fused_lora._LoraDropoutKernelBranch.apply)
+    monkeypatch.setattr(fused_lora._KernelDropout, "forward", fused_lora._KernelDropout.forward)
     monkeypatch.setattr(fast_path, "LORA_DROPOUT_KERNEL_DEVICES", fast_path.LORA_DROPOUT_KERNEL_DEVICES)
     monkeypatch.setattr(sys, "argv", ["bench_lora_branch.py", "--device", "cpu", "--quant", "none", "--shrink", "64",
                                       "--tokens", "16", "--repeats", str(repeats)])

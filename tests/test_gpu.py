@@ -190,8 +190,8 @@ def test_lora_dropout_kernel_against_peft_on_8b_widths(width_in, width_out, monk
     from peftctl.train.fused_lora import lora_branch
 
     calls = []
-    apply = fused_lora._LoraDropoutKernelBranch.apply
-    monkeypatch.setattr(fused_lora._LoraDropoutKernelBranch, "apply", lambda *a: (calls.append(1), apply(*a))[1])
+    forward = fused_lora._KernelDropout.forward
+    monkeypatch.setattr(fused_lora._KernelDropout, "forward", lambda *a: (calls.append(1), forward(*a))[1])
     torch.manual_seed(0)
     tokens, r, p = 4096, 16, 0.05
     base = torch.nn.Linear(width_in, width_out, bias=False, dtype=torch.bfloat16, device="cuda").requires_grad_(False)

@@ -23,7 +23,7 @@ that autograd then sums in another pass. Same sums; the base's part of x's gradi
 dtype once, with the branch's, instead of twice.
 
 With dropout on a CUDA device (and triton there, in a dtype and at an r it supports: peftctl/fast_path.py, which
-the memory plan reads too), the branch takes LoRA's dropout kernel instead (train/lora_dropout_kernel.py): the mask
+the memory plan reads too), the branch takes LoRA's dropout kernel instead (`_KernelDropout`; `_TorchDropout` is torch's): the mask
 is drawn inside the LoRA-A product from a seed and drawn again in the backward pass, so the layer keeps x itself
 (shared by q/k/v, gate/up) instead of a dropped copy and a mask. Same sums, same distribution, other draws.
 
@@ -44,15 +44,6 @@ import torch
 from torch import nn
 
 
-def _b_side_backward(ctx, grad_out, h, weight_b, dtype, needs_b: bool, needs_h: bool):
-    """The gradients of B and of h (= the dropped input times A^T), with the scaling on the small tensors: the part
-    of the backward pass both branches share."""
-    g = grad_out.to(dtype)
-    grad_b = (g.t() @ h).mul_(ctx.scaling).to(weight_b.dtype) if needs_b else None
-    grad_h = (g @ weight_b.to(dtype)).mul_(ctx.scaling) if needs_h else None
-    return grad_b, grad_h
-
-
 def _add_product(result2, base, x2, h, weight_b, scaling: float, dtype):
     """result + scaling * h @ B^T. With `base` (result2 None): the base's output computed here, and the product
     added into its buffer where it is a plain tensor of the right dtype (anything else is summed out of place)."""
@@ -63,80 +54,81 @@ def _add_product(result2, base, x2, h, weight_b, scaling: float, dtype):
     return torch.addmm(result2.to(dtype), h, weight_b.to(dtype).t(), alpha=scaling)
 
 
-def _add_base_grad(grad_x, grad_out, base, dtype):
-    """x's gradient through the frozen base, accumulated into the branch's by the GEMM itself (C operand)."""
-    return grad_x.addmm_(grad_out.to(dtype), _base_matrix(base, dtype))
+class _TorchDropout:
+    """Dropout through torch's own kernels (p = 0: none): the dropped copy and the mask are kept, as peft keeps
+    them."""
+
+    @staticmethod
+    def forward(x2, weight_a, p: float):
+        """(h = dropout_p(x) @ A^T, what the backward pass needs)."""
+        dropped, mask = torch.native_dropout(x2, p, True) if p > 0 else (x2, None)
+        return dropped @ weight_a.t(), (dropped, mask)
+
+    @staticmethod
+    def grad_a(grad_h, saved, p: float):
+        return grad_h.t() @ saved[0]
+
+    @staticmethod
+    def grad_x(grad_h, weight_a, saved, p: float):
+        grad_x = grad_h @ weight_a
+        mask = saved[1]
+        return grad_x if mask is None else torch.ops.aten.native_dropout_backward(grad_x, mask, 1.0 / (1.0 - p))
+
+
+class _KernelDropout:
+    """LoRA's dropout kernel (train/lora_dropout_kernel.py): the mask drawn inside the LoRA-A product from a seed
+    and drawn again in the backward pass; x itself and the seed are kept, no dropped copy and no mask."""
+
+    @staticmethod
+    def forward(x2, weight_a, p: float):
+        from peftctl.train import lora_dropout_kernel as kernel
+
+        seed = kernel.draw_seed(x2.device)
+        return kernel.dropout_a_forward(x2, weight_a, seed, p), (x2, seed)
+
+    @staticmethod
+    def grad_a(grad_h, saved, p: float):
+        from peftctl.train import lora_dropout_kernel as kernel
+
+        return kernel.dropout_a_grad_weight(grad_h, saved[0], saved[1], p)
+
+    @staticmethod
+    def grad_x(grad_h, weight_a, saved, p: float):
+        from peftctl.train import lora_dropout_kernel as kernel
+
+        return kernel.dropout_a_grad_input(grad_h, weight_a, saved[1], p, grad_h.dtype)
 
 
 class _LoraBranch(torch.autograd.Function):
-    """out = base(x) + scaling * (dropout_p(x) @ A^T) @ B^T, with dropout's own kernels (p = 0: no dropout); the
-    base's output given as `result2` (its gradient passed back to it), or computed here from `base`."""
+    """out = base(x) + scaling * (dropout_p(x) @ A^T) @ B^T, the dropout drawn by `dropout` (_TorchDropout or
+    _KernelDropout); the base's output given as `result2` (its gradient passed back to it), or computed here from
+    `base` (x's gradient through it then ours too)."""
 
     @staticmethod
-    def forward(ctx, x2, result2, weight_a, weight_b, p: float, scaling: float, base=None):
+    def forward(ctx, x2, result2, weight_a, weight_b, p: float, scaling: float, base, dropout):
         dtype = x2.dtype
-        if p > 0:
-            dropped, mask = torch.native_dropout(x2, p, True)
-        else:
-            dropped, mask = x2, None
-        h = dropped @ weight_a.to(dtype).t()
+        h, saved = dropout.forward(x2, weight_a.to(dtype), p)
         out = _add_product(result2, base, x2, h, weight_b, scaling, dtype)
-        ctx.save_for_backward(dropped, mask, h, weight_a, weight_b)
-        ctx.p, ctx.scaling, ctx.base = p, scaling, base
+        ctx.save_for_backward(h, weight_a, weight_b, *saved)
+        ctx.p, ctx.scaling, ctx.base, ctx.dropout, ctx.dtype = p, scaling, base, dropout, dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        dropped, mask, h, weight_a, weight_b = ctx.saved_tensors
+        h, weight_a, weight_b, *saved = ctx.saved_tensors
         needs_x, needs_result, needs_a, needs_b = ctx.needs_input_grad[:4]
-        dtype = dropped.dtype
-        grad_x = grad_a = None
-        grad_b, grad_h = _b_side_backward(ctx, grad_out, h, weight_b, dtype, needs_b, needs_x or needs_a)
-        if grad_h is not None:
-            if needs_a:
-                grad_a = (grad_h.t() @ dropped).to(weight_a.dtype)
-            if needs_x:
-                grad_x = grad_h @ weight_a.to(dtype)
-                if mask is not None:
-                    grad_x = torch.ops.aten.native_dropout_backward(grad_x, mask, 1.0 / (1.0 - ctx.p))
-        if needs_x and ctx.base is not None:
-            grad_x = _add_base_grad(grad_x, grad_out, ctx.base, dtype)
-        return grad_x, (grad_out if needs_result else None), grad_a, grad_b, None, None, None
-
-
-class _LoraDropoutKernelBranch(torch.autograd.Function):
-    """The same sum as _LoraBranch with p > 0, the mask drawn inside the LoRA-A product by the Triton kernels
-    (train/lora_dropout_kernel.py): no dropped copy and no mask are written; x itself, a seed and h are kept."""
-
-    @staticmethod
-    def forward(ctx, x2, result2, weight_a, weight_b, p: float, scaling: float, base=None):
-        from peftctl.train import lora_dropout_kernel as kernel
-
-        dtype = x2.dtype
-        seed = kernel.draw_seed(x2.device)
-        h = kernel.dropout_a_forward(x2, weight_a.to(dtype), seed, p)
-        out = _add_product(result2, base, x2, h, weight_b, scaling, dtype)
-        ctx.save_for_backward(x2, seed, h, weight_a, weight_b)
-        ctx.p, ctx.scaling, ctx.base = p, scaling, base
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        from peftctl.train import lora_dropout_kernel as kernel
-
-        x2, seed, h, weight_a, weight_b = ctx.saved_tensors
-        needs_x, needs_result, needs_a, needs_b = ctx.needs_input_grad[:4]
-        dtype = x2.dtype
-        grad_x = grad_a = None
-        grad_b, grad_h = _b_side_backward(ctx, grad_out, h, weight_b, dtype, needs_b, needs_x or needs_a)
-        if grad_h is not None:
-            if needs_a:
-                grad_a = kernel.dropout_a_grad_weight(grad_h, x2, seed, ctx.p).to(weight_a.dtype)
-            if needs_x:
-                grad_x = kernel.dropout_a_grad_input(grad_h, weight_a.to(dtype), seed, ctx.p, dtype)
-        if needs_x and ctx.base is not None:
-            grad_x = _add_base_grad(grad_x, grad_out, ctx.base, dtype)
-        return grad_x, (grad_out if needs_result else None), grad_a, grad_b, None, None, None
+        dtype = ctx.dtype
+        g = grad_out.to(dtype)
+        # B's side, the scaling applied to the small tensors
+        grad_b = (g.t() @ h).mul_(ctx.scaling).to(weight_b.dtype) if needs_b else None
+        grad_h = (g @ weight_b.to(dtype)).mul_(ctx.scaling) if needs_x or needs_a else None
+        grad_a = ctx.dropout.grad_a(grad_h, saved, ctx.p).to(weight_a.dtype) if needs_a else None
+        grad_x = None
+        if needs_x:
+            grad_x = ctx.dropout.grad_x(grad_h, weight_a.to(dtype), saved, ctx.p)
+            if ctx.base is not None:  # the base's part accumulated into the same buffer by the GEMM (C operand)
+                grad_x = grad_x.addmm_(g, _base_matrix(ctx.base, dtype))
+        return grad_x, (grad_out if needs_result else None), grad_a, grad_b, None, None, None, None
 
 
 def dropout_kernel_applies(x2: torch.Tensor, weight_a: torch.Tensor, p: float) -> bool:
@@ -159,10 +151,9 @@ def lora_branch(x, result, weight_a, weight_b, p: float, scaling: float, dropout
     may not be modified in place, and some models add to a projection's output in place (Falcon's attention), which
     plain peft allows. A view of a Function's plain output may be modified in place like any other tensor."""
     x2 = x.reshape(-1, x.shape[-1])
-    kernel = dropout_kernel and dropout_kernel_applies(x2, weight_a, p)
-    branch = _LoraDropoutKernelBranch if kernel else _LoraBranch
+    dropout = _KernelDropout if dropout_kernel and dropout_kernel_applies(x2, weight_a, p) else _TorchDropout
     result2 = None if result is None else result.reshape(-1, result.shape[-1])
-    out = branch.apply(x2, result2, weight_a, weight_b, p, scaling, base)
+    out = _LoraBranch.apply(x2, result2, weight_a, weight_b, p, scaling, base, dropout)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
