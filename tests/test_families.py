@@ -55,7 +55,7 @@ def runs(tmp_path_factory):
         recipe = recipe_dict(model_dir, data=data, out=root / f"{family}-run",
                              method={"_replace": True, "name": "lora", "r": 8, "alpha": 16,
                                      "targets": "all-linear"})
-        recipe["dataset"].update(max_length=64)
+        recipe["dataset"].update(max_length=256)  # rows of several examples: packing, and its isolation check
         recipe["dataset"].pop("packing", None)  # the default: auto
         recipe["training"].update(max_steps=8, micro_batch_size=4, lr_scheduler="constant", learning_rate=1e-2)
         path = root / f"{family}.yaml"
@@ -116,6 +116,8 @@ def test_family_trains_counts_and_reloads(family, runs):
     assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-2:]) / 2 < 0.95 * sum(losses[:2]) / 2, losses  # cohere scales its logits by 1/16: slower
     assert manifest["data"]["packed"] is (family not in NO_PACKING)
+    if family not in NO_PACKING:  # and packing meant rows of several examples, so the isolation check ran
+        assert manifest["data"]["rows"] < manifest["data"]["train"]["examples"]
 
     # stock transformers + peft reload the adapter to the trained model's logits
     base = AutoModelForCausalLM.from_pretrained(str(run["model_dir"]), dtype=torch.float32)
