@@ -23,9 +23,10 @@ that autograd then sums in another pass. Same sums; the base's part of x's gradi
 dtype once, with the branch's, instead of twice.
 
 With dropout on a CUDA device (and triton there, in a dtype and at an r it supports: peftctl/fast_path.py, which
-the memory plan reads too), the branch takes LoRA's dropout kernel instead (`_KernelDropout`; `_TorchDropout` is torch's): the mask
-is drawn inside the LoRA-A product from a seed and drawn again in the backward pass, so the layer keeps x itself
-(shared by q/k/v, gate/up) instead of a dropped copy and a mask. Same sums, same distribution, other draws.
+the memory plan reads too), the branch may take LoRA's dropout kernel instead of torch's (`_KernelDropout`, not
+`_TorchDropout`): the mask is drawn inside the LoRA-A product from a seed and drawn again in the backward pass, so
+the layer keeps x itself (shared by q/k/v, gate/up) instead of a dropped copy and a mask. Same sums, same
+distribution, other draws.
 
 The mask comes from torch's generator on x's device (dropout's, or the kernel's seed), so activation
 checkpointing, which restores that generator's state before recomputing, draws the same mask again.
