@@ -222,14 +222,12 @@ def choose(model, candidates: list[str], refused: list[dict], *, rows: int, leng
     tried = list(refused)
     shape = attention_shape(model.config, rows, length)
     for i, kernel in enumerate(candidates[:-1]):
-        name = kernel
+        name = VARLEN if kernel == "varlen" else kernel
         why = probe(kernel, shape, device, dtype)
-        if kernel == "varlen":
-            name = VARLEN
-            if why is not None and shape["kv_heads"] < shape["heads"]:  # then with the key/value heads repeated
-                tried.append({"kernel": "varlen with grouped-query heads as they are", "refused": why})
-                name = VARLEN_REPEAT_KV
-                why = probe(kernel, shape, device, dtype, repeat_kv=True)
+        if why is not None and name == VARLEN and shape["kv_heads"] < shape["heads"]:  # again, the heads repeated
+            tried.append({"kernel": "varlen with grouped-query heads as they are", "refused": why})
+            name = VARLEN_REPEAT_KV
+            why = probe(kernel, shape, device, dtype, repeat_kv=True)
         if why is None:
             set_attention(model, name)
             return {"kernel": kernel, "tried": tried}

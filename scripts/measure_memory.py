@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = os.environ.get("OUT")
     if out_dir:
         import peftctl
-        from peftctl.plan import ACTIVATION_SCALE
+        from peftctl.plan.constants import ACTIVATION_SCALE
 
         report = {"date": time.strftime("%Y-%m-%d"), "peftctl": peftctl.__version__, "tiny": args.tiny,
                   "path": "plain" if args.plain else "fast path where liger-kernel is installed",

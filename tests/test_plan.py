@@ -178,6 +178,7 @@ def measured_and_planned(folder: Path, arch: str, method: dict, *, dtype="bfloat
     from peftctl.methods import runtime
     from peftctl.methods.peft_common import AttachContext
     from peftctl.model import load_model
+    from peftctl.plan import constants
     from peftctl.train.kernels import skip_adapter_input_casts
 
     recipe = make_recipe(str(folder), method, quantization=quant, dtype=dtype, micro_batch_size=b, max_length=s)
@@ -214,10 +215,10 @@ def measured_and_planned(folder: Path, arch: str, method: dict, *, dtype="bfloat
     act = plan.activation_bytes(shape, setting)
     tokens = b * act["sequence"]
     a = 2 if setting.autocast else 4
-    final_norm = (a if shape.layer_norm else plan.NORM_SAVED_BYTES) * shape.hidden
+    final_norm = (a if shape.layer_norm else constants.NORM_SAVED_BYTES) * shape.hidden
     planned = (shape.layers * act["per_layer"] + final_norm + a * shape.vocab * shape.logit_softcap) * tokens
     if setting.autocast and recipe.method.name not in ("ia3", "prompt_tuning"):
-        planned += plan.AUTOCAST_COPY_BYTES * shape.trainable
+        planned += constants.AUTOCAST_COPY_BYTES * shape.trainable
     return measured, planned
 
 

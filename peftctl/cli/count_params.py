@@ -167,7 +167,7 @@ def _gib(n: int) -> str:
 def _print_plan(plan) -> None:
     from rich.table import Table
 
-    from peftctl.plan import ALLOCATOR_SLACK, CUDA_CONTEXT
+    from peftctl.plan.constants import ALLOCATOR_SLACK, CUDA_CONTEXT
 
     console = _console()
     table = Table(title=f"memory plan: {plan.setting.describe()}", title_justify="left")

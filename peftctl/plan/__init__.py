@@ -26,7 +26,7 @@ Several GPUs (train/distributed.py): `plan_memory(..., world_size=N, engine="ddp
 (per_gpu below); activations are never divided, since every rank computes its own micro-batches.
 
 `peak` is what `torch.cuda.max_memory_allocated()` reports; `needed` is what the card must hold. Every constant
-sits in the block below with where it came from; `scripts/measure_memory.py` measures real peaks on a GPU to
+sits in constants.py with where it came from; `scripts/measure_memory.py` measures real peaks on a GPU to
 calibrate them (bytes per token per layer are printed beside each estimate for that purpose).
 
 The activation model is for decoder-only transformers of the llama family (llama, mistral, qwen2, gemma, phi3...);
@@ -41,38 +41,6 @@ for), verdict.py (peak, verdict, remedies; what the training loop asks).
 from __future__ import annotations
 
 from peftctl.plan.card import Card, card_from_option, local_card, parse_gpu_memory
-from peftctl.plan.constants import (
-                                    ACT_FN_SAVED,
-                                    ACTIVATION_SCALE,
-                                    ADAM_BYTES,
-                                    ADAPTER_BYTES,
-                                    ALLOCATOR_SLACK,
-                                    ATTENTION_INPUT_NAMES,
-                                    ATTENTION_OUTPUT_NAMES,
-                                    AUTOCAST_COPY_BYTES,
-                                    BACKWARD_TRANSIENT,
-                                    CUDA_CONTEXT,
-                                    DROPOUT_MASK_BYTES,
-                                    DTYPE_BYTES,
-                                    FAST_GATED_MLP_SAVED,
-                                    FAST_NORM_ROW_BYTES,
-                                    FUSED_LOSS_HIDDEN_COPIES,
-                                    GATED_MLP_SAVED,
-                                    GRADIENT_BYTES,
-                                    INT8_ROW_SCALE,
-                                    LOSS_BACKWARD_BYTES,
-                                    LSE_BYTES,
-                                    MLP_INPUT_NAMES,
-                                    NF4_BLOCK,
-                                    NF4_NESTED_BLOCK,
-                                    NF4_NESTED_PER_TENSOR,
-                                    NF4_PER_TENSOR,
-                                    NORM_SAVED_BYTES,
-                                    WORKSPACE,
-                                    GiB,
-                                    KiB,
-                                    MiB,
-)
 from peftctl.plan.estimate import (
     Component,
     Setting,
@@ -86,12 +54,7 @@ from peftctl.plan.estimate import (
 from peftctl.plan.shape import Adapted, ModelShape, model_shape
 from peftctl.plan.verdict import MemoryPlan, describe_plan, memory_mode, needs_checkpointing, plan_memory, remedies
 
-__all__ = ["ACTIVATION_SCALE", "ACT_FN_SAVED", "ADAM_BYTES", "ADAPTER_BYTES", "ALLOCATOR_SLACK",
-           "ATTENTION_INPUT_NAMES", "ATTENTION_OUTPUT_NAMES", "AUTOCAST_COPY_BYTES", "BACKWARD_TRANSIENT",
-           "CUDA_CONTEXT", "DROPOUT_MASK_BYTES", "DTYPE_BYTES", "FAST_GATED_MLP_SAVED", "FAST_NORM_ROW_BYTES",
-           "FUSED_LOSS_HIDDEN_COPIES", "GATED_MLP_SAVED", "GRADIENT_BYTES", "GiB", "INT8_ROW_SCALE", "KiB",
-           "LOSS_BACKWARD_BYTES", "LSE_BYTES", "MLP_INPUT_NAMES", "MiB", "NF4_BLOCK", "NF4_NESTED_BLOCK",
-           "NF4_NESTED_PER_TENSOR", "NF4_PER_TENSOR", "NORM_SAVED_BYTES", "WORKSPACE", "Adapted", "ModelShape",
-           "model_shape", "Component", "Setting", "activation_bytes", "dropout_kernel_layers", "estimate", "per_gpu",
-           "setting_for", "weight_bytes", "Card", "card_from_option", "local_card", "parse_gpu_memory", "MemoryPlan",
-           "describe_plan", "memory_mode", "needs_checkpointing", "plan_memory", "remedies"]
+__all__ = ["Adapted", "ModelShape", "model_shape", "Component", "Setting", "activation_bytes",
+           "dropout_kernel_layers", "estimate", "per_gpu", "setting_for", "weight_bytes", "Card", "card_from_option",
+           "local_card", "parse_gpu_memory", "MemoryPlan", "describe_plan", "memory_mode", "needs_checkpointing",
+           "plan_memory", "remedies"]

@@ -336,8 +336,9 @@ def _settle_packing(model, recipe, data, tokenizer, world, device, say):
 
     loaded_with = model.config._attn_implementation
     # Rows of one example each (examples as long as a row) keep apart whatever the kernel: nothing to probe.
-    attention = packed_attention.choose_for_run(model, recipe, device, packed=data.shares_rows, say=say)
-    if not data.shares_rows:
+    shares_rows = data.shares_rows
+    attention = packed_attention.choose_for_run(model, recipe, device, packed=shares_rows, say=say)
+    if not shares_rows:
         return data, attention
     isolated, difference, contamination = check_packing_isolation(model, device, len(tokenizer))
     if not isolated and attention["kernel"] != loaded_with:
