@@ -1,4 +1,4 @@
-"""The frozen input embedding in pinned host memory (model.input_embeddings; the rule is in peftctl/placement.py).
+"""The frozen input embedding in host memory (model.input_embeddings; the rule is in peftctl/placement.py).
 
 `HostEmbedding` takes the place of the model's nn.Embedding after the adapter is attached: its forward copies the
 token ids to the host, picks their rows there (the same gather as on the GPU, so the embeddings are bit for bit
@@ -22,9 +22,12 @@ class HostEmbedding(nn.Module):
         super().__init__()
         self.device = torch.device(device)
         self.pin = self.device.type == "cuda"  # pinned rows go over asynchronously; a CPU "device" needs no pin
+        # Ordinary (pageable) host memory: the host reads the table, only the picked rows travel, from a pinned
+        # buffer. Pinning the table too cost a second 1 GiB copy and seconds of page-locking before the first step
+        # (Llama 3's 128k x 4096 table), for nothing.
         weight = embedding.weight.detach().to("cpu")
         # not registered: the model's parameters, device and state_dict stay those of what is on the GPU
-        self.__dict__["table"] = weight.pin_memory() if self.pin else weight
+        self.__dict__["table"] = weight
         self.num_embeddings, self.embedding_dim = weight.shape
         self.padding_idx = embedding.padding_idx
         # hooks put on the embedding (transformers' and peft's enable_input_require_grads mark its output as
@@ -71,7 +74,7 @@ def why_not(model) -> str | None:
 
 def place_input_embeddings(model, choice: str, device, *, world_size: int, quantised: bool, checkpointing: bool,
                            prompt_learning: bool, where: str = "") -> bool:
-    """Move the input embedding to pinned host memory where the rule says so; True when it moved. An explicit
+    """Move the input embedding to host memory where the rule says so; True when it moved. An explicit
     `cpu` that cannot be honoured is bad input (exit 2)."""
     blocker = placement.host_blocker(world_size=world_size, prompt_learning=prompt_learning,
                                      embedding=why_not(model))

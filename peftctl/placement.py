@@ -2,7 +2,7 @@
 loop (host_embedding.py) and the memory plan (plan/estimate.py), which must agree. Imports nothing heavy.
 
 The input embedding is a lookup table: a micro-batch reads only its own rows (2048 rows of an 8B model's 128,256
-are 16 MiB), so it can stay in pinned host memory and send just those rows, while on the GPU it costs vocabulary x
+are 16 MiB), so it can stay in host memory and send just those rows, while on the GPU it costs vocabulary x
 hidden bf16 (0.98 GiB on Llama 3 8B) for the whole run. That is worth it where memory is what the run is short of:
 a quantised base with gradient checkpointing on, where the embedding is about a sixth of the peak. Elsewhere the
 GPU copy stays (the transfer is small, but it is a host sync per forward pass).

@@ -192,7 +192,27 @@ def _patched_loss(monkeypatch, bad_steps: set[int]):
     monkeypatch.setattr(loss_module, "build_loss", build)
 
 
-def test_nonfinite_loss_stops_and_keeps_the_last_good_state(tiny_model, write_recipe, tmp_path, monkeypatch):
+@pytest.fixture(params=["foreach", "fused"])
+def optimizer_kind(request, monkeypatch):
+    """Both update paths of train_step: the update after the host's check (the CPU's AdamW), and the update queued
+    before it, skipped on the device through `found_inf` (torch's fused AdamW, as on a GPU; torch has it on the CPU
+    too)."""
+    if request.param == "fused":
+        from peftctl.train import optim
+
+        original = optim.build_optimizer
+
+        def fused(model, recipe, device):
+            groups = [{**group, "fused": True, "foreach": None}
+                      for group in original(model, recipe, device).param_groups]
+            return torch.optim.AdamW(groups, fused=True)
+
+        monkeypatch.setattr(optim, "build_optimizer", fused)
+    return request.param
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_state(tiny_model, write_recipe, tmp_path, monkeypatch,
+                                                             optimizer_kind):
     _patched_loss(monkeypatch, {3})
     recipe = write_recipe(tiny_model("llama"), training={"max_steps": 6, "save_every": 100})
     from peftctl.errors import PeftctlError
@@ -208,7 +228,35 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_state(tiny_model, write_re
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "failed"
 
 
-def test_nonfinite_skip_drops_the_batch_and_counts_it(tiny_model, write_recipe, tmp_path, monkeypatch):
+def test_a_queued_update_on_a_nonfinite_step_changes_nothing(tiny_model, write_recipe, tmp_path, monkeypatch,
+                                                             optimizer_kind):
+    """The stop after a NaN at step 3 saves exactly the state of a clean two-step run: weights, Adam's moments and
+    its step count (the fused update was queued on the NaN step, and skipped itself)."""
+    model = tiny_model("llama")
+    constant = {"lr_scheduler": "constant", "save_every": 100}  # the same rates whatever max_steps says
+    clean = write_recipe(model, "clean.yaml", training={"max_steps": 3, **constant, "save_every": 2},
+                         out=tmp_path / "clean")
+    train(load_recipe(str(clean)), TrainOptions(quiet=True))
+    _patched_loss(monkeypatch, {3})
+    broken = write_recipe(model, "nan.yaml", training={"max_steps": 6, **constant}, out=tmp_path / "nan")
+    from peftctl.errors import PeftctlError
+
+    with pytest.raises(PeftctlError, match="non-finite loss at step 3"):
+        train(load_recipe(str(broken)), TrainOptions(quiet=True))
+    [good] = ckpt.list_checkpoints(tmp_path / "clean" / "checkpoints")
+    [kept] = ckpt.list_checkpoints(tmp_path / "nan" / "checkpoints")
+    assert kept.name == good.name == "step_000002"
+    a, b = (load_file(str(p / "adapter_state.safetensors")) for p in (good, kept))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (torch.load(p / "optimizer.pt", weights_only=True)["state"] for p in (good, kept))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert float(b[key]["step"]) == 2.0
+        assert all(torch.equal(a[key][field], b[key][field]) for field in ("exp_avg", "exp_avg_sq"))
+
+
+def test_nonfinite_skip_drops_the_batch_and_counts_it(tiny_model, write_recipe, tmp_path, monkeypatch,
+                                                      optimizer_kind):
     _patched_loss(monkeypatch, {2, 3})
     recipe = write_recipe(tiny_model("llama"), training={"max_steps": 4, "on_nonfinite": "skip"})
     train(load_recipe(str(recipe)), TrainOptions(quiet=True))

@@ -53,7 +53,7 @@ def special_text_in(row, pattern) -> str:
 def tokenize_rendered(rendered, tokenizer, max_length: int, eos_id: int, specials: set[int]) -> Tokenized:
     enc = tokenizer(rendered.text, add_special_tokens=not rendered.templated, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
-    labels = [token if _trained(offset, rendered.spans) else IGNORE for token, offset in zip(ids, offsets)]
+    labels = [token if trained else IGNORE for token, trained in zip(ids, _trained(offsets, rendered.spans))]
 
     if not rendered.templated:
         # Our own EOS ends every plain-text example; drop one the tokenizer may have appended (zero-width).
@@ -77,11 +77,14 @@ def tokenize_rendered(rendered, tokenizer, max_length: int, eos_id: int, special
                      prompt_length=prompt_length, full_length=full_length)
 
 
-def _trained(offset, spans) -> bool:
-    start, end = offset
-    if start == end:  # added by the post-processor (BOS), not part of the text
-        return False
-    return any(a <= start < b for a, b in spans)
+def _trained(offsets, spans) -> list[bool]:
+    """Whether each token starts inside a trained span. A zero-width token was added by the post-processor (BOS),
+    not part of the text. One span (a completion, most instructions) is tested without a loop over the spans: this
+    runs once per token of the dataset."""
+    if len(spans) == 1:
+        (a, b), = spans
+        return [start != end and a <= start < b for start, end in offsets]
+    return [start != end and any(a <= start < b for a, b in spans) for start, end in offsets]
 
 
 def _last_trained_is_plain(labels: list[int], specials: set[int], tokenizer) -> bool:

@@ -294,7 +294,7 @@ def estimate(shape: ModelShape, s: Setting, method_name: str = "") -> list[Compo
         Component("AdamW states", ADAM_BYTES * p, "exp_avg + exp_avg_sq, fp32"),
     ]
     if host:
-        components.append(Component("input embedding", 0, f"{table / GiB:.2f} GiB in pinned host memory "
+        components.append(Component("input embedding", 0, f"{table / GiB:.2f} GiB in host memory "
                                     "(model.input_embeddings); a micro-batch's rows are sent over"))
     if s.autocast and method_name not in ("ia3", "prompt_tuning"):
         # autocast's bf16 copies of the fp32 adapter weights, kept by the graph for the backward pass (with

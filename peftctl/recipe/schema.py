@@ -25,7 +25,7 @@ class ModelSection(Section):
     attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
         "auto", description="Attention kernel; auto picks the fastest that isolates packed examples.")
     input_embeddings: Literal["auto", "gpu", "cpu"] = Field(
-        "auto", description="Where the frozen input embedding lives while training: cpu keeps it in pinned host "
+        "auto", description="Where the frozen input embedding lives while training: cpu keeps it in host "
         "memory and sends each micro-batch's rows to the GPU (saves vocabulary x hidden x 2 bytes: 0.98 GiB on "
         "Llama 3 8B); auto does so for a quantised base with gradient checkpointing on one GPU; gpu never.")
     trust_remote_code: bool = Field(False, description="Run the model repository's own Python code. Only for "

@@ -403,21 +403,23 @@ def train_step(run: Run, batches, stop) -> StepResult | None:
     grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, training.max_grad_norm or math.inf)
     if hasattr(grad_norm, "full_tensor"):  # FSDP: the norm comes back as a (replicated) DTensor
         grad_norm = grad_norm.full_tensor()
+    step_loss[0] /= n_trained
+    queued = _queue_update(run, step_loss[0], grad_norm)
     # The one host sync of a step: loss, gradient norm and stop flag together. Never step on (or save) non-finite
     # values.
-    loss_value, norm_value, stop_flag = torch.stack([step_loss[0] / n_trained, grad_norm.float(),
-                                                     step_loss[1]]).tolist()
+    loss_value, norm_value, stop_flag = torch.stack([step_loss[0], grad_norm.float(), step_loss[1]]).tolist()
     if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-        _skip_nonfinite(run, "loss" if not math.isfinite(loss_value) else "gradient norm")
+        _skip_nonfinite(run, "loss" if not math.isfinite(loss_value) else "gradient norm")  # queued: skipped there
         return None
     run.nonfinite_in_a_row = 0
-    if run.scaler:
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-    else:
-        run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    if not queued:
+        if run.scaler:
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        else:
+            run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()  # the next step's rate: only after a step that counted
     state.step += 1
     state.step_in_epoch += 1
     step_tokens = run.data.real_tokens(run.data.train, step_rows)
@@ -427,6 +429,27 @@ def train_step(run: Run, batches, stop) -> StepResult | None:
     run.train_s += seconds
     run.first_step_s = run.first_step_s or (time.time() - run.t_loop)
     return StepResult(loss_value, norm_value, step_tokens, seconds, stop_flag > 0)
+
+
+def _queue_update(run: Run, loss, grad_norm) -> bool:
+    """Queue the optimiser's update before the step's host sync, where the optimiser can skip a non-finite update on
+    the device: torch's fused AdamW reads `found_inf` and then leaves the weights, its moments and its step count as
+    they were. The GPU then goes from the backward pass straight into the update instead of idling while the host
+    waits for the loss and only then launches the update (milliseconds a step with hundreds of adapter tensors).
+    False where the update must wait for the host's check (GradScaler, bitsandbytes' optimisers, the CPU)."""
+    import torch
+
+    optimizer = run.optimizer
+    if run.scaler is not None or not all(group.get("fused") for group in optimizer.param_groups):
+        return False
+    bad = torch.logical_not(torch.isfinite(loss) & torch.isfinite(grad_norm))
+    optimizer.found_inf = bad.float()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+    optimizer.zero_grad(set_to_none=True)
+    return True
 
 
 def _skip_nonfinite(run: Run, kind: str) -> None:
