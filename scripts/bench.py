@@ -493,9 +493,11 @@ def step_record(line: str) -> dict | None:
     return record if "tokens_per_s" in record and "step" in record else None
 
 
-def run_peftctl(ctx: Context, case: Case, data: Path, max_steps: int) -> dict:
-    recipe_path = ctx.work / f"case{case.number}.yaml"
-    run_dir = ctx.work / "runs" / f"case{case.number}"
+def run_peftctl(ctx: Context, case: Case, data: Path, max_steps: int, tag: str = "") -> dict:
+    """One `peftctl train` process; `tag` names a further launch of the same case (its own recipe and run folder)."""
+    name = f"case{case.number}{tag}"
+    recipe_path = ctx.work / f"{name}.yaml"
+    run_dir = ctx.work / "runs" / name
     write_recipe(recipe_path, peftctl_recipe(case, ctx.shape, ctx.model_dir, data, run_dir, max_steps),
                  f"case {case.number}, {case.title}")
     records: list[dict] = []
@@ -508,13 +510,13 @@ def run_peftctl(ctx: Context, case: Case, data: Path, max_steps: int) -> dict:
                 f"{record['tokens_per_s']:,.0f} tok/s, loss {record.get('loss', float('nan')):.4f}")
 
     log(f"case {case.number} peftctl: python -m peftctl train {recipe_path.name} ({max_steps} steps)")
-    outcome = run_process(f"case{case.number}-peftctl", [sys.executable, "-m", "peftctl", "train", str(recipe_path),
-                                                         "--log-format", "json", "--quiet"],
+    outcome = run_process(f"{name}-peftctl", [sys.executable, "-m", "peftctl", "train", str(recipe_path),
+                                              "--log-format", "json", "--quiet"],
                           work=ctx.work, logs=ctx.logs, timeout=ctx.timeout(ctx.args.run_timeout), on_line=on_line)
     manifest = {}
     try:
         manifest = json.loads((run_dir / "run.json").read_text())
-        keep = ctx.out / "runs" / f"case{case.number}-peftctl"
+        keep = ctx.out / "runs" / f"{name}-peftctl"
         keep.mkdir(parents=True, exist_ok=True)
         for name in ("run.json", "metrics.jsonl", "recipe.yaml"):
             if (run_dir / name).exists():
@@ -542,19 +544,20 @@ def run_peftctl(ctx: Context, case: Case, data: Path, max_steps: int) -> dict:
             "error": manifest.get("error"), "total_s": round(outcome.seconds, 1), "log": str(outcome.log_path)}
 
 
-def run_reference(ctx: Context, case: Case, data: Path, max_steps: int, target_tokens: int | None) -> dict:
-    result_path = ctx.work / f"reference-case{case.number}.json"
+def run_reference(ctx: Context, case: Case, data: Path, max_steps: int, target_tokens: int | None,
+                  tag: str = "") -> dict:
+    name = f"case{case.number}{tag}"
+    result_path = ctx.work / f"reference-{name}.json"
     spec = {"case": case.number, "model": ctx.model_dir, "data": str(data), "quantized": case.quantized,
             "targets": case.targets, **LORA, "batch_size": case.reference_batch, "max_steps": max_steps,
             "learning_rate": LEARNING_RATE, "seed": SEED, "warmup_steps": ctx.args.warmup,
-            "target_window_tokens": target_tokens, "output_dir": str(ctx.work / f"trainer-case{case.number}"),
+            "target_window_tokens": target_tokens, "output_dir": str(ctx.work / f"trainer-{name}"),
             "result": str(result_path), "launched_at": time.time()}
-    spec_path = ctx.work / f"reference-case{case.number}.spec.json"
+    spec_path = ctx.work / f"reference-{name}.spec.json"
     spec_path.write_text(json.dumps(spec, indent=2))
     log(f"case {case.number} reference: HF Trainer + peft, batch {case.reference_batch}, up to {max_steps} steps"
         + (f" (until {target_tokens:,} real tokens after warm-up)" if target_tokens else ""))
-    outcome = run_process(f"case{case.number}-reference", [sys.executable, str(SCRIPTS / "bench_reference.py"),
-                                                           str(spec_path)],
+    outcome = run_process(f"{name}-reference", [sys.executable, str(SCRIPTS / "bench_reference.py"), str(spec_path)],
                           work=ctx.work, logs=ctx.logs, timeout=ctx.timeout(ctx.args.run_timeout),
                           on_line=lambda _t, line: log(line))
     try:
@@ -603,7 +606,39 @@ def run_case(ctx: Context, case: Case) -> dict:
         side["mfu"] = rate * per_token / ctx.flops if rate and ctx.flops else None
     entry["verdict"] = verdict(ctx, case, entry)
     write_report(ctx)
+    if args.startup_repeats and {"peftctl", "reference"} <= set(entry["sides"]):
+        entry["startup"] = run_startup(ctx, case, data, entry)
+        write_report(ctx)
     return entry
+
+
+def run_startup(ctx: Context, case: Case, data: Path, entry: dict) -> dict:
+    """Launch to the first step, measured again: `--startup-repeats` more launches of each side, one step each,
+    taking turns (the reference first in every other round), so that the machine's drift falls on both sides
+    alike. One launch a side says little: every process on the H200 machine started 5-9 s slower in one invocation
+    than in the next (BENCHMARKS.md)."""
+    seconds = {side: [entry["sides"][side].get("first_step_from_launch_s")] for side in ("peftctl", "reference")}
+    for k in range(ctx.args.startup_repeats):
+        for side in ("peftctl", "reference") if k % 2 else ("reference", "peftctl"):
+            if ctx.out_of_time(90):
+                log(f"case {case.number}: startup launches stopped, the time budget is spent")
+                return startup_summary(seconds)
+            tag = f"-startup{k + 1}"
+            result = (run_peftctl(ctx, case, data, 1, tag) if side == "peftctl"
+                      else run_reference(ctx, case, data, 1, None, tag))
+            seconds[side].append(result.get("first_step_from_launch_s"))
+            log(f"case {case.number} {side}: launch {k + 2}, first step after "
+                f"{_num(seconds[side][-1], '.1f')} s")
+    return startup_summary(seconds)
+
+
+def startup_summary(seconds: dict[str, list[float | None]]) -> dict:
+    """Each side's launches and their median (launches that never reached a step left out); met when peftctl's
+    median is at most the reference's."""
+    medians = {side: statistics.median(v) if (v := [x for x in values if x is not None]) else None
+               for side, values in seconds.items()}
+    met = None if None in medians.values() else medians["peftctl"] <= medians["reference"]
+    return {"seconds": seconds, "median": medians, "met": met}
 
 
 def peftctl_summary(steps: list[dict], warmup: int, variable: bool) -> dict:
@@ -757,6 +792,14 @@ def setup_lines(report: dict) -> list[str]:
         parts = ", ".join(f"{name} {seconds:.1f}" for name, seconds in phases.items())
         lines.append(f"case {number} peftctl setup (s): {parts}; sum {total:.1f}, launch to first step "
                      f"{_num(side.get('first_step_from_launch_s'), '.1f')}")
+    for number, entry in report["cases"].items():
+        startup = entry.get("startup")
+        if startup:
+            launches = {side: ", ".join(_num(x, ".1f") for x in values) for side, values in startup["seconds"].items()}
+            met = {True: "met", False: "NOT met"}.get(startup["met"], "-")
+            lines.append(f"case {number} launch to first step (s), median of each side's launches: reference "
+                         f"{_num(startup['median']['reference'], '.1f')} ({launches['reference']}), peftctl "
+                         f"{_num(startup['median']['peftctl'], '.1f')} ({launches['peftctl']}): {met}")
     return lines
 
 
@@ -843,6 +886,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sft-sigma", type=float, default=SFT_SIGMA, help="case 2: sigma of the log of the length "
                         f"(default {SFT_SIGMA})")
     parser.add_argument("--skip-gates", action="store_true")
+    parser.add_argument("--startup-repeats", type=int, default=0, help="launch each side this many more times, one "
+                        "step each, taking turns, and compare the medians of launch to first step (about 25 s a "
+                        "launch on the 8B shape)")
     parser.add_argument("--gate-rtol", type=float, default=None, help="loss tolerance of the gates (default 5e-3 "
                         "in bf16, 1e-4 in float32)")
     parser.add_argument("--budget-s", type=float, default=570, help="stop starting work after this many seconds")

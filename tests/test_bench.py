@@ -123,6 +123,18 @@ def test_summaries():
     assert bench.peftctl_summary(agreeing, warmup=1, variable=False)["source"] == "step timer"
 
 
+def test_startup_medians_and_verdict():
+    """Launch to first step compared by each side's median launch; a launch that never reached a step is left out,
+    and a side with none gives no verdict."""
+    summary = bench.startup_summary({"peftctl": [30.0, 21.0, 22.0], "reference": [20.0, 25.0, None, 24.0]})
+    assert summary["median"] == {"peftctl": 22.0, "reference": 24.0} and summary["met"] is True
+    assert bench.startup_summary({"peftctl": [26.0], "reference": [25.0]})["met"] is False
+    assert bench.startup_summary({"peftctl": [None], "reference": [25.0]})["met"] is None
+    report = {"cases": {"1": {"sides": {}, "startup": summary}}}
+    assert bench.setup_lines(report) == ["case 1 launch to first step (s), median of each side's launches: "
+                                         "reference 24.0 (20.0, 25.0, -, 24.0), peftctl 22.0 (30.0, 21.0, 22.0): met"]
+
+
 def test_gate_verdicts():
     spec = {"rtol": 1e-3}
     pf = {"loss_packed": 10.0, "loss_unpacked": 10.001, "loss_leaky": 10.5, "grad_norm": 0.3, "params_with_grad": 8,
@@ -152,8 +164,12 @@ def _side(report, case, name):
 
 @pytest.mark.slow
 def test_tiny_bench_case_1_end_to_end(tmp_path):
-    proc, report, out = _run_bench(tmp_path, "--cases", "1")
+    proc, report, out = _run_bench(tmp_path, "--cases", "1", "--startup-repeats", "1")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    startup = report["cases"]["1"]["startup"]  # the throughput launches, then one more each, reference first
+    assert all(len(v) == 2 and all(x > 0 for x in v) for v in startup["seconds"].values())
+    assert startup["met"] in (True, False) and "launch to first step (s), median" in (out / "bench.md").read_text()
+    assert (out / "runs" / "case1-startup1-peftctl" / "run.json").exists()
     gates = report["gates"]["gates"]
     assert [g["name"] for g in gates] == ["same tokens", "step-0 loss", "gradient", "packed = unpacked"]
     assert all(g["passed"] for g in gates), gates
