@@ -255,6 +255,28 @@ def test_a_queued_update_on_a_nonfinite_step_changes_nothing(tiny_model, write_r
         assert all(torch.equal(a[key][field], b[key][field]) for field in ("exp_avg", "exp_avg_sq"))
 
 
+def test_the_update_waits_for_the_host_where_it_cannot_skip_itself():
+    """Queued only with a fused optimiser and no GradScaler, outside FSDP; queued, a non-finite loss leaves the
+    weights as they were."""
+    import types
+
+    from peftctl.train.loop import _queue_update
+
+    p = torch.nn.Parameter(torch.ones(3))
+
+    def run(fused=True, scaler=None, engine=None):
+        p.grad = torch.ones(3)
+        optimizer = torch.optim.AdamW([p], lr=0.1, fused=fused or None)
+        return types.SimpleNamespace(optimizer=optimizer, scaler=scaler, engine=engine)
+
+    finite, norm = torch.tensor(1.0), torch.tensor(1.0)
+    for waiting in (run(fused=False), run(scaler=object()), run(engine="fsdp")):
+        assert not _queue_update(waiting, finite, norm) and torch.equal(p.data, torch.ones(3))
+    assert _queue_update(run(engine="ddp"), torch.tensor(float("nan")), norm)
+    assert torch.equal(p.data, torch.ones(3)) and p.grad is None  # skipped on the device, gradients cleared
+    assert _queue_update(run(), finite, norm) and not torch.equal(p.data, torch.ones(3))
+
+
 def test_nonfinite_skip_drops_the_batch_and_counts_it(tiny_model, write_recipe, tmp_path, monkeypatch,
                                                       optimizer_kind):
     _patched_loss(monkeypatch, {2, 3})

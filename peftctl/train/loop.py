@@ -436,11 +436,14 @@ def _queue_update(run: Run, loss, grad_norm) -> bool:
     the device: torch's fused AdamW reads `found_inf` and then leaves the weights, its moments and its step count as
     they were. The GPU then goes from the backward pass straight into the update instead of idling while the host
     waits for the loss and only then launches the update (milliseconds a step with hundreds of adapter tensors).
-    False where the update must wait for the host's check (GradScaler, bitsandbytes' optimisers, the CPU)."""
+    False where the update must wait for the host's check: GradScaler, bitsandbytes' optimisers, the CPU, and FSDP,
+    whose sharded (DTensor) parameters would meet a plain `found_inf` tensor in the fused kernel -- a mix no
+    multi-GPU run here has checked."""
     import torch
 
     optimizer = run.optimizer
-    if run.scaler is not None or not all(group.get("fused") for group in optimizer.param_groups):
+    if (run.scaler is not None or run.engine == "fsdp"
+            or not all(group.get("fused") for group in optimizer.param_groups)):
         return False
     bad = torch.logical_not(torch.isfinite(loss) & torch.isfinite(grad_norm))
     optimizer.found_inf = bad.float()
