@@ -518,9 +518,9 @@ def run_peftctl(ctx: Context, case: Case, data: Path, max_steps: int, tag: str =
         manifest = json.loads((run_dir / "run.json").read_text())
         keep = ctx.out / "runs" / f"{name}-peftctl"
         keep.mkdir(parents=True, exist_ok=True)
-        for name in ("run.json", "metrics.jsonl", "recipe.yaml"):
-            if (run_dir / name).exists():
-                shutil.copy(run_dir / name, keep / name)
+        for file in ("run.json", "metrics.jsonl", "recipe.yaml"):
+            if (run_dir / file).exists():
+                shutil.copy(run_dir / file, keep / file)
     except (OSError, json.JSONDecodeError):
         pass
     steps = []
@@ -887,7 +887,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         f"(default {SFT_SIGMA})")
     parser.add_argument("--skip-gates", action="store_true")
     parser.add_argument("--startup-repeats", type=int, default=0, help="launch each side this many more times, one "
-                        "step each, taking turns, and compare the medians of launch to first step (about 25 s a "
+                        "step each, taking turns, and compare the medians of launch to first step (about 30 s a "
                         "launch on the 8B shape)")
     parser.add_argument("--gate-rtol", type=float, default=None, help="loss tolerance of the gates (default 5e-3 "
                         "in bf16, 1e-4 in float32)")
