@@ -203,6 +203,15 @@ def triton_available() -> bool:
 _TRITON: bool | None = None
 
 
+NF4_KERNEL_DEVICES = {"cuda"}  # the tests add "cpu" to run the kernel in Triton's interpreter
+
+
+def nf4_kernel_applies(device_type: str) -> bool:
+    """Whether an NF4 weight that the fused LoRA branch dequantises goes through peftctl's one-launch kernel
+    (peftctl/train/nf4_kernel.py; it also checks the weight's layout) rather than bitsandbytes' three launches."""
+    return device_type in NF4_KERNEL_DEVICES and triton_available()
+
+
 def lora_dropout_kernel_applies(*, device_type: str, dropout: float, dtype: str, r: int, elements: int,
                                 triton: bool) -> bool:
     """Whether a fused LoRA layer's branch goes through the dropout kernel: training with dropout (p = 0 keeps the

@@ -4,6 +4,10 @@ LoRA branch, and through peft's own forward; then torch.profiler's kernels of th
 their time per decoder layer by kind (GEMM, attention, elementwise, ...). What the LoRA branch costs a layer is the
 fused step less the base step; a change to the branch is worth what it takes off that.
 
+It also reads the profiled steps' kernel timeline: how long the GPU sat idle between kernels (waiting for the host
+to launch the next one), and before which kernels the waits add up. A step whose idle time is large is bound by
+the host, not by the GPU's arithmetic, and fewer or cheaper launches are what would speed it up.
+
     python scripts/profile_step.py --targets qkvo                 # case 1's layers (bf16 base)
     python scripts/profile_step.py --targets all --quant 4bit     # case 3's layers (NF4 base)
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 import types
 
 import torch
@@ -35,6 +40,41 @@ def kind(name: str) -> str:
         if any(k in low for k in keys):
             return label
     return "other"
+
+
+def idle_gaps(trace_path: str, top: int):
+    """The GPU timeline of a chrome trace's kernels and copies: busy us (the union of their intervals), span us
+    (first start to last end), the idle intervals summed by the kernel that ended each wait ([(idle us, waits,
+    name)]), summed by size ([(bucket, idle us, waits)]), and the longest single waits ([(us, kernel before, kernel
+    after, us since the timeline began)])."""
+    import json
+
+    with open(trace_path) as f:
+        events = json.load(f)["traceEvents"]
+    gpu = ("kernel", "gpu_memcpy", "gpu_memset")
+    kernels = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in gpu), key=lambda e: e["ts"])
+    if not kernels:
+        return 0.0, 0.0, [], [], []
+    edges = [(5, "<= 5 us"), (20, "5-20 us"), (100, "20-100 us"), (float("inf"), "> 100 us")]
+    buckets = {label: [0.0, 0] for _, label in edges}
+    busy, end, waits, single = 0.0, kernels[0]["ts"], {}, []
+    before = ""
+    for e in kernels:
+        start, stop = e["ts"], e["ts"] + e["dur"]
+        if start > end:
+            idle_us, name = start - end, e["name"][:90]
+            idle, calls = waits.get(name, (0.0, 0))
+            waits[name] = (idle + idle_us, calls + 1)
+            label = next(label for edge, label in edges if idle_us <= edge)
+            buckets[label][0] += idle_us
+            buckets[label][1] += 1
+            single.append((idle_us, before[:60], name[:60], start - kernels[0]["ts"]))
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+        before = e["name"]
+    ranked = sorted(((idle, calls, name) for name, (idle, calls) in waits.items()), reverse=True)
+    sizes = [(label, buckets[label][0], buckets[label][1]) for _, label in edges]
+    return busy, end - kernels[0]["ts"], ranked[:top], sizes, sorted(single, reverse=True)[:top]
 
 
 def quantize_decoder(model) -> int:
@@ -80,6 +120,30 @@ def build(args, device, fused: bool):
     return model, kernels, routed
 
 
+def host_and_device_ms(model, hidden, grad, repeats: int):
+    """Medians of (host ms to launch the forward, host ms to launch the backward, device ms of the forward, device
+    ms of the backward): where the host's launching takes as long as the device's work, the step is host-bound."""
+    decoder = model.get_base_model().model
+    rows = []
+    for i in range(repeats + 3):
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        events[0].record()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = decoder(inputs_embeds=hidden, use_cache=False).last_hidden_state
+        t1 = time.perf_counter()
+        events[1].record()
+        out.backward(grad)
+        t2 = time.perf_counter()
+        events[2].record()
+        torch.cuda.synchronize()
+        if i >= 3:
+            rows.append(((t1 - t0) * 1000, (t2 - t1) * 1000, events[0].elapsed_time(events[1]),
+                         events[1].elapsed_time(events[2])))
+    return [statistics.median(column) for column in zip(*rows)]
+
+
 def median_ms(step, repeats: int, device) -> float:
     times = []
     for i in range(repeats + 3):
@@ -92,8 +156,6 @@ def median_ms(step, repeats: int, device) -> float:
             if i >= 3:
                 times.append(start.elapsed_time(end))
         else:
-            import time
-
             t0 = time.perf_counter()
             step()
             if i >= 3:
@@ -127,6 +189,10 @@ def main() -> None:
         if way == "fused":
             with model.disable_adapter():
                 figures["base"] = median_ms(step, args.repeats, device)
+            if device.type == "cuda":
+                host_fwd, host_bwd, dev_fwd, dev_bwd = host_and_device_ms(model, hidden, grad, args.repeats)
+                print(f"host launching against device work (ms a step): forward {host_fwd:.2f} / {dev_fwd:.2f}, "
+                      f"backward {host_bwd:.2f} / {dev_bwd:.2f}")
             activities = [torch.profiler.ProfilerActivity.CPU]
             if device.type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -134,6 +200,11 @@ def main() -> None:
                 for _ in range(3):
                     step()
                 if device.type == "cuda":
+                    torch.cuda.synchronize()
+            if device.type == "cuda":  # the timeline without the host-side recording, which slows the launches
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as timeline:
+                    for _ in range(3):
+                        step()
                     torch.cuda.synchronize()
         del model, step
         if device.type == "cuda":
@@ -158,6 +229,25 @@ def main() -> None:
     print(f"top {args.top} kernels (ms a decoder layer, calls a layer):")
     for e in events[:args.top]:
         print(f"  {e.self_device_time_total * per_layer / 1000:7.3f}  {e.count * per_layer:5.1f}  {e.key[:110]}")
+    if device.type == "cuda":
+        import os
+        import tempfile
+
+        trace = os.path.join(tempfile.mkdtemp(), "trace.json")
+        timeline.export_chrome_trace(trace)
+        busy, span, waits, sizes, single = idle_gaps(trace, args.top)
+        print(f"GPU timeline of the profiled steps, a decoder layer: busy {busy * per_layer / 1000:.3f} ms, "
+              f"span {span * per_layer / 1000:.3f} ms, idle {(span - busy) * per_layer / 1000:.3f} ms "
+              f"({(span - busy) / max(span, 1e-9):.1%})")
+        print("idle before these kernels (ms a decoder layer, waits a layer):")
+        for idle, calls, name in waits:
+            print(f"  {idle * per_layer / 1000:7.3f}  {calls * per_layer:5.1f}  {name}")
+        print("idle by the length of a wait (ms a decoder layer, waits a layer):")
+        for label, idle, calls in sizes:
+            print(f"  {label:10s} {idle * per_layer / 1000:7.3f}  {calls * per_layer:5.1f}")
+        print("the longest waits (us; the kernel before, the kernel after; ms into the 3 steps):")
+        for idle, before, after, at in single:
+            print(f"  {idle:8.1f}  {before} -> {after}  @ {at / 1000:.2f}")
 
 
 if __name__ == "__main__":

@@ -229,3 +229,24 @@ def test_lora_dropout_kernel_against_peft_on_8b_widths(width_in, width_out, monk
     assert rel(out.detach(), eager.detach()) < 1e-2
     for name, f, e in zip(("x", "A", "B"), leaves, eager_in):
         assert rel(f.grad, e.grad) < 2e-2, name
+
+
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_nf4_kernel_gives_bitsandbytes_cuda_values_bit_for_bit(nested, dtype):
+    """peftctl's one-launch NF4 dequantisation against bitsandbytes' own CUDA kernels, at an 8B MLP weight's size
+    (14,336 x 4,096) and a k/v projection's (1,024 x 4,096)."""
+    import bitsandbytes.functional as bnb_functional
+
+    from peftctl.train import nf4_kernel
+
+    for shape in ((14336, 4096), (1024, 4096)):
+        torch.manual_seed(0)
+        weight = torch.randn(*shape, device="cuda", dtype=getattr(torch, dtype)) * 0.02  # bitsandbytes' out dtype
+        packed, state = bnb_functional.quantize_4bit(weight, quant_type="nf4", compress_statistics=nested)
+        param = torch.nn.Parameter(packed, requires_grad=False)
+        param.quant_state = state
+        assert nf4_kernel.applies(param, getattr(torch, dtype))
+        ours = nf4_kernel.dequantize_nf4(param, getattr(torch, dtype))
+        theirs = bnb_functional.dequantize_4bit(packed, state)
+        assert torch.equal(ours, theirs), f"{shape}: {(ours.float() - theirs.float()).abs().max().item()}"

@@ -45,14 +45,16 @@ import torch
 from torch import nn
 
 
-def _add_product(result2, base, x2, h, weight_b, scaling: float, dtype):
-    """result + scaling * h @ B^T. With `base` (result2 None): the base's output computed here, and the product
-    added into its buffer where it is a plain tensor of the right dtype (anything else is summed out of place)."""
+def _add_product(result2, base, x2, h, b, scaling: float, dtype):
+    """result + scaling * h @ B^T, `b` being B in the activations' dtype. With `base` (result2 None): the base's
+    output computed here, and the product added into its buffer where it is a plain tensor of the right dtype
+    (anything else is summed out of place)."""
     if result2 is None:
-        result2 = base(x2)  # grad mode is off inside a Function's forward: x's gradient through W is ours
+        # grad mode is off inside a Function's forward: x's gradient through W is ours
+        result2 = _base_forward(base, x2, dtype)
         if result2.dtype == dtype and result2.is_contiguous() and not result2._is_view():
-            return result2.addmm_(h, weight_b.to(dtype).t(), alpha=scaling)
-    return torch.addmm(result2.to(dtype), h, weight_b.to(dtype).t(), alpha=scaling)
+            return result2.addmm_(h, b.t(), alpha=scaling)
+    return torch.addmm(result2.to(dtype), h, b.t(), alpha=scaling)
 
 
 class _TorchDropout:
@@ -108,25 +110,31 @@ class _LoraBranch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, result2, weight_a, weight_b, p: float, scaling: float, base, dropout):
         dtype = x2.dtype
-        h, saved = dropout.forward(x2, weight_a.to(dtype), p)
-        out = _add_product(result2, base, x2, h, weight_b, scaling, dtype)
-        ctx.save_for_backward(h, weight_a, weight_b, *saved)
+        # The adapter's weights in the activations' dtype, kept for the backward pass (r x (in + out) elements): the
+        # backward pass then launches no casts of its own. On a long batch a step is bound by how fast the host
+        # launches kernels as much as by the GPU, and a LoRA layer's kernels are many and small.
+        a, b = weight_a.to(dtype), weight_b.to(dtype)
+        h, saved = dropout.forward(x2, a, p)
+        out = _add_product(result2, base, x2, h, b, scaling, dtype)
+        ctx.save_for_backward(h, a, b, *saved)
         ctx.p, ctx.scaling, ctx.base, ctx.dropout, ctx.dtype = p, scaling, base, dropout, dtype
+        ctx.weight_dtypes = weight_a.dtype, weight_b.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        h, weight_a, weight_b, *saved = ctx.saved_tensors
+        h, a, b, *saved = ctx.saved_tensors
         needs_x, needs_result, needs_a, needs_b = ctx.needs_input_grad[:4]
-        dtype = ctx.dtype
+        dtype, (a_dtype, b_dtype) = ctx.dtype, ctx.weight_dtypes
         g = grad_out.to(dtype)
-        # B's side, the scaling applied to the small tensors
-        grad_b = (g.t() @ h).mul_(ctx.scaling).to(weight_b.dtype) if needs_b else None
-        grad_h = (g @ weight_b.to(dtype)).mul_(ctx.scaling) if needs_x or needs_a else None
-        grad_a = ctx.dropout.grad_a(grad_h, saved, ctx.p).to(weight_a.dtype) if needs_a else None
+        # B's side, the scaling applied to the small tensors inside their GEMMs (alpha; beta 0 ignores the input)
+        none = g.new_empty(())
+        grad_b = torch.addmm(none, g.t(), h, beta=0, alpha=ctx.scaling).to(b_dtype) if needs_b else None
+        grad_h = torch.addmm(none, g, b, beta=0, alpha=ctx.scaling) if needs_x or needs_a else None
+        grad_a = ctx.dropout.grad_a(grad_h, saved, ctx.p).to(a_dtype) if needs_a else None
         grad_x = None
         if needs_x:
-            grad_x = ctx.dropout.grad_x(grad_h, weight_a.to(dtype), saved, ctx.p)
+            grad_x = ctx.dropout.grad_x(grad_h, a, saved, ctx.p)
             if ctx.base is not None:  # the base's part accumulated into the same buffer by the GEMM (C operand)
                 grad_x = grad_x.addmm_(g, _base_matrix(ctx.base, dtype))
         return grad_x, (grad_out if needs_result else None), grad_a, grad_b, None, None, None, None
@@ -179,11 +187,28 @@ def _owns_base(base, x) -> bool:
             and base.compute_dtype in (None, x.dtype) and getattr(base.weight, "quant_state", None) is not None)
 
 
+def _base_forward(base, x2, dtype):
+    """The base layer's output. An NF4 layer that peftctl's kernel reads is dequantised by it and multiplied by
+    F.linear -- what bitsandbytes itself does for a batch of more than 1,536 rows, in one launch instead of three;
+    everything else runs the layer's own forward."""
+    if type(base) is not nn.Linear:
+        from peftctl.train import nf4_kernel
+
+        if nf4_kernel.applies(base.weight, dtype):
+            bias = None if base.bias is None else base.bias.to(dtype)
+            return torch.nn.functional.linear(x2, nf4_kernel.dequantize_nf4(base.weight, dtype), bias)
+    return base(x2)
+
+
 def _base_matrix(base, dtype):
     """The (out x in) matrix x's gradient goes through: the weight, or the 4-bit weight dequantised as
-    bitsandbytes' own backward does."""
+    bitsandbytes' own backward does (by peftctl's kernel where it reads the layout: the same values)."""
     if type(base) is nn.Linear:
         return base.weight.to(dtype)
+    from peftctl.train import nf4_kernel
+
+    if nf4_kernel.applies(base.weight, dtype):
+        return nf4_kernel.dequantize_nf4(base.weight, dtype)
     import bitsandbytes.functional as bnb_functional
 
     return bnb_functional.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)

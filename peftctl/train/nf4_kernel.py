@@ -1,0 +1,99 @@
+"""One Triton kernel that dequantises a bitsandbytes NF4 weight, nested statistics included.
+
+A QLoRA layer dequantises its frozen 4-bit weight twice a step: for the forward product and again for x's gradient.
+bitsandbytes does it in three launches -- the 8-bit block scales (double quantisation), their offset, then the
+4-bit values -- each through a torch.library operator implemented in Python. The GPU work is small (about 40 us for
+an 8B MLP weight); the host's is not, and on a long QLoRA batch the host launching kernels is what the GPU waits
+for (measured on an H200: a case-3 step was busy 483 ms of about 560). Here it is one launch, with the same
+arithmetic in the same order, so the same bits:
+
+- scale of block b = code2[absmax_q[b]] * absmax2[b // blocksize2] + offset (float32; rounded after the product
+  and after the sum, as bitsandbytes' two kernels round -- no fused multiply-add);
+- value i = NF4[nibble i] * scale[i // blocksize], rounded once to the output dtype. A byte holds two values, the
+  high nibble first.
+
+Only the layouts bitsandbytes writes for NF4 are taken (`applies`); anything else goes through bitsandbytes.
+Triton's interpreter (TRITON_INTERPRET=1) runs the same kernel on CPU tensors: the tests compare it there with
+bitsandbytes' arithmetic written out in torch, and on the GPU with bitsandbytes' own CUDA dequantisation.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCKS = 16  # quantisation blocks per program: 1,024 values at bitsandbytes' default blocksize of 64
+WARPS = 2  # measured best with BLOCKS on an H200 (benchmarks/2026-12-01/issue21/microbench_nf4_dequant.py)
+
+
+@triton.jit
+def _dequantize_nf4(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, table_ptr, out_ptr, n_values,
+                    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                    OUT_BF16: tl.constexpr, BLOCKS: tl.constexpr):
+    """BLOCKS quantisation blocks of BLOCKSIZE values each, laid out one block a row: a block's scale is read and
+    computed once, and a row's BLOCKSIZE / 2 bytes hold its values two by two."""
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    block = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    live = block * BLOCKSIZE < n_values
+    if NESTED:
+        scale_q = tl.load(absmax_ptr + block, mask=live, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + scale_q) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=live, other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=live, other=0.0)
+    byte = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    q = tl.load(packed_ptr + byte, mask=2 * byte < n_values, other=0).to(tl.int32)
+    high = tl.load(table_ptr + (q >> 4)) * scale[:, None]
+    low = tl.load(table_ptr + (q & 15)) * scale[:, None]
+    values = tl.reshape(tl.join(high, low), (BLOCKS, BLOCKSIZE))  # high, low, high, low: the values' order
+    if OUT_BF16:  # round to nearest even by hand: Triton's interpreter truncates in its own bf16 cast
+        bits = values.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        rounded = values.to(out_ptr.dtype.element_ty)
+    index = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    tl.store(out_ptr + index, rounded, mask=index < n_values)
+
+
+def applies(weight, dtype) -> bool:
+    """Whether `weight` (a bitsandbytes Params4bit) is a layout this kernel reads -- NF4, float32 block scales or
+    8-bit nested ones, value offsets within int32 -- on a device it runs on (peftctl/fast_path.py)."""
+    from peftctl import fast_path
+
+    state = getattr(weight, "quant_state", None)
+    if (state is None or state.quant_type != "nf4" or dtype not in (torch.bfloat16, torch.float16, torch.float32)
+            or not fast_path.nf4_kernel_applies(weight.device.type)):
+        return False
+    n_values = 1
+    for size in state.shape:
+        n_values *= size
+    blocksize = state.blocksize
+    if (n_values >= 2**31 - BLOCKS * blocksize or blocksize < 2 or blocksize & (blocksize - 1)
+            or state.code is None or state.code.numel() != 16):
+        return False
+    if state.nested:
+        inner = state.state2
+        return (state.absmax.dtype == torch.uint8 and inner.absmax.dtype == torch.float32
+                and inner.code.dtype == torch.float32 and isinstance(state.offset, torch.Tensor)
+                and state.offset.dtype == torch.float32 and state.offset.device == weight.device)
+    return state.absmax.dtype == torch.float32
+
+
+def dequantize_nf4(weight, dtype, *, blocks: int = BLOCKS, warps: int = WARPS) -> torch.Tensor:
+    """The (out x in) matrix of an NF4 Params4bit in `dtype`, as bitsandbytes' `dequantize_4bit` gives it."""
+    state = weight.quant_state
+    out = torch.empty(tuple(state.shape), dtype=dtype, device=weight.device)
+    n_values = out.numel()
+    nested = bool(state.nested)
+    absmax = state.absmax
+    code2 = state.state2.code if nested else absmax  # unread where not nested
+    absmax2 = state.state2.absmax if nested else absmax
+    offset = state.offset if nested else absmax
+    grid = (triton.cdiv(n_values, blocks * state.blocksize),)
+    _dequantize_nf4[grid](weight.data, absmax, code2, absmax2, offset, state.code, out, n_values,
+                          BLOCKSIZE=state.blocksize, BLOCKSIZE2=state.state2.blocksize if nested else 1,
+                          NESTED=nested, OUT_BF16=dtype == torch.bfloat16, BLOCKS=blocks, num_warps=warps,
+                          enable_fp_fusion=False)
+    return out
