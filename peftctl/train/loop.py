@@ -396,7 +396,10 @@ def train_step(run: Run, batches, stop) -> StepResult | None:
             scaled = token_loss * scale
             (run.scaler.scale(scaled) if run.scaler else scaled).backward()
         step_loss[0] += token_loss.detach()
-    step_loss[1] = float(stop.requested)
+    # fill_ takes the flag as a kernel argument. An indexed assignment (`step_loss[1] = flag`) copies it from pageable
+    # host memory, which waits for the whole backward pass to finish: the host then launched clipping and the update
+    # into an idle GPU (measured: about 4 ms of idle a step on an 8B model).
+    step_loss[1].fill_(float(stop.requested))
     distributed.all_sum(world, step_loss)  # one collective: the global loss, and whether any rank must stop
     if run.scaler:
         run.scaler.unscale_(run.optimizer)
