@@ -121,8 +121,10 @@ def build(args, device, fused: bool):
 
 
 def host_and_device_ms(model, hidden, grad, repeats: int):
-    """Medians of (host ms to launch the forward, host ms to launch the backward, device ms of the forward, device
-    ms of the backward): where the host's launching takes as long as the device's work, the step is host-bound."""
+    """Medians of (host ms to launch the forward, host ms to launch the backward, device span of the forward,
+    device span of the backward), a span being from one event to the next on the stream, idle time included:
+    where the host's launching takes about as long as the span, the step is host-bound (the timeline's busy time
+    below says how much of the span the GPU worked)."""
     decoder = model.get_base_model().model
     rows = []
     for i in range(repeats + 3):
@@ -191,8 +193,8 @@ def main() -> None:
                 figures["base"] = median_ms(step, args.repeats, device)
             if device.type == "cuda":
                 host_fwd, host_bwd, dev_fwd, dev_bwd = host_and_device_ms(model, hidden, grad, args.repeats)
-                print(f"host launching against device work (ms a step): forward {host_fwd:.2f} / {dev_fwd:.2f}, "
-                      f"backward {host_bwd:.2f} / {dev_bwd:.2f}")
+                print(f"host launching against the device's span (ms a step): forward {host_fwd:.2f} / "
+                      f"{dev_fwd:.2f}, backward {host_bwd:.2f} / {dev_bwd:.2f}")
             activities = [torch.profiler.ProfilerActivity.CPU]
             if device.type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -233,9 +235,10 @@ def main() -> None:
         import os
         import tempfile
 
-        trace = os.path.join(tempfile.mkdtemp(), "trace.json")
-        timeline.export_chrome_trace(trace)
-        busy, span, waits, sizes, single = idle_gaps(trace, args.top)
+        with tempfile.TemporaryDirectory() as folder:
+            trace = os.path.join(folder, "trace.json")
+            timeline.export_chrome_trace(trace)
+            busy, span, waits, sizes, single = idle_gaps(trace, args.top)
         print(f"GPU timeline of the profiled steps, a decoder layer: busy {busy * per_layer / 1000:.3f} ms, "
               f"span {span * per_layer / 1000:.3f} ms, idle {(span - busy) * per_layer / 1000:.3f} ms "
               f"({(span - busy) / max(span, 1e-9):.1%})")

@@ -235,12 +235,13 @@ def test_lora_dropout_kernel_against_peft_on_8b_widths(width_in, width_out, monk
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_nf4_kernel_gives_bitsandbytes_cuda_values_bit_for_bit(nested, dtype):
     """peftctl's one-launch NF4 dequantisation against bitsandbytes' own CUDA kernels, at an 8B MLP weight's size
-    (14,336 x 4,096) and a k/v projection's (1,024 x 4,096)."""
+    (14,336 x 4,096), a k/v projection's (1,024 x 4,096), and sizes that end inside a program (33 x 64) and inside a
+    quantisation block (7 x 100)."""
     import bitsandbytes.functional as bnb_functional
 
     from peftctl.train import nf4_kernel
 
-    for shape in ((14336, 4096), (1024, 4096)):
+    for shape in ((14336, 4096), (1024, 4096), (33, 64), (7, 100)):
         torch.manual_seed(0)
         weight = torch.randn(*shape, device="cuda", dtype=getattr(torch, dtype)) * 0.02  # bitsandbytes' out dtype
         packed, state = bnb_functional.quantize_4bit(weight, quant_type="nf4", compress_statistics=nested)

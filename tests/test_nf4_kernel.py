@@ -29,11 +29,13 @@ def kernel_here(monkeypatch):
     monkeypatch.setattr(fast_path, "NF4_KERNEL_DEVICES", {"cuda", DEVICE})
 
 
-def _quantized(rows, cols, *, nested=True, blocksize=64, quant_type="nf4", seed=0):
+def _quantized(rows, cols, *, nested=True, blocksize=64, quant_type="nf4", dtype=torch.bfloat16, seed=0,
+               storage=torch.uint8):
+    """A Params4bit-like parameter: packed values with their quant_state, quantised from a `dtype` weight."""
     torch.manual_seed(seed)
-    weight = (torch.randn(rows, cols) * 0.05).to(DEVICE, torch.bfloat16)
+    weight = (torch.randn(rows, cols) * 0.05).to(DEVICE, dtype)
     packed, state = bnb_functional.quantize_4bit(weight, blocksize=blocksize, quant_type=quant_type,
-                                                 compress_statistics=nested)
+                                                 compress_statistics=nested, quant_storage=storage)
     param = torch.nn.Parameter(packed, requires_grad=False)
     param.quant_state = state
     return param
@@ -52,7 +54,8 @@ def _bitsandbytes_arithmetic(param, dtype):
         scale = scale + state.offset
     else:
         scale = state.absmax
-    values = state.code[nibbles[:n]] * scale[torch.arange(n, device=packed.device) // state.blocksize]
+    table = torch.tensor(nf4_kernel.NF4, device=packed.device)
+    values = table[nibbles[:n]] * scale[torch.arange(n, device=packed.device) // state.blocksize]
     return values.to(dtype).reshape(tuple(state.shape))
 
 
@@ -63,16 +66,16 @@ def _bitsandbytes_arithmetic(param, dtype):
 def test_kernel_gives_bitsandbytes_values(nested, blocksize, shape, dtype):
     """Bit for bit, over shapes that end inside a program's span (33 x 64 = 2,112 values: a second, partial
     program), inside a quantisation block (7 x 100), and with the outer blocks of double quantisation."""
-    param = _quantized(*shape, nested=nested, blocksize=blocksize)
+    param = _quantized(*shape, nested=nested, blocksize=blocksize, dtype=dtype)
     assert nf4_kernel.applies(param, dtype)
     out = nf4_kernel.dequantize_nf4(param, dtype)
     assert out.dtype == dtype and out.shape == shape
     assert torch.equal(out, _bitsandbytes_arithmetic(param, dtype))
 
 
-def test_the_reference_arithmetic_is_not_blind():
-    """A nibble order swapped, or the offset left out, changes the values: the comparison above can fail."""
-    param = _quantized(48, 96)
+def test_the_kernel_sees_the_nibble_order_and_the_offset():
+    """A nibble order swapped, or the nested scales' offset left out, changes the values: the kernel reads both."""
+    param = _quantized(48, 96, dtype=torch.float32)
     expected = _bitsandbytes_arithmetic(param, torch.float32)
     swapped = torch.nn.Parameter(((param.data >> 4) | (param.data << 4)).to(torch.uint8), requires_grad=False)
     swapped.quant_state = param.quant_state
@@ -86,39 +89,80 @@ def test_the_reference_arithmetic_is_not_blind():
         state.offset = offset
 
 
-def test_only_nf4_layouts_on_the_kernel_s_devices_apply(monkeypatch):
+def test_a_large_blocksize_is_read_in_programs_of_one_block():
+    param = _quantized(8, 1024, blocksize=4096, dtype=torch.float32)
+    assert nf4_kernel.applies(param, torch.float32)
+    assert torch.equal(nf4_kernel.dequantize_nf4(param, torch.float32),
+                       _bitsandbytes_arithmetic(param, torch.float32))
+
+
+def test_only_layouts_read_as_bitsandbytes_reads_them_apply(monkeypatch):
+    """Refused, so that bitsandbytes dequantises them: FP4; another dtype than the weight was quantised from
+    (bitsandbytes would round twice); 16-bit packed storage (FSDP-QLoRA's layout); a strided view of the packed
+    bytes; nested scales on another dtype; a device outside the kernel's rule; anything without a quant state."""
     assert nf4_kernel.applies(_quantized(16, 64), torch.bfloat16)
     assert not nf4_kernel.applies(_quantized(16, 64, quant_type="fp4"), torch.bfloat16)
-    assert not nf4_kernel.applies(_quantized(16, 64), torch.int8)
+    assert not nf4_kernel.applies(_quantized(16, 64), torch.float32)
+    assert not nf4_kernel.applies(_quantized(16, 64, dtype=torch.float16), torch.bfloat16)
+    assert not nf4_kernel.applies(_quantized(16, 64, storage=torch.bfloat16), torch.bfloat16)
+    param = _quantized(16, 64)
+    strided = torch.nn.Parameter(torch.cat([param.data, param.data], dim=1)[:, :1], requires_grad=False)
+    strided.quant_state = param.quant_state
+    assert torch.equal(strided.data, param.data) and not nf4_kernel.applies(strided, torch.bfloat16)
+    param.quant_state.state2.absmax = param.quant_state.state2.absmax.double()
+    assert not nf4_kernel.applies(param, torch.bfloat16)
     assert not nf4_kernel.applies(torch.nn.Parameter(torch.zeros(4, 4), requires_grad=False), torch.bfloat16)
     monkeypatch.setattr(fast_path, "NF4_KERNEL_DEVICES", set())
     assert not nf4_kernel.applies(_quantized(16, 64), torch.bfloat16)
 
 
-def test_fused_branch_dequantises_an_nf4_base_through_the_kernel(monkeypatch):
-    """A frozen NF4 base inside the fused branch: the kernel gives its weight for the forward product and again
-    for x's gradient, and output and gradients are the eager formula's with that weight."""
+@pytest.mark.parametrize("rows", [10, fused_lora.BNB_DEQUANT_MIN_ROWS])
+def test_fused_branch_dequantises_an_nf4_base_through_the_kernel(monkeypatch, rows):
+    """A frozen NF4 base with a bias inside the fused branch: the kernel gives its weight for x's gradient, and for
+    the forward product where bitsandbytes itself would dequantise (a long batch; a short one keeps bitsandbytes'
+    own forward); output and gradients are the eager formula's with bitsandbytes' values."""
     bnb = pytest.importorskip("bitsandbytes")
     calls = []
     dequantize = nf4_kernel.dequantize_nf4
     monkeypatch.setattr(nf4_kernel, "dequantize_nf4", lambda *a: (calls.append(1), dequantize(*a))[1])
     torch.manual_seed(0)
-    base = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    base = bnb.nn.Linear4bit(64, 32, bias=True, compute_dtype=torch.float32, quant_type="nf4")
     base.weight = bnb.nn.Params4bit(torch.randn(32, 64) * 0.1, requires_grad=False, quant_type="nf4")
-    base = base.to(DEVICE)
-    weight = dequantize(base.weight, torch.float32)
-    leaves = [torch.randn(2, 5, 64, device=DEVICE), torch.randn(3, 64, device=DEVICE),
+    base = base.to(DEVICE).requires_grad_(False)
+    weight = _bitsandbytes_arithmetic(base.weight, torch.float32)
+    leaves = [torch.randn(rows, 64, device=DEVICE), torch.randn(3, 64, device=DEVICE),
               torch.randn(32, 3, device=DEVICE)]
     fused_in = [t.clone().requires_grad_() for t in leaves]
     eager_in = [t.clone().requires_grad_() for t in leaves]
     fused = fused_lora.lora_branch(fused_in[0], None, fused_in[1], fused_in[2], 0.0, 1.7, base=base)
-    assert len(calls) == 1
+    assert len(calls) == (rows >= fused_lora.BNB_DEQUANT_MIN_ROWS)
     x, a, b = eager_in
-    eager = x @ weight.t() + 1.7 * (x @ a.t()) @ b.t()
-    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+    eager = x @ weight.t() + base.bias + 1.7 * (x @ a.t()) @ b.t()
+    close = lambda f, e, what: torch.testing.assert_close(  # noqa: E731 - float32 sums in another order
+        f, e, rtol=1e-5, atol=1e-5 * e.abs().max().item(), msg=lambda m: f"{what}: {m}")
+    close(fused, eager, "output")
     weights = torch.randn_like(eager)
     (fused * weights).sum().backward()
     (eager * weights).sum().backward()
-    assert len(calls) == 2
+    assert len(calls) == 1 + (rows >= fused_lora.BNB_DEQUANT_MIN_ROWS)
     for name, f, e in zip(("x", "A", "B"), fused_in, eager_in):
-        torch.testing.assert_close(f.grad, e.grad, rtol=1e-5, atol=1e-5, msg=f"gradient of {name}")
+        close(f.grad, e.grad, f"gradient of {name}")
+
+
+def test_without_triton_a_4bit_base_goes_through_bitsandbytes(monkeypatch):
+    """triton is not everywhere (the kernel's module imports it): where it is missing, the fused branch never
+    imports the kernel and bitsandbytes dequantises."""
+    import sys
+
+    bnb = pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(fast_path, "_TRITON", False)
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.delitem(sys.modules, "peftctl.train.nf4_kernel")
+    monkeypatch.delattr(sys.modules["peftctl.train"], "nf4_kernel")  # `from peftctl.train import` reads it first
+    base = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    base.weight = bnb.nn.Params4bit(torch.randn(32, 64) * 0.1, requires_grad=False, quant_type="nf4")
+    base = base.to("cpu")
+    x = torch.randn(fused_lora.BNB_DEQUANT_MIN_ROWS, 64, requires_grad=True)
+    out = fused_lora.lora_branch(x, None, torch.randn(3, 64), torch.randn(32, 3), 0.0, 1.0, base=base)
+    out.sum().backward()
+    assert x.grad is not None and "peftctl.train.nf4_kernel" not in sys.modules

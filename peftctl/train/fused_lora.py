@@ -128,9 +128,9 @@ class _LoraBranch(torch.autograd.Function):
         dtype, (a_dtype, b_dtype) = ctx.dtype, ctx.weight_dtypes
         g = grad_out.to(dtype)
         # B's side, the scaling applied to the small tensors inside their GEMMs (alpha; beta 0 ignores the input)
-        none = g.new_empty(())
-        grad_b = torch.addmm(none, g.t(), h, beta=0, alpha=ctx.scaling).to(b_dtype) if needs_b else None
-        grad_h = torch.addmm(none, g, b, beta=0, alpha=ctx.scaling) if needs_x or needs_a else None
+        unused_c = g.new_empty(())
+        grad_b = torch.addmm(unused_c, g.t(), h, beta=0, alpha=ctx.scaling).to(b_dtype) if needs_b else None
+        grad_h = torch.addmm(unused_c, g, b, beta=0, alpha=ctx.scaling) if needs_x or needs_a else None
         grad_a = ctx.dropout.grad_a(grad_h, saved, ctx.p).to(a_dtype) if needs_a else None
         grad_x = None
         if needs_x:
@@ -187,28 +187,44 @@ def _owns_base(base, x) -> bool:
             and base.compute_dtype in (None, x.dtype) and getattr(base.weight, "quant_state", None) is not None)
 
 
-def _base_forward(base, x2, dtype):
-    """The base layer's output. An NF4 layer that peftctl's kernel reads is dequantised by it and multiplied by
-    F.linear -- what bitsandbytes itself does for a batch of more than 1,536 rows, in one launch instead of three;
-    everything else runs the layer's own forward."""
-    if type(base) is not nn.Linear:
-        from peftctl.train import nf4_kernel
+# bitsandbytes 0.50 multiplies a 4-bit weight by dequantising it and calling F.linear for more rows than this, and
+# through its own 4-bit GEMM kernel below: the forward takes peftctl's dequantisation only where bitsandbytes
+# itself would dequantise.
+BNB_DEQUANT_MIN_ROWS = 1537
 
-        if nf4_kernel.applies(base.weight, dtype):
+
+def _nf4_kernel(weight, dtype):
+    """peftctl's NF4 kernel module where it reads this weight the way bitsandbytes does, else None. The device rule
+    is asked first: triton (imported by the kernel's module) is only there on some platforms."""
+    from peftctl import fast_path
+
+    if not fast_path.nf4_kernel_applies(weight.device.type):
+        return None
+    from peftctl.train import nf4_kernel
+
+    return nf4_kernel if nf4_kernel.applies(weight, dtype) else None
+
+
+def _base_forward(base, x2, dtype):
+    """The base layer's output. A long batch through an NF4 layer that peftctl's kernel reads: dequantised by it (one
+    launch, against bitsandbytes' three) and multiplied by F.linear, what bitsandbytes' own forward does there;
+    everything else runs the layer's own forward."""
+    if type(base) is not nn.Linear and x2.shape[0] >= BNB_DEQUANT_MIN_ROWS:
+        kernel = _nf4_kernel(base.weight, dtype)
+        if kernel is not None:
             bias = None if base.bias is None else base.bias.to(dtype)
-            return torch.nn.functional.linear(x2, nf4_kernel.dequantize_nf4(base.weight, dtype), bias)
+            return torch.nn.functional.linear(x2, kernel.dequantize_nf4(base.weight, dtype), bias)
     return base(x2)
 
 
 def _base_matrix(base, dtype):
     """The (out x in) matrix x's gradient goes through: the weight, or the 4-bit weight dequantised as
-    bitsandbytes' own backward does (by peftctl's kernel where it reads the layout: the same values)."""
+    bitsandbytes' own backward does (by peftctl's kernel where it gives the same values)."""
     if type(base) is nn.Linear:
         return base.weight.to(dtype)
-    from peftctl.train import nf4_kernel
-
-    if nf4_kernel.applies(base.weight, dtype):
-        return nf4_kernel.dequantize_nf4(base.weight, dtype)
+    kernel = _nf4_kernel(base.weight, dtype)
+    if kernel is not None:
+        return kernel.dequantize_nf4(base.weight, dtype)
     import bitsandbytes.functional as bnb_functional
 
     return bnb_functional.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)

@@ -10,9 +10,11 @@ arithmetic in the same order, so the same bits:
 - scale of block b = code2[absmax_q[b]] * absmax2[b // blocksize2] + offset (float32; rounded after the product
   and after the sum, as bitsandbytes' two kernels round -- no fused multiply-add);
 - value i = NF4[nibble i] * scale[i // blocksize], rounded once to the output dtype. A byte holds two values, the
-  high nibble first.
+  high nibble first. NF4 is bitsandbytes' built-in table (its CUDA kernel ignores the quant state's `code`).
 
-Only the layouts bitsandbytes writes for NF4 are taken (`applies`); anything else goes through bitsandbytes.
+Only the layouts bitsandbytes writes for NF4 are taken (`applies`: uint8 storage, contiguous, every statistic on the
+weight's device, dequantised to the dtype the weight was quantised from, so that bitsandbytes, too, rounds once);
+anything else goes through bitsandbytes.
 Triton's interpreter (TRITON_INTERPRET=1) runs the same kernel on CPU tensors: the tests compare it there with
 bitsandbytes' arithmetic written out in torch, and on the GPU with bitsandbytes' own CUDA dequantisation.
 """
@@ -23,8 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCKS = 16  # quantisation blocks per program: 1,024 values at bitsandbytes' default blocksize of 64
-WARPS = 2  # measured best with BLOCKS on an H200 (benchmarks/2026-12-01/issue21/microbench_nf4_dequant.py)
+VALUES = 1024  # values per program: 16 blocks at bitsandbytes' default blocksize of 64
+WARPS = 2  # measured best at that size on an H200 (benchmarks/2026-12-01/issue21/microbench_nf4_dequant.py)
+# bitsandbytes' NF4 table (functional.get_4bit_type("nf4"), the constants of its CUDA kernel)
+NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+       -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+       0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
+_TABLES: dict = {}  # device -> NF4 as a float32 tensor there
 
 
 @triton.jit
@@ -58,31 +65,43 @@ def _dequantize_nf4(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, 
 
 
 def applies(weight, dtype) -> bool:
-    """Whether `weight` (a bitsandbytes Params4bit) is a layout this kernel reads -- NF4, float32 block scales or
-    8-bit nested ones, value offsets within int32 -- on a device it runs on (peftctl/fast_path.py)."""
+    """Whether `weight` (a bitsandbytes Params4bit) is a layout this kernel reads the way bitsandbytes does -- NF4
+    in contiguous uint8 storage, float32 block scales or 8-bit nested ones, every statistic contiguous on the
+    weight's device, `dtype` the one it was quantised from, value offsets within int32 -- on a device it runs on
+    (peftctl/fast_path.py)."""
     from peftctl import fast_path
 
     state = getattr(weight, "quant_state", None)
-    if (state is None or state.quant_type != "nf4" or dtype not in (torch.bfloat16, torch.float16, torch.float32)
+    if (state is None or state.quant_type != "nf4" or dtype != state.dtype
+            or dtype not in (torch.bfloat16, torch.float16, torch.float32)
+            or weight.dtype != torch.uint8 or not weight.is_contiguous()
             or not fast_path.nf4_kernel_applies(weight.device.type)):
         return False
     n_values = 1
     for size in state.shape:
         n_values *= size
     blocksize = state.blocksize
-    if (n_values >= 2**31 - BLOCKS * blocksize or blocksize < 2 or blocksize & (blocksize - 1)
-            or state.code is None or state.code.numel() != 16):
+    if blocksize < 2 or blocksize & (blocksize - 1) or n_values + _blocks(blocksize) * blocksize >= 2**31:
         return False
+
+    def here(t, dtype_, numel=None):
+        return (isinstance(t, torch.Tensor) and t.dtype == dtype_ and t.device == weight.device and t.is_contiguous()
+                and (numel is None or t.numel() == numel))
+
     if state.nested:
         inner = state.state2
-        return (state.absmax.dtype == torch.uint8 and inner.absmax.dtype == torch.float32
-                and inner.code.dtype == torch.float32 and isinstance(state.offset, torch.Tensor)
-                and state.offset.dtype == torch.float32 and state.offset.device == weight.device)
-    return state.absmax.dtype == torch.float32
+        return (here(state.absmax, torch.uint8) and here(inner.absmax, torch.float32)
+                and here(inner.code, torch.float32, 256) and here(state.offset, torch.float32, 1))
+    return here(state.absmax, torch.float32)
 
 
-def dequantize_nf4(weight, dtype, *, blocks: int = BLOCKS, warps: int = WARPS) -> torch.Tensor:
-    """The (out x in) matrix of an NF4 Params4bit in `dtype`, as bitsandbytes' `dequantize_4bit` gives it."""
+def _blocks(blocksize: int) -> int:
+    return max(1, VALUES // blocksize)
+
+
+def dequantize_nf4(weight, dtype, *, values: int = VALUES, warps: int = WARPS) -> torch.Tensor:
+    """The (out x in) matrix of an NF4 Params4bit in `dtype`, as bitsandbytes' `dequantize_4bit` gives it (where
+    `applies`). `values` and `warps` size the programs (the micro-benchmark varies them)."""
     state = weight.quant_state
     out = torch.empty(tuple(state.shape), dtype=dtype, device=weight.device)
     n_values = out.numel()
@@ -91,8 +110,12 @@ def dequantize_nf4(weight, dtype, *, blocks: int = BLOCKS, warps: int = WARPS) -
     code2 = state.state2.code if nested else absmax  # unread where not nested
     absmax2 = state.state2.absmax if nested else absmax
     offset = state.offset if nested else absmax
+    table = _TABLES.get(weight.device)
+    if table is None:
+        table = _TABLES[weight.device] = torch.tensor(NF4, dtype=torch.float32, device=weight.device)
+    blocks = max(1, values // state.blocksize)
     grid = (triton.cdiv(n_values, blocks * state.blocksize),)
-    _dequantize_nf4[grid](weight.data, absmax, code2, absmax2, offset, state.code, out, n_values,
+    _dequantize_nf4[grid](weight.data, absmax, code2, absmax2, offset, table, out, n_values,
                           BLOCKSIZE=state.blocksize, BLOCKSIZE2=state.state2.blocksize if nested else 1,
                           NESTED=nested, OUT_BF16=dtype == torch.bfloat16, BLOCKS=blocks, num_warps=warps,
                           enable_fp_fusion=False)

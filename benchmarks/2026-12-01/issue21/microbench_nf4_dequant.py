@@ -55,7 +55,8 @@ for shape in ((14336, 4096), (4096, 4096), (1024, 4096)):
           f"{host_us(lambda: F.dequantize_4bit(packed, state)):.1f} us host")
     for blocks in (8, 16, 32, 64):
         for warps in (2, 4, 8):
-            fn = lambda: nf4_kernel.dequantize_nf4(param, torch.bfloat16, blocks=blocks, warps=warps)  # noqa: E731
+            # (run as recorded with a `blocks=` argument; blocks of 64 values: values = 64 x blocks)
+            fn = lambda: nf4_kernel.dequantize_nf4(param, torch.bfloat16, values=64 * blocks, warps=warps)  # noqa: E731
             same = torch.equal(fn(), ref)
             print(f"  ours blocks {blocks:3d} warps {warps}: {gpu_ms(fn) * 1000:.1f} us GPU, {host_us(fn):.1f} us host,"
                   f" same {same}")
