@@ -166,3 +166,22 @@ def test_without_triton_a_4bit_base_goes_through_bitsandbytes(monkeypatch):
     out = fused_lora.lora_branch(x, None, torch.randn(3, 64), torch.randn(32, 3), 0.0, 1.0, base=base)
     out.sum().backward()
     assert x.grad is not None and "peftctl.train.nf4_kernel" not in sys.modules
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_model_loaded_in_4bit_has_weights_the_kernel_takes(tiny_model, write_recipe, dtype):
+    """The layout transformers' 4-bit loading writes (through peftctl's load_model, NF4, double quantisation,
+    compute dtype = model dtype) is one the kernel takes, with bitsandbytes' values: the fast path is not refused
+    in the runs it is for."""
+    from peftctl.model import load_model
+    from peftctl.recipe.loader import load_recipe
+
+    recipe = write_recipe(tiny_model("llama"), model={"dtype": dtype},
+                          quantization={"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": dtype})
+    model = load_model(load_recipe(str(recipe)).recipe, torch.device(DEVICE))
+    weights = [m.weight for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert len(weights) == 7 * model.config.num_hidden_layers
+    for weight in weights:
+        assert nf4_kernel.applies(weight, getattr(torch, dtype))
+        assert torch.equal(nf4_kernel.dequantize_nf4(weight, getattr(torch, dtype)),
+                           _bitsandbytes_arithmetic(weight, getattr(torch, dtype)))
