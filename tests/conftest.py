@@ -27,6 +27,15 @@ if not Path("/dev/nvidiactl").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(autouse=True)
+def one_test_is_not_one_command(monkeypatch):
+    """startup.prepare (main()'s) marks a process as running one command, which lets train hide bitsandbytes for
+    good; a test that calls it must not leave a later test's process so marked (a 4-bit model may load next)."""
+    from peftctl import startup
+
+    monkeypatch.setattr(startup, "_ONE_COMMAND", False)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """tiny_model(arch="llama", **sizes) -> folder of a tiny model, made once per test session."""

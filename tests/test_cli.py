@@ -182,6 +182,82 @@ def test_only_count_params_runs_without_bitsandbytes(argv, hidden, monkeypatch):
     assert calls == ([True] if hidden else [])
 
 
+@pytest.mark.parametrize("sections, may_need", [
+    ({}, False),  # bf16-style LoRA on a local folder: never
+    ({"quantization": {"bits": 4}}, True),
+    ({"method": {"name": "qlora", "r": 8, "alpha": 16, "_replace": True}}, True),
+    ({"training": {"optimizer": "adamw_8bit"}}, True),
+    ({"model": {"trust_remote_code": True, "revision": "0" * 40}}, True),  # the model's own code
+    ({"evaluation": {"data": "d.jsonl", "metrics": ["mymetrics:score"]}}, True),  # the user's code
+    ({"evaluation": {"data": "d.jsonl", "metrics": ["loss"]}}, False),
+])
+def test_train_may_need_bitsandbytes_where_anything_could_quantise(tiny_model, write_recipe, tmp_path, sections,
+                                                                   may_need):
+    from peftctl import startup
+    from peftctl.recipe.loader import load_recipe
+
+    if "evaluation" in sections:
+        (tmp_path / "d.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+        sections["evaluation"]["data"] = str(tmp_path / "d.jsonl")
+    recipe = load_recipe(str(write_recipe(tiny_model("llama"), **sections))).recipe
+    assert startup.train_may_need_bitsandbytes(recipe) is may_need
+
+
+def test_a_checkpoint_saved_quantised_or_a_hub_base_may_need_bitsandbytes(tiny_model, write_recipe, tmp_path):
+    import shutil
+
+    from peftctl import startup
+    from peftctl.recipe.loader import load_recipe
+
+    quantised = tmp_path / "quantised"
+    shutil.copytree(tiny_model("llama"), quantised)
+    config = json.loads((quantised / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (quantised / "config.json").write_text(json.dumps(config))
+    assert startup.train_may_need_bitsandbytes(load_recipe(str(write_recipe(quantised))).recipe)
+    hub = load_recipe(str(write_recipe("acme/llama-3-8b", name="hub.yaml"))).recipe  # no config at hand
+    assert startup.train_may_need_bitsandbytes(hub)
+
+
+def test_train_hides_bitsandbytes_only_in_its_own_process_and_where_the_run_cannot_need_it(
+        tiny_model, write_recipe, monkeypatch):
+    from peftctl import startup
+
+    calls = []
+    monkeypatch.setattr(startup, "hide_bitsandbytes", lambda: calls.append(True) or True)
+    plain = write_recipe(tiny_model("llama"))
+    assert cli("train", str(plain), "--dry-run", "--quiet").returncode == 0
+    assert calls == []  # a test's process (no main()): a later test may load a 4-bit model
+    monkeypatch.setattr(startup, "_ONE_COMMAND", True)
+    assert cli("train", str(plain), "--dry-run", "--quiet").returncode == 0
+    assert calls == [True]
+    quantised = write_recipe(tiny_model("llama"), "q.yaml", quantization={"bits": 4})
+    assert cli("train", str(quantised), "--dry-run", "--quiet").returncode == 0
+    assert calls == [True]
+
+
+REAL_TRAIN = """
+import runpy, sys
+sys.argv = ["peftctl", *sys.argv[1:]]
+try:
+    runpy.run_module("peftctl", run_name="__main__")
+except SystemExit as e:
+    code = e.code
+heavy = [m for m in ("bitsandbytes", "torch._inductor.compile_fx") if sys.modules.get(m) is not None]
+sys.stderr.write(f"EXIT={code} HEAVY={','.join(heavy)}")
+"""
+
+
+def test_a_lora_run_trains_without_importing_bitsandbytes(tiny_model, write_recipe, tmp_path):
+    """`peftctl train` of a LoRA recipe on an unquantised local base, as a real process: it trains, saves its
+    adapter, and never imports bitsandbytes or the torch compiler that bitsandbytes pulls in."""
+    recipe = write_recipe(tiny_model("llama"), training={"max_steps": 2})
+    proc = subprocess.run([sys.executable, "-c", REAL_TRAIN, "train", str(recipe), "--quiet"], capture_output=True,
+                          text=True, cwd=str(REPO), timeout=600)
+    assert proc.stderr.endswith("EXIT=0 HEAVY="), proc.stderr[-2000:]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+
+
 def test_third_party_kernel_chatter_stays_out_unless_debugging(monkeypatch):
     """bitsandbytes logs, at import on a CPU with AVX512-BF16, that an optional kernel package is missing: main()
     keeps that logger to errors (a real error still shows), and PEFTCTL_DEBUG=1 lets it through."""

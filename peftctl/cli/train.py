@@ -33,6 +33,9 @@ def run(recipe_path: str, sets: list[str], *, dry_run: bool, resume: str | None,
     if not quiet:
         for w in loaded.warnings:
             warn(w)
+    from peftctl import startup
+
+    startup.hide_bitsandbytes_for_training(loaded.recipe)  # before anything imports peft
     from peftctl.train.loop import TrainOptions, train
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)
