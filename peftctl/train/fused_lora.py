@@ -20,7 +20,8 @@ function, so the branch is added into that very buffer (`addmm_`: torch's out-of
 operand, a full pass over the output), and x's gradient is one buffer -- the branch's, into which the base's
 `grad @ W` (W dequantised as bitsandbytes' backward does) is accumulated by the same GEMM -- instead of two tensors
 that autograd then sums in another pass. Same sums; the base's part of x's gradient is rounded to the activations'
-dtype once, with the branch's, instead of twice.
+dtype once, with the branch's, instead of twice. An NF4 weight is dequantised by peftctl's one-launch kernel
+(train/nf4_kernel.py) wherever it reads the weight as bitsandbytes does: the same values, a third of the launches.
 
 With dropout on a CUDA device (and triton there, in a dtype and at an r it supports: peftctl/fast_path.py, which
 the memory plan reads too), the branch may take LoRA's dropout kernel instead of torch's (`_KernelDropout`, not
