@@ -108,6 +108,20 @@ def write_recipe(tmp_path):
     return write
 
 
+# `python -c REAL_PROCESS ARGS...` runs `peftctl ARGS...` as main() runs it, then writes to stderr its exit code and
+# which heavy modules the process imported: "EXIT=0 HEAVY=" is a clean exit that imported neither.
+REAL_PROCESS = """
+import runpy, sys
+sys.argv = ["peftctl", *sys.argv[1:]]
+try:
+    runpy.run_module("peftctl", run_name="__main__")
+except SystemExit as e:
+    code = e.code
+heavy = [m for m in ("bitsandbytes", "torch._inductor.compile_fx") if sys.modules.get(m) is not None]
+sys.stderr.write(f"EXIT={code} HEAVY={','.join(heavy)}")
+"""
+
+
 def cli(*args: str, input: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `peftctl ARGS` in this process (no second torch import): the exit code as `returncode`, stdout and
     stderr apart, as run_cli returns them. Use run_cli only for what needs a process of its own: signals,

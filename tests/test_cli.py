@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cli, run_cli
+from conftest import REAL_PROCESS, REPO, cli, run_cli
 from peftctl.cli.errors import run_guarded
 from peftctl.errors import EXIT_FAILURE, InvalidInput
 
@@ -236,23 +236,13 @@ def test_train_hides_bitsandbytes_only_in_its_own_process_and_where_the_run_cann
     assert calls == [True]
 
 
-REAL_TRAIN = """
-import runpy, sys
-sys.argv = ["peftctl", *sys.argv[1:]]
-try:
-    runpy.run_module("peftctl", run_name="__main__")
-except SystemExit as e:
-    code = e.code
-heavy = [m for m in ("bitsandbytes", "torch._inductor.compile_fx") if sys.modules.get(m) is not None]
-sys.stderr.write(f"EXIT={code} HEAVY={','.join(heavy)}")
-"""
 
 
 def test_a_lora_run_trains_without_importing_bitsandbytes(tiny_model, write_recipe, tmp_path):
     """`peftctl train` of a LoRA recipe on an unquantised local base, as a real process: it trains, saves its
     adapter, and never imports bitsandbytes or the torch compiler that bitsandbytes pulls in."""
     recipe = write_recipe(tiny_model("llama"), training={"max_steps": 2})
-    proc = subprocess.run([sys.executable, "-c", REAL_TRAIN, "train", str(recipe), "--quiet"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", REAL_PROCESS, "train", str(recipe), "--quiet"], capture_output=True,
                           text=True, cwd=str(REPO), timeout=600)
     assert proc.stderr.endswith("EXIT=0 HEAVY="), proc.stderr[-2000:]
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()

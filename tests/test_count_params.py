@@ -14,7 +14,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import REPO, recipe_dict, run_cli
+from conftest import REAL_PROCESS, REPO, recipe_dict, run_cli
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 LLAMA3_8B = CONFIGS / "llama-3-8b"
@@ -242,16 +242,6 @@ def test_hub_id_reads_config_json_from_the_hub_cache(tmp_path, monkeypatch):
     assert out["model"] == "acme/llama-3-8b"
 
 
-REAL_PROCESS = """
-import runpy, sys
-sys.argv = ["peftctl", *sys.argv[1:]]
-try:
-    runpy.run_module("peftctl", run_name="__main__")
-except SystemExit as e:
-    code = e.code
-heavy = [m for m in ("bitsandbytes", "torch._inductor.compile_fx") if sys.modules.get(m) is not None]
-sys.stderr.write(f"EXIT={code} HEAVY={','.join(heavy)}")
-"""
 
 
 def test_as_a_real_process_without_bitsandbytes():
