@@ -34,6 +34,11 @@ def one_test_is_not_one_command(monkeypatch):
     from peftctl import startup
 
     monkeypatch.setattr(startup, "_ONE_COMMAND", False)
+    hidden_before = "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None
+    yield
+    if not hidden_before and "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+        del sys.modules["bitsandbytes"]  # undone for the tests after it; this one is told
+        pytest.fail("the test hid bitsandbytes for the rest of the session: stub startup.hide_bitsandbytes")
 
 
 @pytest.fixture(scope="session")

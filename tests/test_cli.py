@@ -187,6 +187,7 @@ def test_only_count_params_runs_without_bitsandbytes(argv, hidden, monkeypatch):
     ({"quantization": {"bits": 4}}, True),
     ({"method": {"name": "qlora", "r": 8, "alpha": 16, "_replace": True}}, True),
     ({"training": {"optimizer": "adamw_8bit"}}, True),
+    ({"training": {"optimizer": "paged_adamw"}}, True),
     ({"model": {"trust_remote_code": True, "revision": "0" * 40}}, True),  # the model's own code
     ({"evaluation": {"data": "d.jsonl", "metrics": ["mymetrics:score"]}}, True),  # the user's code
     ({"evaluation": {"data": "d.jsonl", "metrics": ["loss"]}}, False),
@@ -217,6 +218,8 @@ def test_a_checkpoint_saved_quantised_or_a_hub_base_may_need_bitsandbytes(tiny_m
     assert startup.train_may_need_bitsandbytes(load_recipe(str(write_recipe(quantised))).recipe)
     hub = load_recipe(str(write_recipe("acme/llama-3-8b", name="hub.yaml"))).recipe  # no config at hand
     assert startup.train_may_need_bitsandbytes(hub)
+    (quantised / "config.json").write_text("{not json")  # a config that cannot be read says nothing
+    assert startup.train_may_need_bitsandbytes(load_recipe(str(write_recipe(quantised, name="bad.yaml"))).recipe)
 
 
 def test_train_hides_bitsandbytes_only_in_its_own_process_and_where_the_run_cannot_need_it(
@@ -234,8 +237,6 @@ def test_train_hides_bitsandbytes_only_in_its_own_process_and_where_the_run_cann
     quantised = write_recipe(tiny_model("llama"), "q.yaml", quantization={"bits": 4})
     assert cli("train", str(quantised), "--dry-run", "--quiet").returncode == 0
     assert calls == [True]
-
-
 
 
 def test_a_lora_run_trains_without_importing_bitsandbytes(tiny_model, write_recipe, tmp_path):

@@ -242,8 +242,6 @@ def test_hub_id_reads_config_json_from_the_hub_cache(tmp_path, monkeypatch):
     assert out["model"] == "acme/llama-3-8b"
 
 
-
-
 def test_as_a_real_process_without_bitsandbytes():
     """`python -m peftctl count-params` never imports bitsandbytes (nor the torch compiler it pulls in), even for
     a 4-bit recipe with a memory plan: the meta model is never quantised. The figures and the plan are those of
