@@ -74,7 +74,7 @@ def train_may_need_bitsandbytes(recipe) -> bool:
     import json
     from pathlib import Path
 
-    evaluation = getattr(recipe, "evaluation", None)
+    evaluation = recipe.evaluation
     user_metric = evaluation is not None and any(":" in m for m in (evaluation.metrics or []))
     if (recipe.quantization is not None or recipe.method.name == "qlora" or recipe.training.optimizer != "adamw"
             or recipe.model.trust_remote_code or user_metric):

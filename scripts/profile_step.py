@@ -77,6 +77,22 @@ def idle_gaps(trace_path: str, top: int):
     return busy, end - kernels[0]["ts"], ranked[:top], sizes, sorted(single, reverse=True)[:top]
 
 
+def print_timeline(trace_path: str, top: int, per: float, unit: str, span_name: str) -> None:
+    """idle_gaps' figures, printed: times in ms `unit` (each multiplied by `per`), the longest waits as they were."""
+    busy, span, waits, sizes, single = idle_gaps(trace_path, top)
+    print(f"GPU timeline of the profiled steps, {unit}: busy {busy * per / 1000:.3f} ms, span {span * per / 1000:.3f}"
+          f" ms, idle {(span - busy) * per / 1000:.3f} ms ({(span - busy) / max(span, 1e-9):.1%})")
+    print(f"idle before these kernels (ms {unit}, waits {unit}):")
+    for idle, calls, name in waits:
+        print(f"  {idle * per / 1000:7.3f}  {calls * per:5.1f}  {name}")
+    print(f"idle by the length of a wait (ms {unit}, waits {unit}):")
+    for label, idle, calls in sizes:
+        print(f"  {label:10s} {idle * per / 1000:7.3f}  {calls * per:5.1f}")
+    print(f"the longest waits (us; the kernel before, the kernel after; ms into {span_name}):")
+    for idle, before, after, at in single:
+        print(f"  {idle:8.1f}  {before} -> {after}  @ {at / 1000:.2f}")
+
+
 def quantize_decoder(model) -> int:
     """Every linear layer of the decoder as a bitsandbytes NF4 layer (bf16 compute), as a 4-bit load gives."""
     import bitsandbytes as bnb
@@ -238,20 +254,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             trace = os.path.join(folder, "trace.json")
             timeline.export_chrome_trace(trace)
-            busy, span, waits, sizes, single = idle_gaps(trace, args.top)
-        print(f"GPU timeline of the profiled steps, a decoder layer: busy {busy * per_layer / 1000:.3f} ms, "
-              f"span {span * per_layer / 1000:.3f} ms, idle {(span - busy) * per_layer / 1000:.3f} ms "
-              f"({(span - busy) / max(span, 1e-9):.1%})")
-        print("idle before these kernels (ms a decoder layer, waits a layer):")
-        for idle, calls, name in waits:
-            print(f"  {idle * per_layer / 1000:7.3f}  {calls * per_layer:5.1f}  {name}")
-        print("idle by the length of a wait (ms a decoder layer, waits a layer):")
-        for label, idle, calls in sizes:
-            print(f"  {label:10s} {idle * per_layer / 1000:7.3f}  {calls * per_layer:5.1f}")
-        print("the longest waits (us; the kernel before, the kernel after; ms into the 3 steps):")
-        for idle, before, after, at in single:
-            print(f"  {idle:8.1f}  {before} -> {after}  @ {at / 1000:.2f}")
-
+            print_timeline(trace, args.top, per_layer, "a decoder layer", "the 3 steps")
 
 if __name__ == "__main__":
     main()

@@ -439,9 +439,9 @@ def _queue_update(run: Run, loss, grad_norm) -> bool:
     the device: torch's fused AdamW reads `found_inf` and then leaves the weights, its moments and its step count as
     they were. The GPU then goes from the backward pass straight into the update instead of idling while the host
     waits for the loss and only then launches the update (milliseconds a step with hundreds of adapter tensors).
-    False where the update must wait for the host's check: GradScaler, bitsandbytes' optimisers, the CPU, and FSDP,
-    whose sharded (DTensor) parameters would meet a plain `found_inf` tensor in the fused kernel -- a mix no
-    multi-GPU run here has checked."""
+    False where the update must wait for the host's check: GradScaler, bitsandbytes' optimisers, the CPU's AdamW
+    (not fused: optim.py fuses on CUDA), and FSDP, whose sharded (DTensor) parameters would meet a plain `found_inf`
+    tensor in the fused kernel -- a mix no multi-GPU run here has checked."""
     import torch
 
     optimizer = run.optimizer

@@ -21,6 +21,8 @@ bitsandbytes' arithmetic written out in torch, and on the GPU with bitsandbytes'
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -77,10 +79,7 @@ def applies(weight, dtype) -> bool:
             or weight.dtype != torch.uint8 or not weight.is_contiguous()
             or not fast_path.nf4_kernel_applies(weight.device.type)):
         return False
-    n_values = 1
-    for size in state.shape:
-        n_values *= size
-    blocksize = state.blocksize
+    n_values, blocksize = math.prod(state.shape), state.blocksize
     if blocksize < 2 or blocksize & (blocksize - 1) or n_values + _blocks(blocksize) * blocksize >= 2**31:
         return False
 
@@ -95,8 +94,9 @@ def applies(weight, dtype) -> bool:
     return here(state.absmax, torch.float32)
 
 
-def _blocks(blocksize: int) -> int:
-    return max(1, VALUES // blocksize)
+def _blocks(blocksize: int, values: int = VALUES) -> int:
+    """Quantisation blocks per program: about `values` values, at least one block."""
+    return max(1, values // blocksize)
 
 
 def dequantize_nf4(weight, dtype, *, values: int = VALUES, warps: int = WARPS) -> torch.Tensor:
@@ -113,7 +113,7 @@ def dequantize_nf4(weight, dtype, *, values: int = VALUES, warps: int = WARPS) -
     table = _TABLES.get(weight.device)
     if table is None:
         table = _TABLES[weight.device] = torch.tensor(NF4, dtype=torch.float32, device=weight.device)
-    blocks = max(1, values // state.blocksize)
+    blocks = _blocks(state.blocksize, values)
     grid = (triton.cdiv(n_values, blocks * state.blocksize),)
     _dequantize_nf4[grid](weight.data, absmax, code2, absmax2, offset, table, out, n_values,
                           BLOCKSIZE=state.blocksize, BLOCKSIZE2=state.state2.blocksize if nested else 1,

@@ -50,13 +50,4 @@ for g, t in gc_log["spent"]:
 print("gc during the loop:", {g: (len(v), round(sum(v) * 1000, 1), round(max(v) * 1000, 1)) for g, v in by_gen.items()}, "(count, total ms, max ms)")
 print("step walls (s):", [(n, round(w, 4)) for n, w in state["walls"]])
 prof.export_chrome_trace(trace)
-busy, span, waits, sizes, single = profile_step.idle_gaps(trace, 25)
-print(f"two profiled steps: busy {busy/1000:.1f} ms, span {span/1000:.1f} ms, idle {(span-busy)/1000:.1f} ms ({(span-busy)/span:.1%})")
-for label, idle, calls in sizes:
-    print(f"  {label:10s} {idle/1000:8.2f} ms  {calls} waits")
-print("idle before:")
-for idle, calls, name in waits:
-    print(f"  {idle/1000:8.2f} ms {calls:5d}  {name}")
-print("longest:")
-for idle, before, after, at in single:
-    print(f"  {idle:8.1f} us  {before} -> {after}  @ {at/1000:.1f} ms")
+profile_step.print_timeline(trace, 25, 1.0, "in the two profiled steps", "the two steps")
