@@ -655,8 +655,10 @@ def peftctl_summary(steps: list[dict], warmup: int, variable: bool) -> dict:
 
 def _agreement(steps: list[dict], warmup: int) -> dict:
     """peftctl's step timer against the arrival times of its JSON lines (each printed after a host sync). They
-    disagree when the loop takes its time before the GPU has finished the step."""
-    timed = steps[max(warmup, 1):]  # step 1's line arrives after the process's start-up
+    disagree when the loop takes its time before the GPU has finished the step. The last step is left out: the
+    loop launches a step before it prints the previous one's line, but not past the last, whose line therefore
+    follows the one before it by less than a step."""
+    timed = steps[max(warmup, 1):-1]  # step 1's line arrives after the process's start-up
     if len(timed) < 2:
         return {}
     arrival = sum(s["tokens"] for s in timed) / sum(s["arrival_s"] for s in timed)

@@ -112,14 +112,16 @@ def test_summaries():
     window = bench.summarise(steps[:3] + [{"tokens": 200, "seconds": 2.0}], warmup=1, variable=True)
     assert window["tokens_per_s"] == pytest.approx(600 / 4) and window["statistic"] == "window"
     assert "error" in bench.summarise(steps[:1], warmup=1, variable=False)
-    agree = bench._agreement([{"tokens": 10, "seconds": 1.0, "arrival_s": 1.0}] * 3, warmup=1)
+    # the last step's line follows the one before it by less than a step (it was not launched ahead): left out
+    last = {"tokens": 10, "seconds": 1.0, "arrival_s": 0.3}
+    agree = bench._agreement([{"tokens": 10, "seconds": 1.0, "arrival_s": 1.0}] * 3 + [last], warmup=1)
     assert agree["timer_agrees"]
-    late = [{"tokens": 10, "seconds": 0.5, "arrival_s": 1.0}] * 3  # a timer read before the GPU has finished
+    late = [{"tokens": 10, "seconds": 0.5, "arrival_s": 1.0}] * 4  # a timer read before the GPU has finished
     assert not bench._agreement(late, warmup=1)["timer_agrees"]
     summary = bench.peftctl_summary(late, warmup=1, variable=False)
     assert summary["tokens_per_s"] == 10 and summary["timer_tokens_per_s"] == 20
     assert summary["source"].startswith("arrival")
-    agreeing = [{"tokens": 10, "seconds": 1.0, "arrival_s": 1.01}] * 3
+    agreeing = [{"tokens": 10, "seconds": 1.0, "arrival_s": 1.01}] * 4
     assert bench.peftctl_summary(agreeing, warmup=1, variable=False)["source"] == "step timer"
 
 

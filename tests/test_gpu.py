@@ -74,8 +74,11 @@ def test_train_on_gpu(medium_llama, write_recipe, tmp_path, method, quant):
     manifest = json.loads((tmp_path / "run" / "run.json").read_text())
     assert manifest["status"] == "completed" and manifest["peak_memory_bytes"] > 0
     assert manifest["device"].startswith("NVIDIA")
-    values = [r["loss"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    values = [r["loss"] for r in records]
     assert len(values) == 6 and all(math.isfinite(v) for v in values)
+    # steps 2-5 are launched ahead and timed by CUDA events: each a real, positive time
+    assert all(0 < r["tokens_per_s"] < math.inf for r in records)
     print(f"{method}: losses {values}, fast path {manifest['fast_path']}, "
           f"peak {manifest['peak_memory_bytes'] / 2**30:.2f} GiB, {manifest['tokens_per_s']} tok/s")
 
@@ -251,3 +254,23 @@ def test_nf4_kernel_gives_bitsandbytes_cuda_values_bit_for_bit(nested, dtype):
         ours = nf4_kernel.dequantize_nf4(param, getattr(torch, dtype))
         theirs = bnb_functional.dequantize_4bit(packed, state)
         assert torch.equal(ours, theirs), f"{shape}: {(ours.float() - theirs.float()).abs().max().item()}"
+
+
+def test_step_clock_times_the_device_work_between_its_marks():
+    """The step clock's events measure the GPU's time between two marks, though the host returns at once."""
+    import time
+
+    from peftctl.train.timings import StepClock
+
+    clock, a = StepClock(torch.device("cuda")), torch.randn(4096, 4096, device="cuda")
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    begin = clock.mark()
+    for _ in range(200):
+        a = (a @ a).tanh_()
+    end = clock.mark()
+    host = time.perf_counter() - t0  # the launches alone
+    seconds = clock.seconds(begin, end)
+    torch.cuda.synchronize()
+    waited = time.perf_counter() - t0
+    assert host < seconds <= waited

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -194,7 +195,7 @@ def _patched_loss(monkeypatch, bad_steps: set[int]):
 
 @pytest.fixture(params=["foreach", "fused"])
 def optimizer_kind(request, monkeypatch):
-    """Both update paths of train_step: the update after the host's check (the CPU's AdamW), and the update queued
+    """Both update paths of the loop: the update after the host's check (the CPU's AdamW), and the update queued
     before it, skipped on the device through `found_inf` (torch's fused AdamW, as on a GPU; torch has it on the CPU
     too)."""
     if request.param == "fused":
@@ -275,6 +276,124 @@ def test_the_update_waits_for_the_host_where_it_cannot_skip_itself():
     assert _queue_update(run(engine="ddp"), torch.tensor(float("nan")), norm)
     assert torch.equal(p.data, torch.ones(3)) and p.grad is None  # skipped on the device, gradients cleared
     assert _queue_update(run(), finite, norm) and not torch.equal(p.data, torch.ones(3))
+
+
+AHEAD = dict(method=RESUMABLE["method"],  # dropout 0.1: a step's random draws matter
+             training={"max_steps": 7, "micro_batch_size": 2, "learning_rate": 2e-3, "warmup_steps": 2,
+                       "save_every": 100, "lr_scheduler": "cosine"})  # no evaluation or save before the end
+
+
+@pytest.fixture
+def step_order(monkeypatch):
+    """What the loop did, in order: ("launch", epoch, step_in_epoch) and ("settle", steps settled before)."""
+    from peftctl.train import loop
+
+    order = []
+    launch, settle = loop.forward_backward, loop.settle
+
+    def launching(run, batches, stop, after=None):
+        launched = launch(run, batches, stop, after)
+        order.append(("launch", launched.epoch, launched.step_in_epoch))
+        return launched
+
+    def settling(run, launched):
+        order.append(("settle", run.state.step))
+        return settle(run, launched)
+
+    monkeypatch.setattr(loop, "forward_backward", launching)
+    monkeypatch.setattr(loop, "settle", settling)
+    return order
+
+
+@pytest.mark.parametrize("optimizer_kind", ["fused"], indirect=True)
+def test_a_step_launched_ahead_trains_what_step_by_step_trains(tiny_model, write_recipe, tmp_path, monkeypatch,
+                                                              optimizer_kind, step_order):
+    """With the update queued on the device, the next step is launched before the host reads the last one's loss
+    (but not past the first step, the last, or a step that saves or evaluates); the losses, the schedule and the
+    weights are those of the step-by-step loop, bit for bit."""
+    from peftctl.train import loop
+
+    model = tiny_model("llama")
+    ahead = write_recipe(model, "ahead.yaml", **AHEAD, out=tmp_path / "ahead")
+    train(load_recipe(str(ahead)), TrainOptions(quiet=True))
+    launches = [i for i, event in enumerate(step_order) if event[0] == "launch"]
+    assert len(launches) == 7 and len(step_order) == 14
+    # step 1 settled at once (the first sign of life), then each next launch before the previous settle, and the
+    # last step settled alone
+    assert [event[0] for event in step_order[:6]] == ["launch", "settle", "launch", "launch", "settle", "launch"]
+    assert step_order[-2:] == [("settle", 5), ("settle", 6)]
+    assert [event[1:] for event in step_order if event[0] == "launch"] == [(0, i) for i in range(7)]
+
+    step_order.clear()
+    monkeypatch.setattr(loop, "_light_boundary", lambda run: False)
+    by_step = write_recipe(model, "by_step.yaml", **AHEAD, out=tmp_path / "by_step")
+    train(load_recipe(str(by_step)), TrainOptions(quiet=True))
+    assert [event[0] for event in step_order] == ["launch", "settle"] * 7
+    assert losses(tmp_path / "ahead") == losses(tmp_path / "by_step")
+    lrs = [[r["lr"] for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "lr" in r]
+           for name in ("ahead", "by_step")]
+    assert lrs[0] == lrs[1] and len(set(lrs[0])) > 2  # warmup and cosine: the schedule moved, identically
+    a, b = adapter_weights(tmp_path / "ahead"), adapter_weights(tmp_path / "by_step")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("optimizer_kind", ["fused"], indirect=True)
+def test_a_step_launched_ahead_is_timed_alone(tiny_model, write_recipe, tmp_path, monkeypatch, optimizer_kind,
+                                               step_order):
+    """Step 4 is launched before step 3 settles, and step 4's launch is slow: the slowness is step 4's time, not
+    step 3's (read by the host after step 4's launch), and the host reads step 3's values without waiting for
+    step 4 (the readout's copy)."""
+    from peftctl.train import loop
+
+    launch, slow = loop.forward_backward, 0.4
+
+    def launching(run, batches, stop, after=None):
+        launched = launch(run, batches, stop, after)
+        if (launched.epoch, launched.step_in_epoch) == (0, 3):
+            time.sleep(slow)  # inside the step, after its begin mark
+        return launched
+
+    monkeypatch.setattr(loop, "forward_backward", launching)
+    recipe = write_recipe(tiny_model("llama"), "ahead.yaml", **AHEAD, out=tmp_path / "ahead")
+    train(load_recipe(str(recipe)), TrainOptions(quiet=True))
+    assert step_order.index(("settle", 2)) > step_order.index(("launch", 0, 3))  # step 4 went ahead of step 3
+    seconds = {r["step"]: r["tokens"] / r["tokens_per_s"]
+               for r in read_jsonl(tmp_path / "ahead" / "metrics.jsonl") if "tokens_per_s" in r}
+    assert seconds[4] >= slow
+    assert seconds[3] < slow and seconds[5] < slow, seconds
+
+
+@pytest.mark.parametrize("optimizer_kind", ["fused"], indirect=True)
+def test_a_stop_while_the_next_step_runs_ahead_resumes_exactly(tiny_model, write_recipe, tmp_path, monkeypatch,
+                                                               optimizer_kind):
+    """A stop request seen when step 3 settles -- step 4 already launched, its dropout drawn -- saves step 3 with
+    the random streams as step 3 left them: the resumed run ends where the uninterrupted one does, bit for bit."""
+    from peftctl.errors import TrainingStopped
+    from peftctl.train import loop
+
+    model = tiny_model("llama")
+    whole = write_recipe(model, "whole.yaml", **AHEAD, out=tmp_path / "whole")
+    train(load_recipe(str(whole)), TrainOptions(quiet=True))
+
+    launch, launches = loop.forward_backward, []
+
+    def launching(run, batches, stop, after=None):
+        launches.append(after is not None)
+        if len(launches) == 3:
+            stop.signal = signal.SIGTERM  # arrives during step 3: its flag says stop
+        return launch(run, batches, stop, after)
+
+    monkeypatch.setattr(loop, "forward_backward", launching)
+    stopped = write_recipe(model, "stopped.yaml", **AHEAD, out=tmp_path / "stopped")
+    with pytest.raises(TrainingStopped, match="at step 3"):
+        train(load_recipe(str(stopped)), TrainOptions(quiet=True))
+    assert launches == [False, False, True, True]  # step 1 settled alone; step 4 launched when step 3 stopped it
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "stopped" / "checkpoints")] == [ckpt.name_for(3)]
+    monkeypatch.setattr(loop, "forward_backward", launch)
+    train(load_recipe(str(stopped)), TrainOptions(quiet=True, resume="auto"))
+    assert losses(tmp_path / "stopped") == losses(tmp_path / "whole")
+    a, b = adapter_weights(tmp_path / "stopped"), adapter_weights(tmp_path / "whole")
+    assert all(torch.equal(a[k], b[k]) for k in b)
 
 
 def test_nonfinite_skip_drops_the_batch_and_counts_it(tiny_model, write_recipe, tmp_path, monkeypatch,

@@ -63,17 +63,25 @@ def estimate_bytes(weights: dict) -> int:
     return params * 4 * 3 + (1 << 20)
 
 
-def rng_state() -> dict:
-    """Every random stream of this process (python, numpy, torch, CUDA), as JSON-ready values."""
+def rng_snapshot() -> tuple:
+    """Every random stream of this process (python, numpy, torch, CUDA) as it stands, cheaply: the loop takes one
+    before it launches a step ahead of the previous step's checkpoint (train/loop.py)."""
     import numpy as np
     import torch
 
-    np_state = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def rng_state(snapshot: tuple | None = None) -> dict:
+    """Every random stream of this process (python, numpy, torch, CUDA) -- now, or as `rng_snapshot` took them --
+    as JSON-ready values."""
+    python, np_state, cpu, cuda = snapshot if snapshot is not None else rng_snapshot()
     return {
-        "python": _jsonable(random.getstate()),
+        "python": _jsonable(python),
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch": torch.get_rng_state().tolist(),
-        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "torch": cpu.tolist(),
+        "cuda": [s.tolist() for s in cuda],
     }
 
 

@@ -41,3 +41,33 @@ def process_start_time() -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return time.time() - (uptime - started_after_boot)
+
+
+class StepClock:
+    """The time of a step whose work is queued on the device, measured where it runs.
+
+    A mark is a timing event recorded in the device's stream on CUDA, and the host's clock elsewhere (the CPU runs
+    each op as it is called). On CUDA a step launched while the previous one still runs begins, on the device's
+    clock, where the previous one ends, so each step's time is its own whatever the host was doing: the host reads
+    a step's loss late when it has launched the next step first (train/loop.py), and its own clock would then give
+    one step's time to its neighbour wherever the loop changes its rhythm (an evaluation, the last step).
+    """
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        import torch
+
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, begin, end) -> float:
+        """From one mark to a later one; on CUDA it waits for the device to reach `end`."""
+        if not self.cuda:
+            return end - begin
+        end.synchronize()
+        return begin.elapsed_time(end) / 1000.0
