@@ -396,6 +396,55 @@ def test_a_stop_while_the_next_step_runs_ahead_resumes_exactly(tiny_model, write
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+@pytest.mark.parametrize("optimizer_kind", ["fused"], indirect=True)
+def test_a_stop_while_a_step_settles_stops_at_the_step_launched_ahead(tiny_model, write_recipe, tmp_path,
+                                                                       monkeypatch, optimizer_kind):
+    """A stop that comes while step 2 settles and logs (step 3 launched ahead by then: a signal, a closed pipe)
+    stops the run at step 3, as it would without the launch ahead, not a step later."""
+    from peftctl.errors import TrainingStopped
+    from peftctl.train import loop
+
+    launch, after, launches = loop.forward_backward, loop.after_step, []
+
+    def launching(run, batches, stop, after=None):
+        launches.append(after is not None)
+        return launch(run, batches, stop, after)
+
+    def after_step(run, step, stop):
+        if run.state.step == 2:
+            stop.signal = signal.SIGTERM
+        return after(run, step, stop)
+
+    monkeypatch.setattr(loop, "forward_backward", launching)
+    monkeypatch.setattr(loop, "after_step", after_step)
+    recipe = write_recipe(tiny_model("llama"), "stop.yaml", **AHEAD, out=tmp_path / "stop")
+    with pytest.raises(TrainingStopped, match="at step 3"):
+        train(load_recipe(str(recipe)), TrainOptions(quiet=True))
+    assert launches == [False, False, True, True]  # step 3 went ahead of step 2's settle; step 4 is not trained
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "stop" / "checkpoints")] == [ckpt.name_for(3)]
+
+
+@pytest.mark.parametrize("optimizer_kind", ["fused"], indirect=True)
+def test_out_of_memory_in_a_step_launched_ahead_names_that_step(tiny_model, write_recipe, tmp_path, monkeypatch,
+                                                                 optimizer_kind):
+    """Step 4 runs out of memory while step 3, launched before it, is not settled yet: the message names step 4."""
+    from peftctl.errors import PeftctlError
+    from peftctl.train import loop
+
+    launch = loop.forward_backward
+
+    def launching(run, batches, stop, after=None):
+        launched = launch(run, batches, stop, after)
+        if after is not None and after.step_in_epoch == 2:  # step 4's backward pass, say, ran out
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return launched
+
+    monkeypatch.setattr(loop, "forward_backward", launching)
+    recipe = write_recipe(tiny_model("llama"), "oom.yaml", **AHEAD, out=tmp_path / "oom")
+    with pytest.raises(PeftctlError, match="at step 4"):
+        train(load_recipe(str(recipe)), TrainOptions(quiet=True))
+
+
 def test_nonfinite_skip_drops_the_batch_and_counts_it(tiny_model, write_recipe, tmp_path, monkeypatch,
                                                       optimizer_kind):
     _patched_loss(monkeypatch, {2, 3})

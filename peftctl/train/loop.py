@@ -129,6 +129,7 @@ class Run:
     t_loop: float = 0.0
     step_clock: object = None  # train/timings.StepClock: the time of a step whose update is queued on the device
     rng_ahead: tuple | None = None  # the random streams as the step being settled left them (run_steps)
+    step_launched: int = 0  # the number of the step launched last (one past the settled steps when launched ahead)
     setup_clock: object = None  # train/timings.SetupClock: seconds per phase of setup
 
     @property
@@ -173,7 +174,7 @@ def _train(loaded, options: TrainOptions, console=None):
         raise
     except torch.OutOfMemoryError as e:
         _record_end(run, "failed", EXIT_OOM, error="out of GPU memory")
-        raise _out_of_memory(run.recipe, run.state.step + 1, run.checkpointing) from e
+        raise _out_of_memory(run.recipe, max(run.state.step + 1, run.step_launched), run.checkpointing) from e
     except BaseException as e:
         _record_end(run, "failed", getattr(e, "exit_code", 1), error=f"{type(e).__name__}: {e}"[:500])
         raise
@@ -416,7 +417,7 @@ def run_steps(run: Run, batches, stop) -> None:
                 break
         if launched is None:
             break
-        clip_and_update(run, launched)
+        clip_and_update(run, launched, stop)
         pending = launched if launched.queued and _light_boundary(run) else None
         if pending is None:
             step = settle(run, launched)
@@ -444,6 +445,7 @@ def forward_backward(run: Run, batches, stop, after: Launched | None = None) -> 
     epoch, step_in_epoch = (after.epoch, after.step_in_epoch + 1) if after else (state.epoch, state.step_in_epoch)
     if step_in_epoch >= run.schedule.steps_in(epoch):
         epoch, step_in_epoch = epoch + 1, 0
+    run.step_launched = state.step + 1 + (after is not None)
     t_begin, begin = time.perf_counter(), run.step_clock.mark() if run.step_clock else None
     # This step's rows and micro-batches (collated in the background while the previous step ran). The step's loss
     # is normalised by all its trained tokens -- on every rank, counted on the host from the row lengths, with no
@@ -462,18 +464,20 @@ def forward_backward(run: Run, batches, stop, after: Launched | None = None) -> 
             scaled = token_loss * scale
             (run.scaler.scale(scaled) if run.scaler else scaled).backward()
         step_loss[0] += token_loss.detach()
-    # fill_ takes the flag as a kernel argument. An indexed assignment (`step_loss[1] = flag`) copies it from pageable
-    # host memory, which waits for the whole backward pass to finish: the host then launched clipping and the update
-    # into an idle GPU (measured: about 4 ms of idle a step on an 8B model).
-    step_loss[1].fill_(float(stop.requested))
     return Launched(epoch, step_in_epoch, step_rows, n_trained, step_loss, t_begin, begin)
 
 
-def clip_and_update(run: Run, launched: Launched) -> None:
+def clip_and_update(run: Run, launched: Launched, stop) -> None:
     """One reduction over the ranks, clipping, and the update where the device can skip it by itself."""
     import torch
 
     step_loss = launched.step_loss
+    # The stop flag is read here, not at the launch: a step launched ahead is clipped after the previous step has
+    # settled and logged, so a stop that came meanwhile (a signal, a closed pipe) stops the run at this step.
+    # fill_ takes the flag as a kernel argument. An indexed assignment (`step_loss[1] = flag`) copies it from pageable
+    # host memory, which waits for the whole backward pass to finish: the host then launched clipping and the update
+    # into an idle GPU (measured: about 4 ms of idle a step on an 8B model).
+    step_loss[1].fill_(float(stop.requested))
     distributed.all_sum(run.world, step_loss)  # one collective: the global loss, and whether any rank must stop
     if run.scaler:
         run.scaler.unscale_(run.optimizer)

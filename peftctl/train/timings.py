@@ -54,15 +54,16 @@ class StepClock:
     """
 
     def __init__(self, device):
-        self.cuda = device.type == "cuda"
+        self.device, self.cuda = device, device.type == "cuda"
 
     def mark(self):
         if not self.cuda:
             return time.perf_counter()
         import torch
 
+        # In the run's device's stream, whichever device is current: the copies it follows were queued there.
         event = torch.cuda.Event(enable_timing=True)
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))
         return event
 
     def seconds(self, begin, end) -> float:

@@ -7,24 +7,27 @@ import peftctl.train.loop as loop
 import profile_step
 
 recipe, trace = sys.argv[1], sys.argv[2]
-original = loop.train_step
-state = {"n": 0, "walls": []}
+original = loop.forward_backward  # called once a step, at its launch (the loop may launch it ahead of a settle)
+state = {"n": 0, "walls": [], "t": None}
 prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
 
 
-def wrapped(run, batches, stop):
+def wrapped(run, batches, stop, after=None):
+    """Steps 7 and 8 under the profiler: from step 7's launch to step 9's (both steps' updates and the boundary
+    between them). The walls are the host's time from one launch to the next."""
     state["n"] += 1
     n = state["n"]
+    now = time.perf_counter()
+    if state["t"] is not None:
+        state["walls"].append((n - 1, now - state["t"]))
+    state["t"] = now
     if n == 7:
         torch.cuda.synchronize()
         prof.__enter__()
-    t0 = time.perf_counter()
-    out = original(run, batches, stop)
-    state["walls"].append((n, time.perf_counter() - t0))
-    if n == 8:
+    if n == 9:
         torch.cuda.synchronize()
         prof.__exit__(None, None, None)
-    return out
+    return original(run, batches, stop, after)
 
 
 import gc
@@ -37,7 +40,7 @@ def on_gc(phase, info):
     elif gc_log["t"] is not None:
         gc_log["spent"].append((info["generation"], time.perf_counter() - gc_log["t"]))
 gc.callbacks.append(on_gc)
-loop.train_step = wrapped
+loop.forward_backward = wrapped
 from peftctl.cli.app import main
 sys.argv = ["peftctl", "train", recipe, "--quiet", "--log-format", "json"]
 try:
