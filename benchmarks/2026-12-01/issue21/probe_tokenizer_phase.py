@@ -20,6 +20,28 @@ if not folder.exists():
                     f"from pathlib import Path; bench.write_tokenizer(Path({str(folder)!r}), 128256, 2048)"],
                    check=True)
     subprocess.run([sys.executable, __file__, str(out)], check=True)  # the measurement, in a fresh process
+    # Which modules the import spends on: -X importtime's self time, by module and by top-level package
+    done = subprocess.run([sys.executable, "-X", "importtime", "-c", "import torch; from transformers import "
+                           "AutoTokenizer"], capture_output=True, text=True, check=True)
+    before = subprocess.run([sys.executable, "-X", "importtime", "-c", "import torch"], capture_output=True,
+                            text=True, check=True)
+
+    def self_us(text):
+        rows = {}
+        for line in text.splitlines():
+            parts = line.split("|")
+            if line.startswith("import time:") and len(parts) == 3 and parts[0].split(":")[1].strip().isdigit():
+                rows[parts[2].strip()] = int(parts[0].split(":")[1])
+        return rows
+
+    torch_rows, rows = self_us(before.stderr), self_us(done.stderr)
+    extra = {name: us for name, us in rows.items() if name not in torch_rows}
+    by_package = {}
+    for name, us in extra.items():
+        by_package[name.split(".")[0]] = by_package.get(name.split(".")[0], 0) + us
+    print(f"after torch: {len(extra)} modules, {sum(extra.values()) / 1e6:.2f} s self time")
+    print("by package (s):", [(p, round(us / 1e6, 2)) for p, us in sorted(by_package.items(), key=lambda x: -x[1])[:15]])
+    print("largest (s):", [(n, round(us / 1e6, 3)) for n, us in sorted(extra.items(), key=lambda x: -x[1])[:25]])
     sys.exit(0)
 
 t0 = time.time()
