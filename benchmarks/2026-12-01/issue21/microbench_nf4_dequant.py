@@ -9,24 +9,13 @@ import statistics
 import time
 
 import bitsandbytes.functional as F
+import gpu_timing  # this folder's shared timer
 import torch
 
 from peftctl.train import nf4_kernel
 
 
-def gpu_ms(fn, calls=50, repeats=5):
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times)
+gpu_ms = gpu_timing.gpu_ms
 
 
 def host_us(fn, calls=50):

@@ -7,8 +7,8 @@ length mix) against cuDNN, where cuDNN takes the call.
 
     PYTHONPATH=$PWD/.gpu-site:$PWD python benchmarks/2026-12-01/issue21/microbench_sdpa_backends.py
 """
-import statistics
 
+import gpu_timing  # this folder's shared timer
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -20,19 +20,8 @@ except Exception as error:  # noqa: BLE001 - a probe: print what this torch lack
     print("priority order: not readable", error)
 
 
-def gpu_ms(fn, calls=10, repeats=5):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times)
+def gpu_ms(fn):
+    return gpu_timing.gpu_ms(fn, calls=10, warmup=3)
 
 
 def repeat_kv(x, n):

@@ -8,8 +8,8 @@ time (CUDA events, median of 5 x 10 calls).
     PYTHONPATH=$PWD/.gpu-site:$PWD python benchmarks/2026-12-01/issue21/microbench_varlen_cudnn.py
 """
 import inspect
-import statistics
 
+import gpu_timing  # this folder's shared timer
 import torch
 from torch.nn.attention.varlen import varlen_attn
 
@@ -19,19 +19,8 @@ for name in ("_cudnn_attention_forward", "_cudnn_attention_backward"):
     print(name, getattr(torch.ops.aten, name).default._schema)
 
 
-def gpu_ms(fn, calls=10, repeats=5):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times)
+def gpu_ms(fn):
+    return gpu_timing.gpu_ms(fn, calls=10, warmup=3)
 
 
 def documents(rows, length, generator):
