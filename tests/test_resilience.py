@@ -291,8 +291,8 @@ def step_order(monkeypatch):
     order = []
     launch, settle = loop.forward_backward, loop.settle
 
-    def launching(run, batches, stop, after=None):
-        launched = launch(run, batches, stop, after)
+    def launching(run, batches, after=None):
+        launched = launch(run, batches, after)
         order.append(("launch", launched.epoch, launched.step_in_epoch))
         return launched
 
@@ -347,8 +347,8 @@ def test_a_step_launched_ahead_is_timed_alone(tiny_model, write_recipe, tmp_path
 
     launch, slow = loop.forward_backward, 0.4
 
-    def launching(run, batches, stop, after=None):
-        launched = launch(run, batches, stop, after)
+    def launching(run, batches, after=None):
+        launched = launch(run, batches, after)
         if (launched.epoch, launched.step_in_epoch) == (0, 3):
             time.sleep(slow)  # inside the step, after its begin mark
         return launched
@@ -366,8 +366,10 @@ def test_a_step_launched_ahead_is_timed_alone(tiny_model, write_recipe, tmp_path
 @pytest.mark.parametrize("optimizer_kind", ["fused"], indirect=True)
 def test_a_stop_while_the_next_step_runs_ahead_resumes_exactly(tiny_model, write_recipe, tmp_path, monkeypatch,
                                                                optimizer_kind):
-    """A stop request seen when step 3 settles -- step 4 already launched, its dropout drawn -- saves step 3 with
-    the random streams as step 3 left them: the resumed run ends where the uninterrupted one does, bit for bit."""
+    """A stop that comes while step 2 settles and logs (a signal, a closed pipe; step 3 launched ahead by then)
+    stops the run at step 3, as without the launch ahead, not a step later. Step 4 has been launched, its dropout
+    drawn, when step 3 settles: step 3's checkpoint holds the random streams as step 3 left them, and the resumed
+    run ends where the uninterrupted one does, bit for bit."""
     from peftctl.errors import TrainingStopped
     from peftctl.train import loop
 
@@ -375,53 +377,30 @@ def test_a_stop_while_the_next_step_runs_ahead_resumes_exactly(tiny_model, write
     whole = write_recipe(model, "whole.yaml", **AHEAD, out=tmp_path / "whole")
     train(load_recipe(str(whole)), TrainOptions(quiet=True))
 
-    launch, launches = loop.forward_backward, []
+    launch, after_step, launches = loop.forward_backward, loop.after_step, []
 
-    def launching(run, batches, stop, after=None):
+    def launching(run, batches, after=None):
         launches.append(after is not None)
-        if len(launches) == 3:
-            stop.signal = signal.SIGTERM  # arrives during step 3: its flag says stop
-        return launch(run, batches, stop, after)
+        return launch(run, batches, after)
+
+    def logging(run, step, stop):
+        if run.state.step == 2:
+            stop.signal = signal.SIGTERM
+        return after_step(run, step, stop)
 
     monkeypatch.setattr(loop, "forward_backward", launching)
+    monkeypatch.setattr(loop, "after_step", logging)
     stopped = write_recipe(model, "stopped.yaml", **AHEAD, out=tmp_path / "stopped")
     with pytest.raises(TrainingStopped, match="at step 3"):
         train(load_recipe(str(stopped)), TrainOptions(quiet=True))
     assert launches == [False, False, True, True]  # step 1 settled alone; step 4 launched when step 3 stopped it
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "stopped" / "checkpoints")] == [ckpt.name_for(3)]
+    monkeypatch.setattr(loop, "after_step", after_step)
     monkeypatch.setattr(loop, "forward_backward", launch)
     train(load_recipe(str(stopped)), TrainOptions(quiet=True, resume="auto"))
     assert losses(tmp_path / "stopped") == losses(tmp_path / "whole")
     a, b = adapter_weights(tmp_path / "stopped"), adapter_weights(tmp_path / "whole")
     assert all(torch.equal(a[k], b[k]) for k in b)
-
-
-@pytest.mark.parametrize("optimizer_kind", ["fused"], indirect=True)
-def test_a_stop_while_a_step_settles_stops_at_the_step_launched_ahead(tiny_model, write_recipe, tmp_path,
-                                                                       monkeypatch, optimizer_kind):
-    """A stop that comes while step 2 settles and logs (step 3 launched ahead by then: a signal, a closed pipe)
-    stops the run at step 3, as it would without the launch ahead, not a step later."""
-    from peftctl.errors import TrainingStopped
-    from peftctl.train import loop
-
-    launch, after, launches = loop.forward_backward, loop.after_step, []
-
-    def launching(run, batches, stop, after=None):
-        launches.append(after is not None)
-        return launch(run, batches, stop, after)
-
-    def after_step(run, step, stop):
-        if run.state.step == 2:
-            stop.signal = signal.SIGTERM
-        return after(run, step, stop)
-
-    monkeypatch.setattr(loop, "forward_backward", launching)
-    monkeypatch.setattr(loop, "after_step", after_step)
-    recipe = write_recipe(tiny_model("llama"), "stop.yaml", **AHEAD, out=tmp_path / "stop")
-    with pytest.raises(TrainingStopped, match="at step 3"):
-        train(load_recipe(str(recipe)), TrainOptions(quiet=True))
-    assert launches == [False, False, True, True]  # step 3 went ahead of step 2's settle; step 4 is not trained
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "stop" / "checkpoints")] == [ckpt.name_for(3)]
 
 
 @pytest.mark.parametrize("optimizer_kind", ["fused"], indirect=True)
@@ -433,8 +412,8 @@ def test_out_of_memory_in_a_step_launched_ahead_names_that_step(tiny_model, writ
 
     launch = loop.forward_backward
 
-    def launching(run, batches, stop, after=None):
-        launched = launch(run, batches, stop, after)
+    def launching(run, batches, after=None):
+        launched = launch(run, batches, after)
         if after is not None and after.step_in_epoch == 2:  # step 4's backward pass, say, ran out
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return launched

@@ -408,7 +408,7 @@ def run_steps(run: Run, batches, stop) -> None:
         if run.state.step + (pending is not None) < run.total_steps:
             if pending is not None:
                 run.rng_ahead = ckpt.rng_snapshot()
-            launched = forward_backward(run, batches, stop, after=pending)
+            launched = forward_backward(run, batches, after=pending)
         if pending is not None:
             step = settle(run, pending)
             stopping = step is not None and after_step(run, step, stop)
@@ -436,7 +436,7 @@ def _light_boundary(run: Run) -> bool:
                 or number >= run.total_steps)
 
 
-def forward_backward(run: Run, batches, stop, after: Launched | None = None) -> Launched:
+def forward_backward(run: Run, batches, after: Launched | None = None) -> Launched:
     """A step's micro-batches, forward and backward, on the rows after `after` (launched, not yet settled) or
     after the last settled step."""
     import torch

@@ -12,7 +12,7 @@ state = {"n": 0, "walls": [], "t": None}
 prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
 
 
-def wrapped(run, batches, stop, after=None):
+def wrapped(run, batches, after=None):
     """Steps 7 and 8 under the profiler: from step 7's launch to step 9's (both steps' updates and the boundary
     between them). The walls are the host's time from one launch to the next."""
     state["n"] += 1
@@ -27,7 +27,7 @@ def wrapped(run, batches, stop, after=None):
     if n == 9:
         torch.cuda.synchronize()
         prof.__exit__(None, None, None)
-    return original(run, batches, stop, after)
+    return original(run, batches, after)
 
 
 import gc
