@@ -1,0 +1,34 @@
+"""`peftctl` with torch's fused AdamW on the CPU, as the loop gets it on a GPU: the update is then queued on the
+device and steps are launched ahead of the previous step's settle (peftctl/train/loop.py). Each rank writes how
+its steps were launched to $PEFTCTL_TEST_LAUNCHES.<rank> (true: launched ahead). Run by tests/test_distributed.py
+under torchrun."""
+
+import json
+import os
+
+import torch
+
+from peftctl.train import loop, optim
+
+_build, _launch, _launches = optim.build_optimizer, loop.forward_backward, []
+
+
+def fused(model, recipe, device):
+    groups = [{**group, "fused": True, "foreach": None} for group in _build(model, recipe, device).param_groups]
+    return torch.optim.AdamW(groups, fused=True)
+
+
+def launching(run, batches, after=None):
+    _launches.append(after is not None)
+    return _launch(run, batches, after)
+
+
+optim.build_optimizer, loop.forward_backward = fused, launching
+if __name__ == "__main__":
+    from peftctl.cli.app import main
+
+    try:
+        main()
+    finally:
+        with open(f"{os.environ['PEFTCTL_TEST_LAUNCHES']}.{os.environ.get('RANK', '0')}", "w") as f:
+            json.dump(_launches, f)
