@@ -150,3 +150,16 @@ def run_cli(*args: str, input: str | None = None, env: dict | None = None, timeo
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def fused_adamw(build):
+    """`build` (optim.build_optimizer) with torch's fused AdamW, as the loop gets it on a GPU (torch has it on the
+    CPU too): the loop then queues the update on the device and launches steps ahead (peftctl/train/loop.py)."""
+
+    def fused(model, recipe, device):
+        import torch
+
+        groups = [{**group, "fused": True, "foreach": None} for group in build(model, recipe, device).param_groups]
+        return torch.optim.AdamW(groups, fused=True)
+
+    return fused

@@ -6,16 +6,10 @@ under torchrun."""
 import json
 import os
 
-import torch
-
+from conftest import fused_adamw  # this folder is on sys.path: the program runs as a script from it
 from peftctl.train import loop, optim
 
-_build, _launch, _launches = optim.build_optimizer, loop.forward_backward, []
-
-
-def fused(model, recipe, device):
-    groups = [{**group, "fused": True, "foreach": None} for group in _build(model, recipe, device).param_groups]
-    return torch.optim.AdamW(groups, fused=True)
+_launch, _launches = loop.forward_backward, []
 
 
 def launching(run, batches, after=None):
@@ -23,7 +17,7 @@ def launching(run, batches, after=None):
     return _launch(run, batches, after)
 
 
-optim.build_optimizer, loop.forward_backward = fused, launching
+optim.build_optimizer, loop.forward_backward = fused_adamw(optim.build_optimizer), launching
 if __name__ == "__main__":
     from peftctl.cli.app import main
 

@@ -13,7 +13,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, cli, read_jsonl, run_cli
+from conftest import REPO, cli, fused_adamw, read_jsonl, run_cli
 from peftctl.recipe.loader import load_recipe
 from peftctl.train.loop import TrainOptions, train
 
@@ -36,20 +36,25 @@ def torchrun(recipe, *args: str, program: tuple[str, ...] = ("-m", "peftctl"), *
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-@pytest.mark.slow  # two processes of torch each, minutes on a 2-core machine
-def test_two_ranks_equal_one_process_with_twice_the_accumulation(tiny_model, write_recipe, tmp_path):
+def two_ranks_against_one(tiny_model, write_recipe, tmp_path, max_steps: int, **torchrun_options) -> None:
+    """One process with gradient accumulation 2, then two ranks with 1 under torchrun: the same training."""
     model = tiny_model("llama")
     single = write_recipe(model, name="single.yaml", out=tmp_path / "single",
-                          training={**STEPS, "max_steps": 4, "gradient_accumulation": 2})
+                          training={**STEPS, "max_steps": max_steps, "gradient_accumulation": 2})
     train(load_recipe(str(single)), TrainOptions(quiet=True))
     double = write_recipe(model, name="double.yaml", out=tmp_path / "double",
-                          training={**STEPS, "max_steps": 4, "gradient_accumulation": 1})
-    torchrun(double)
+                          training={**STEPS, "max_steps": max_steps, "gradient_accumulation": 1})
+    torchrun(double, **torchrun_options)
     one, two = (load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
                 for name in ("single", "double"))
     assert max((one[k] - two[k]).abs().max().item() for k in one) < SAME_TRAINING
     losses = [[r["loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl")] for name in ("single", "double")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+@pytest.mark.slow  # two processes of torch each, minutes on a 2-core machine
+def test_two_ranks_equal_one_process_with_twice_the_accumulation(tiny_model, write_recipe, tmp_path):
+    two_ranks_against_one(tiny_model, write_recipe, tmp_path, 4)
     manifest = json.loads((tmp_path / "double" / "run.json").read_text())
     assert manifest["world_size"] == 2 and manifest["distributed"] == "ddp"
     assert [r["rank"] for r in manifest["memory_per_rank"]] == [0, 1]  # every rank's peak, gathered at the end
@@ -60,32 +65,14 @@ def test_two_ranks_launching_steps_ahead_equal_one_process(tiny_model, write_rec
     """With fused AdamW (a GPU's optimiser; torch has it on the CPU too) the update is queued on the device and
     each rank launches a step before the previous one settles: two ranks still train what one process with
     twice the accumulation trains."""
-    import torch
-
     from peftctl.train import optim
 
-    build = optim.build_optimizer
-
-    def fused(model, recipe, device):
-        groups = [{**group, "fused": True, "foreach": None} for group in build(model, recipe, device).param_groups]
-        return torch.optim.AdamW(groups, fused=True)
-
-    monkeypatch.setattr(optim, "build_optimizer", fused)
-    model = tiny_model("llama")
-    single = write_recipe(model, name="single.yaml", out=tmp_path / "single",
-                          training={**STEPS, "max_steps": 5, "gradient_accumulation": 2})
-    train(load_recipe(str(single)), TrainOptions(quiet=True))
-    double = write_recipe(model, name="double.yaml", out=tmp_path / "double",
-                          training={**STEPS, "max_steps": 5, "gradient_accumulation": 1})
-    torchrun(double, program=(str(REPO / "tests" / "fused_adamw_peftctl.py"),),
-             PEFTCTL_TEST_LAUNCHES=str(tmp_path / "launches"))
+    monkeypatch.setattr(optim, "build_optimizer", fused_adamw(optim.build_optimizer))
+    two_ranks_against_one(tiny_model, write_recipe, tmp_path, 5,
+                          program=(str(REPO / "tests" / "fused_adamw_peftctl.py"),),
+                          PEFTCTL_TEST_LAUNCHES=str(tmp_path / "launches"))
     for rank in (0, 1):  # step 1 settled alone, steps 3-5 launched ahead
         assert json.loads((tmp_path / f"launches.{rank}").read_text()) == [False, False, True, True, True]
-    one, two = (load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
-                for name in ("single", "double"))
-    assert max((one[k] - two[k]).abs().max().item() for k in one) < SAME_TRAINING
-    losses = [[r["loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl")] for name in ("single", "double")]
-    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
 @pytest.mark.slow  # two processes of torch each, minutes on a 2-core machine

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, cli, read_jsonl
+from conftest import REPO, cli, fused_adamw, read_jsonl
 from peftctl.recipe.loader import load_recipe
 from peftctl.train import checkpoint as ckpt
 from peftctl.train.loop import TrainOptions, train
@@ -201,14 +201,7 @@ def optimizer_kind(request, monkeypatch):
     if request.param == "fused":
         from peftctl.train import optim
 
-        original = optim.build_optimizer
-
-        def fused(model, recipe, device):
-            groups = [{**group, "fused": True, "foreach": None}
-                      for group in original(model, recipe, device).param_groups]
-            return torch.optim.AdamW(groups, fused=True)
-
-        monkeypatch.setattr(optim, "build_optimizer", fused)
+        monkeypatch.setattr(optim, "build_optimizer", fused_adamw(optim.build_optimizer))
     return request.param
 
 

@@ -375,7 +375,8 @@ def _prepare_everywhere(world, prepare_data):
 @dataclass
 class Launched:
     """A step whose forward and backward passes are launched: its rows (and where they come from), its loss on the
-    device beside the stop flag, and, once clipped, its gradient norm and whether its update is queued."""
+    device beside the stop flag, and, once clipped, its values (with the gradient norm) and whether its update is
+    queued."""
 
     epoch: int
     step_in_epoch: int
@@ -384,9 +385,9 @@ class Launched:
     step_loss: object  # [summed token loss, stop requested], on the device
     t_begin: float  # the host's clock
     begin: object = None  # the step clock's mark (a queued update's step is timed by it)
-    grad_norm: object = None
     queued: bool = False
-    readout: object = None  # a queued step's loss, gradient norm and stop flag, on their way to the host
+    values: object = None  # [loss, gradient norm, stop flag] on the device, once clipped
+    readout: object = None  # a queued step's values, on their way to the host
     end: object = None  # the step clock's mark after the readout's copy
 
 
@@ -485,15 +486,14 @@ def clip_and_update(run: Run, launched: Launched, stop) -> None:
     if hasattr(grad_norm, "full_tensor"):  # FSDP: the norm comes back as a (replicated) DTensor
         grad_norm = grad_norm.full_tensor()
     step_loss[0] /= launched.n_trained
-    launched.grad_norm = grad_norm
+    launched.values = torch.stack([step_loss[0], grad_norm.float(), step_loss[1]])
     launched.queued = _queue_update(run, step_loss[0], grad_norm)
     if launched.queued and run.step_clock is not None:
         # The step's three values travel to the host now, behind its update, and the host waits for that copy
         # alone. Read with `.tolist()` later, they would wait for everything queued by then: with the next step
         # launched ahead, its whole backward pass.
-        values = torch.stack([step_loss[0], grad_norm.float(), step_loss[1]])
         launched.readout = torch.empty(3, pin_memory=run.device.type == "cuda")
-        launched.readout.copy_(values, non_blocking=True)
+        launched.readout.copy_(launched.values, non_blocking=True)
         launched.end = run.step_clock.mark()
 
 
@@ -501,15 +501,12 @@ def settle(run: Run, launched: Launched) -> StepResult | None:
     """The host's side of a step: its one sync (loss, gradient norm and stop flag together), the update where it
     waited for that, the schedule, the counters. None when a non-finite step was skipped: never step on (or save)
     non-finite values."""
-    import torch
-
     state = run.state
     if launched.readout is not None:
         seconds = run.step_clock.seconds(launched.begin, launched.end)  # waits for the readout's copy
         loss_value, norm_value, stop_flag = launched.readout.tolist()
     else:
-        loss_value, norm_value, stop_flag = torch.stack(
-            [launched.step_loss[0], launched.grad_norm.float(), launched.step_loss[1]]).tolist()
+        loss_value, norm_value, stop_flag = launched.values.tolist()
         seconds = time.perf_counter() - launched.t_begin
     if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
         _skip_nonfinite(run, "loss" if not math.isfinite(loss_value) else "gradient norm", launched)
