@@ -7,6 +7,7 @@ runs compiled, against bitsandbytes' own CUDA dequantisation (tests/test_gpu.py 
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -109,11 +110,31 @@ def test_only_layouts_read_as_bitsandbytes_reads_them_apply(monkeypatch):
     strided = torch.nn.Parameter(torch.cat([param.data, param.data], dim=1)[:, :1], requires_grad=False)
     strided.quant_state = param.quant_state
     assert torch.equal(strided.data, param.data) and not nf4_kernel.applies(strided, torch.bfloat16)
+    assert nf4_kernel.applies(param, torch.bfloat16)  # the verdict is kept for this weight, and for no other
     param.quant_state.state2.absmax = param.quant_state.state2.absmax.double()
+    assert not nf4_kernel.applies(param, torch.bfloat16)
+    param.quant_state.state2.absmax = param.quant_state.state2.absmax.float()
+    assert nf4_kernel.applies(param, torch.bfloat16)
+    param.quant_state.quant_type = "fp4"  # a change the kept verdict does not see: the cache is by identity
+    param.quant_state = copy.copy(param.quant_state)  # ...until the state itself is another object
     assert not nf4_kernel.applies(param, torch.bfloat16)
     assert not nf4_kernel.applies(torch.nn.Parameter(torch.zeros(4, 4), requires_grad=False), torch.bfloat16)
     monkeypatch.setattr(fast_path, "NF4_KERNEL_DEVICES", set())
     assert not nf4_kernel.applies(_quantized(16, 64), torch.bfloat16)
+
+
+def test_a_weights_layout_is_checked_once_while_nothing_it_reads_changes(monkeypatch):
+    """The layout's checks (host time on every 4-bit layer's forward and backward) run once per weight; moving the
+    weight's storage re-runs them."""
+    checks = []
+    check = nf4_kernel._layout_applies
+    monkeypatch.setattr(nf4_kernel, "_layout_applies", lambda *a: (checks.append(1), check(*a))[1])
+    param, other = _quantized(16, 64), _quantized(16, 64)
+    assert all(nf4_kernel.applies(param, torch.bfloat16) for _ in range(5)) and len(checks) == 1
+    assert nf4_kernel.applies(other, torch.bfloat16) and len(checks) == 2
+    assert not nf4_kernel.applies(param, torch.float32) and len(checks) == 3
+    param.data = param.data.clone()
+    assert nf4_kernel.applies(param, torch.bfloat16) and len(checks) == 4
 
 
 @pytest.mark.parametrize("rows", [10, fused_lora.BNB_DEQUANT_MIN_ROWS])

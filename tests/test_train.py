@@ -277,3 +277,49 @@ def test_a_trained_run_folder_has_one_mode_for_files_and_one_for_folders(tiny_mo
     os.umask(umask)
     modes = {(p.is_dir(), stat.S_IMODE(p.stat().st_mode)) for p in [run, *run.rglob("*")]}
     assert modes == {(True, 0o777 & ~umask), (False, 0o666 & ~umask)}, modes
+
+
+def test_the_loop_runs_with_setup_objects_frozen_and_restores_the_collector(tiny_model, write_recipe, monkeypatch):
+    """From the first step's update on, what setup left alive is out of the collector's sight (a collection of the
+    oldest generation then walks only what the loop made); garbage cycles alive at the freeze are collected, not
+    frozen with it; after the run the collector is as it was -- with a caller's own frozen objects left frozen."""
+    import gc
+    import weakref
+
+    from peftctl.train import loop
+
+    class Cycle:
+        pass
+
+    seen, gone, settle, update = [], [], loop.settle, loop.clip_and_update
+
+    def settling(run, launched):
+        seen.append(gc.get_freeze_count())
+        return settle(run, launched)
+
+    def updating(run, launched, stop):
+        update(run, launched, stop)
+        if not gone:  # a cycle dropped just before the freeze, which only a collection frees
+            garbage = Cycle()
+            garbage.me = garbage
+            gone.append(weakref.ref(garbage))
+
+    monkeypatch.setattr(loop, "settle", settling)
+    monkeypatch.setattr(loop, "clip_and_update", updating)
+    gc.disable()  # no automatic collection may free the cycle instead of the loop's
+    try:
+        run_train(write_recipe(tiny_model("llama"), training={"max_steps": 3, "micro_batch_size": 2}))
+    finally:
+        gc.enable()
+    assert len(seen) == 3 and all(count > 1000 for count in seen), seen
+    assert gone[0]() is None  # collected, not frozen
+    assert gc.get_freeze_count() == 0
+
+    gc.freeze()  # a host program's own frozen objects
+    try:
+        frozen = gc.get_freeze_count()
+        run_train(write_recipe(tiny_model("llama"), "again.yaml", training={"max_steps": 1, "micro_batch_size": 2},
+                               out="again"))
+        assert gc.get_freeze_count() >= frozen
+    finally:
+        gc.unfreeze()

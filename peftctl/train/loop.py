@@ -8,11 +8,13 @@ the best, stop early, save), and `finish`.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import random
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import yaml
@@ -162,7 +164,7 @@ def _train(loaded, options: TrainOptions, console=None):
     run.step_clock = StepClock(run.device)
     batches = StepBatches(run.data, run.schedule, run.world, pin=run.device.type == "cuda")
     try:
-        with graceful_stop() as stop, batches:
+        with graceful_stop() as stop, batches, collector_restored():
             if run.metrics is not None:
                 run.metrics.on_output_closed = stop.output_closed  # a broken pipe stops like a signal, exit 1
             run_steps(run, batches, stop)
@@ -179,6 +181,30 @@ def _train(loaded, options: TrainOptions, console=None):
         _record_end(run, "failed", getattr(e, "exit_code", 1), error=f"{type(e).__name__}: {e}"[:500])
         raise
     return finish(run)
+
+
+@contextmanager
+def collector_restored():
+    """Undoes `freeze_setup_objects` when the loop ends, however it ends (a caller that had frozen objects of its
+    own before the run keeps them frozen: `gc.unfreeze` cannot tell whose they are)."""
+    frozen_before = gc.get_freeze_count()
+    try:
+        yield
+    finally:
+        if not frozen_before:
+            gc.unfreeze()
+
+
+def freeze_setup_objects() -> None:
+    """What setup left alive -- the model's modules and parameters, the tokenizer, the dataset: half a million
+    tracked objects on the CPU demo -- out of the garbage collector's sight (`gc.freeze`). A collection of the
+    oldest generation walks every tracked object, and a step that met one took up to twice its time: on the 8B
+    QLoRA run at one row (host-bound), steps of 0.42-0.66 s had outliers of 1.0 s, and with the collector off the
+    median step was 7% faster. What the loop creates is still collected. Setup's garbage is collected first (0.3 s
+    on the CPU demo), so no cycle holding a GPU tensor stays frozen; the loop calls this while the device runs the
+    first step, where the host would only wait."""
+    gc.collect()
+    gc.freeze()
 
 
 def setup(loaded, options: TrainOptions, console=None, clock=None):
@@ -404,6 +430,7 @@ def run_steps(run: Run, batches, stop) -> None:
     measured on the device's clock (train/timings.StepClock), so no step's time includes another's work.
     Elsewhere (GradScaler, FSDP, optimisers without `found_inf`) the update waits for the host: step by step."""
     pending = None  # launched and queued up to its update; its loss not read yet
+    frozen = False
     while True:
         launched = None
         if run.state.step + (pending is not None) < run.total_steps:
@@ -419,6 +446,9 @@ def run_steps(run: Run, batches, stop) -> None:
         if launched is None:
             break
         clip_and_update(run, launched, stop)
+        if not frozen:
+            freeze_setup_objects()
+            frozen = True
         pending = launched if launched.queued and _light_boundary(run) else None
         if pending is None:
             step = settle(run, launched)

@@ -26,6 +26,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 
 VALUES = 1024  # values per program: 16 blocks at bitsandbytes' default blocksize of 64
 WARPS = 2  # measured best at that size on an H200 (benchmarks/2026-12-01/issue21/microbench_nf4_dequant.py)
@@ -66,6 +67,13 @@ def _dequantize_nf4(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, 
     tl.store(out_ptr + index, rounded, mask=index < n_values)
 
 
+# A frozen weight's verdict on its layout, asked twice a step per 4-bit layer (three times under checkpointing):
+# the checks cost 20-30 us of host time a call, and a one-row QLoRA step is bound by the host (672 calls a step on
+# the 8B shape). Kept while the weight's storage and every object the checks read are the same objects (compared by
+# identity: QuantState.to and an assignment replace them; a tensor's == compares elements).
+_LAYOUTS = WeakIdKeyDictionary()
+
+
 def applies(weight, dtype) -> bool:
     """Whether `weight` (a bitsandbytes Params4bit) is a layout this kernel reads the way bitsandbytes does -- NF4
     in contiguous uint8 storage, float32 block scales or 8-bit nested ones, every statistic contiguous on the
@@ -73,11 +81,25 @@ def applies(weight, dtype) -> bool:
     (peftctl/fast_path.py)."""
     from peftctl import fast_path
 
+    if not fast_path.nf4_kernel_applies(weight.device.type):
+        return False
     state = getattr(weight, "quant_state", None)
+    inner = getattr(state, "state2", None)
+    read = (state, dtype, getattr(state, "absmax", None), inner, getattr(inner, "absmax", None),
+            getattr(inner, "code", None), getattr(state, "offset", None))
+    known = _LAYOUTS.get(weight)
+    if (known is not None and known[1] == weight.data_ptr()
+            and all(now is then for now, then in zip(read, known[0], strict=True))):
+        return known[2]
+    verdict = _layout_applies(weight, dtype, state)
+    _LAYOUTS[weight] = (read, weight.data_ptr(), verdict)
+    return verdict
+
+
+def _layout_applies(weight, dtype, state) -> bool:
     if (state is None or state.quant_type != "nf4" or dtype != state.dtype
             or dtype not in (torch.bfloat16, torch.float16, torch.float32)
-            or weight.dtype != torch.uint8 or not weight.is_contiguous()
-            or not fast_path.nf4_kernel_applies(weight.device.type)):
+            or weight.dtype != torch.uint8 or not weight.is_contiguous()):
         return False
     n_values, blocksize = math.prod(state.shape), state.blocksize
     if blocksize < 2 or blocksize & (blocksize - 1) or n_values + _blocks(blocksize) * blocksize >= 2**31:
