@@ -6,7 +6,7 @@
 2. The same recipe, 24 steps, in turns with the collector as it is and switched off for the whole process
    (gc.disable(), the bound on what tuning it can give): the median step time of steps 5-23 from the step lines.
 
-    PYTHONPATH=$PWD/.gpu-site:$PWD python benchmarks/2026-12-01/issue21/host_steps.py OUT 4 [ROUNDS]
+    PYTHONPATH=$PWD/.gpu-site:$PWD python benchmarks/2026-12-01/issue21/host_steps.py OUT 4 [ROUNDS] [--no-profile]
 """
 import json
 import statistics
@@ -84,7 +84,8 @@ def run(mode, steps, *extra):
     return steps
 
 
-run("profile", 10, str(out / f"host-steps-case{case_no}.txt"))
+if "--no-profile" not in sys.argv:
+    run("profile", 10, str(out / f"host-steps-case{case_no}.txt"))
 if (out / f"host-steps-case{case_no}.txt").exists():
     print((out / f"host-steps-case{case_no}.txt").read_text()[:6000], flush=True)
 medians = {"gc": [], "nogc": []}
