@@ -34,7 +34,24 @@ if not folder.exists():
                 rows[parts[2].strip()] = int(parts[0].split(":")[1])
         return rows
 
+    def parents(text):
+        """Each module's importer: -X importtime prints a module after the modules it imported, indented by two
+        spaces a level, so a line's importer is the next line one level out."""
+        parent, waiting = {}, {}
+        for line in text.splitlines():
+            parts = line.split("|")
+            if not line.startswith("import time:") or len(parts) != 3 or not parts[1].strip().isdigit():
+                continue
+            name = parts[2].rstrip()
+            depth = (len(name) - len(name.lstrip())) // 2
+            name = name.strip()
+            for child in waiting.pop(depth + 1, []):
+                parent[child] = name
+            waiting.setdefault(depth, []).append(name)
+        return parent
+
     torch_rows, rows = self_us(before.stderr), self_us(done.stderr)
+    importer = parents(done.stderr)
     extra = {name: us for name, us in rows.items() if name not in torch_rows}
     by_package = {}
     for name, us in extra.items():
@@ -42,6 +59,13 @@ if not folder.exists():
     print(f"after torch: {len(extra)} modules, {sum(extra.values()) / 1e6:.2f} s self time")
     print("by package (s):", [(p, round(us / 1e6, 2)) for p, us in sorted(by_package.items(), key=lambda x: -x[1])[:15]])
     print("largest (s):", [(n, round(us / 1e6, 3)) for n, us in sorted(extra.items(), key=lambda x: -x[1])[:25]])
+    # What pulled each heavy package in: the chain of importers from its first module up to the import statement
+    for package in [p for p, _ in sorted(by_package.items(), key=lambda x: -x[1])[:8] if p != "transformers"]:
+        first = next(name for name in rows if name.split(".")[0] == package and name in extra)
+        chain = [first]
+        while chain[-1] in importer and len(chain) < 40:
+            chain.append(importer[chain[-1]])
+        print(f"{package} came through:", " <- ".join(chain))
     sys.exit(0)
 
 t0 = time.time()
