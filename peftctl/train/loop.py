@@ -200,9 +200,9 @@ def freeze_setup_objects() -> None:
     tracked objects on the CPU demo -- out of the garbage collector's sight (`gc.freeze`). A collection of the
     oldest generation walks every tracked object, and a step that met one took up to twice its time: on the 8B
     QLoRA run at one row (host-bound), steps of 0.42-0.66 s had outliers of 1.0 s, and with the collector off the
-    median step was 7% faster. What the loop creates is still collected. Setup's garbage is collected first (0.3 s
-    on the CPU demo), so no cycle holding a GPU tensor stays frozen; the loop calls this while the device runs the
-    first step, where the host would only wait."""
+    median step was 9% faster (BENCHMARKS.md). What the loop creates is still collected. Setup's garbage is
+    collected first (0.3 s on the CPU demo), so no cycle holding a GPU tensor stays frozen; the loop calls this
+    while the device runs the first step, where the host would only wait."""
     gc.collect()
     gc.freeze()
 
