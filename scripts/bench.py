@@ -781,20 +781,22 @@ HEADER = ["case", "what", "reference tok/s", "peftctl tok/s", "ratio", "target",
 
 
 def setup_lines(report: dict) -> list[str]:
-    """peftctl's launch-to-first-step, phase by phase (run.json's timings.setup_phases, then the loop's first
-    step), one line a case: where the seconds before training go."""
+    """Each side's launch-to-first-step, phase by phase (peftctl: run.json's timings.setup_phases; the reference:
+    bench_reference.py's marks), then the first step, one line a case and side: where the seconds before training
+    go."""
     lines = []
     for number, entry in report["cases"].items():
-        side = entry["sides"].get("peftctl") or {}
-        phases = dict(side.get("setup_phases") or {})
-        if not phases:
-            continue
-        if side.get("first_step_s") is not None:
-            phases["first step"] = side["first_step_s"]
-        total = sum(phases.values())
-        parts = ", ".join(f"{name} {seconds:.1f}" for name, seconds in phases.items())
-        lines.append(f"case {number} peftctl setup (s): {parts}; sum {total:.1f}, launch to first step "
-                     f"{_num(side.get('first_step_from_launch_s'), '.1f')}")
+        for name in ("peftctl", "reference"):
+            side = entry["sides"].get(name) or {}
+            phases = dict(side.get("setup_phases") or {})
+            if not phases:
+                continue
+            if side.get("first_step_s") is not None:
+                phases["first step"] = side["first_step_s"]
+            total = sum(phases.values())
+            parts = ", ".join(f"{phase} {seconds:.1f}" for phase, seconds in phases.items())
+            lines.append(f"case {number} {name} setup (s): {parts}; sum {total:.1f}, launch to first step "
+                         f"{_num(side.get('first_step_from_launch_s'), '.1f')}")
     for number, entry in report["cases"].items():
         startup = entry.get("startup")
         if startup:

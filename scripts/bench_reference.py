@@ -137,10 +137,12 @@ def _step_timer(collator: PadToLongest, spec: dict, say):
             self.logs: list[dict] = []
             self.t_begin = self.t_last = None
             self.first_step_at = None  # wall clock (time.time) at the end of step 1
+            self.began_at = None  # wall clock at the start of training (the Trainer's own set-up done)
 
         def on_train_begin(self, args, state, control, **kwargs):
             _synchronize()
             self.t_begin = self.t_last = time.perf_counter()
+            self.began_at = time.time()
 
         def on_step_end(self, args, state, control, **kwargs):
             _synchronize()
@@ -167,8 +169,11 @@ def _step_timer(collator: PadToLongest, spec: dict, say):
 
 
 def run(spec: dict) -> dict:
+    phases = _Phases(spec.get("launched_at"))  # measuring only: where the seconds before the first step go
     import torch
     from transformers import AutoTokenizer, Trainer, TrainingArguments
+
+    phases.mark("imports")
 
     def say(message: str) -> None:
         if int(os.environ.get("RANK", "0")) == 0:  # one voice under torchrun (step lines: rank 0's batch)
@@ -179,11 +184,14 @@ def run(spec: dict) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # Llama 3 has no pad token; the labels come from the mask
+    phases.mark("tokenizer")
     train_dataset = ListDataset(tokenize(tokenizer, load_texts(spec["data"])))
     collator = PadToLongest(tokenizer.pad_token_id)
+    phases.mark("data")
 
     model = build_model(spec["model"], quantized=spec["quantized"], targets=spec["targets"], r=spec["r"],
                         alpha=spec["alpha"], dropout=spec["dropout"])
+    phases.mark("model_load")
     trainable = [p for p in model.parameters() if p.requires_grad]
     say(f"model loaded in {time.time() - t_start:.1f} s; {sum(p.numel() for p in trainable):,} trainable "
         f"parameters in {trainable[0].dtype}")
@@ -214,7 +222,10 @@ def run(spec: dict) -> dict:
         data_collator=collator,
         callbacks=[timer],
     )
+    phases.mark("trainer")
     trainer.train()
+    if timer.began_at is not None:
+        phases.mark("train_begin", timer.began_at)
 
     peak = torch.cuda.max_memory_allocated() if on_gpu else None
     first = timer.logs[0] if timer.logs else {}
@@ -240,7 +251,25 @@ def run(spec: dict) -> dict:
         "trainable_parameters": sum(p.numel() for p in trainable),
         "gradient_checkpointing": True,
         "total_s": round(time.time() - t_start, 2),
+        "setup_phases": phases.seconds,
     }
+
+
+class _Phases:
+    """Seconds from the launch (bench.py's wall clock) to the end of each setup phase, phase by phase, as peftctl's
+    run.json records its own (`launch` is the interpreter's start and this module's import)."""
+
+    def __init__(self, launched_at: float | None):
+        self.seconds: dict[str, float] = {}
+        self._last = launched_at
+        if launched_at is not None:
+            self.mark("launch")
+
+    def mark(self, name: str, at: float | None = None) -> None:
+        at = time.time() if at is None else at
+        if self._last is not None:
+            self.seconds[name] = round(at - self._last, 3)
+        self._last = at
 
 
 def _gather_ranks(mine: dict) -> list[dict]:

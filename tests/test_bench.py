@@ -137,6 +137,18 @@ def test_startup_medians_and_verdict():
                                          "reference 24.0 (20.0, 25.0, -, 24.0), peftctl 22.0 (30.0, 21.0, 22.0): met"]
 
 
+def test_setup_lines_give_each_sides_phases_and_first_step():
+    report = {"cases": {"3": {"sides": {
+        "peftctl": {"setup_phases": {"imports": 3.6, "tokenizer": 10.2}, "first_step_s": 2.7,
+                    "first_step_from_launch_s": 16.5},
+        "reference": {"setup_phases": {"launch": 0.5, "imports": 9.0, "model_load": 6.0}, "first_step_s": 2.1,
+                      "first_step_from_launch_s": 17.6}}}}}
+    assert bench.setup_lines(report) == [
+        "case 3 peftctl setup (s): imports 3.6, tokenizer 10.2, first step 2.7; sum 16.5, launch to first step 16.5",
+        "case 3 reference setup (s): launch 0.5, imports 9.0, model_load 6.0, first step 2.1; sum 17.6, launch to "
+        "first step 17.6"]
+
+
 def test_gate_verdicts():
     spec = {"rtol": 1e-3}
     pf = {"loss_packed": 10.0, "loss_unpacked": 10.001, "loss_leaky": 10.5, "grad_norm": 0.3, "params_with_grad": 8,
@@ -190,6 +202,13 @@ def test_tiny_bench_case_1_end_to_end(tmp_path):
     assert summary["arrival_tokens_per_s"] > 0
     assert summary["source"] == ("step timer" if summary["timer_agrees"] else "arrival times of the step lines")
     assert _side(report, 1, "peftctl")["packed"] is True
+    # The reference's launch, phase by phase like peftctl's: the phases and the first step make up the whole launch
+    reference = _side(report, 1, "reference")
+    assert list(reference["setup_phases"]) == ["launch", "imports", "tokenizer", "data", "model_load", "trainer",
+                                               "train_begin"]
+    accounted = sum(reference["setup_phases"].values()) + reference["first_step_s"]
+    assert accounted == pytest.approx(reference["first_step_from_launch_s"], abs=0.5)
+    assert "case 1 reference setup (s): launch" in (out / "bench.md").read_text()
     assert report["cases"]["1"]["verdict"]["ratio"] > 0
     table = (out / "bench.md").read_text()
     assert "| 1 | bf16 LoRA q,k,v,o" in table and "PASS step-0 loss" in table
