@@ -7,8 +7,9 @@ checkpointing, Trainer.train(). Nothing here is tuned: it is what a user followi
 
 What is added only measures: a TrainerCallback that synchronises the GPU at the end of every optimiser step and
 timestamps it (a step's time is the interval between two step ends, so it holds everything the Trainer does per
-step, data included), the real (non-padding) tokens of each batch as the collator built it, and the peak
-allocated memory at the end.
+step, data included), the real (non-padding) tokens of each batch as the collator built it, the peak
+allocated memory at the end, and the wall clock at the end of each setup phase (`setup_phases`, as peftctl's
+run.json has them).
 
 bench.py runs it in its own process, so that peak memory is this run's alone; on several GPUs (bench.py --gpus N,
 scripts/bench_multi.py) under torchrun with DDP, as users run the Trainer (each rank's model on its own GPU; a
