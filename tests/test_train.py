@@ -279,22 +279,32 @@ def test_a_trained_run_folder_has_one_mode_for_files_and_one_for_folders(tiny_mo
     assert modes == {(True, 0o777 & ~umask), (False, 0o666 & ~umask)}, modes
 
 
-def test_the_loop_runs_with_setup_objects_frozen_and_restores_the_collector(tiny_model, write_recipe, monkeypatch):
-    """From the first step's update on, what setup left alive is out of the collector's sight (a collection of the
-    oldest generation then walks only what the loop made); garbage cycles alive at the freeze are collected, not
-    frozen with it; after the run the collector is as it was -- with a caller's own frozen objects left frozen."""
+def test_the_collector_skips_full_collections_in_setup_freezes_at_the_first_step_and_is_restored(
+        tiny_model, write_recipe, monkeypatch):
+    """Setup runs without full collections; from the first step's update on, what setup left alive is out of the
+    collector's sight (a full collection then walks only what the loop made) and the thresholds are the caller's
+    again; garbage cycles alive at the freeze are collected, not frozen with them; after the run, and after a run
+    that fails in setup, the collector is as it was -- with a caller's own frozen objects left frozen."""
     import gc
     import weakref
 
+    from peftctl.errors import InvalidInput
     from peftctl.train import loop
+    from peftctl.train.collector import NO_FULL_COLLECTION
 
     class Cycle:
         pass
 
-    seen, gone, settle, update = [], [], loop.settle, loop.clip_and_update
+    thresholds = gc.get_threshold()
+    in_setup, seen, gone = [], [], []
+    setup, settle, update = loop.setup, loop.settle, loop.clip_and_update
+
+    def setting_up(*args, **kwargs):
+        in_setup.append(gc.get_threshold())
+        return setup(*args, **kwargs)
 
     def settling(run, launched):
-        seen.append(gc.get_freeze_count())
+        seen.append((gc.get_freeze_count(), gc.get_threshold()))
         return settle(run, launched)
 
     def updating(run, launched, stop):
@@ -304,6 +314,7 @@ def test_the_loop_runs_with_setup_objects_frozen_and_restores_the_collector(tiny
             garbage.me = garbage
             gone.append(weakref.ref(garbage))
 
+    monkeypatch.setattr(loop, "setup", setting_up)
     monkeypatch.setattr(loop, "settle", settling)
     monkeypatch.setattr(loop, "clip_and_update", updating)
     gc.disable()  # no automatic collection may free the cycle instead of the loop's
@@ -311,9 +322,20 @@ def test_the_loop_runs_with_setup_objects_frozen_and_restores_the_collector(tiny
         run_train(write_recipe(tiny_model("llama"), training={"max_steps": 3, "micro_batch_size": 2}))
     finally:
         gc.enable()
-    assert len(seen) == 3 and all(count > 1000 for count in seen), seen
+    assert in_setup == [(*thresholds[:2], NO_FULL_COLLECTION)]
+    assert len(seen) == 3 and all(count > 1000 and now == thresholds for count, now in seen), seen
     assert gone[0]() is None  # collected, not frozen
-    assert gc.get_freeze_count() == 0
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == thresholds
+
+    def failing(*args, **kwargs):
+        in_setup.append(gc.get_threshold())
+        raise InvalidInput("stopped in setup")
+
+    monkeypatch.setattr(loop, "setup", failing)  # a run that stops in setup: the thresholds are restored all the same
+    with pytest.raises(InvalidInput):
+        run_train(write_recipe(tiny_model("llama"), "failing.yaml", out="failing"))
+    assert in_setup[-1][2] == NO_FULL_COLLECTION and gc.get_threshold() == thresholds
+    monkeypatch.setattr(loop, "setup", setup)
 
     gc.freeze()  # a host program's own frozen objects
     try:

@@ -8,13 +8,11 @@ the best, stop early, save), and `finish`.
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 import random
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import yaml
@@ -130,6 +128,7 @@ class Run:
     setup_peak: int | None = None
     t_loop: float = 0.0
     step_clock: object = None  # train/timings.StepClock: the time of a step whose update is queued on the device
+    collector: object = None  # train/collector.SetupCollector: freezes setup's objects at the first step
     rng_ahead: tuple | None = None  # the random streams as the step being settled left them (run_steps)
     step_launched: int = 0  # the number of the step launched last (one past the settled steps when launched ahead)
     setup_clock: object = None  # train/timings.SetupClock: seconds per phase of setup
@@ -149,62 +148,42 @@ class StepResult:
 
 
 def _train(loaded, options: TrainOptions, console=None):
+    from peftctl.train.collector import SetupCollector
     from peftctl.train.timings import SetupClock, StepClock
 
     clock = SetupClock()  # before torch's import, which is part of the time to the first step
-    import torch
+    with SetupCollector() as collector:  # no full collection until the first step (train/collector.py)
+        import torch
 
-    from peftctl.train.signals import graceful_stop
+        from peftctl.train.signals import graceful_stop
 
-    run = setup(loaded, options, console, clock)
-    if not isinstance(run, Run):
-        return run  # the dry-run report, or a run that had already completed
-    run.setup_peak = _start_loop_peak(run.device)
-    run.t_loop = time.time()
-    run.step_clock = StepClock(run.device)
-    batches = StepBatches(run.data, run.schedule, run.world, pin=run.device.type == "cuda")
-    try:
-        with graceful_stop() as stop, batches, collector_restored():
-            if run.metrics is not None:
-                run.metrics.on_output_closed = stop.output_closed  # a broken pipe stops like a signal, exit 1
-            run_steps(run, batches, stop)
-    except TrainingStopped as e:
-        _record_end(run, "stopped", e.exit_code)
-        raise
-    except KeyboardInterrupt:
-        _record_end(run, "aborted", 130)
-        raise
-    except torch.OutOfMemoryError as e:
-        _record_end(run, "failed", EXIT_OOM, error="out of GPU memory")
-        raise _out_of_memory(run.recipe, max(run.state.step + 1, run.step_launched), run.checkpointing) from e
-    except BaseException as e:
-        _record_end(run, "failed", getattr(e, "exit_code", 1), error=f"{type(e).__name__}: {e}"[:500])
-        raise
-    return finish(run)
-
-
-@contextmanager
-def collector_restored():
-    """Undoes `freeze_setup_objects` when the loop ends, however it ends (a caller that had frozen objects of its
-    own before the run keeps them frozen: `gc.unfreeze` cannot tell whose they are)."""
-    frozen_before = gc.get_freeze_count()
-    try:
-        yield
-    finally:
-        if not frozen_before:
-            gc.unfreeze()
-
-
-def freeze_setup_objects() -> None:
-    """What setup left alive -- the model's modules and parameters, the tokenizer, the dataset: half a million
-    tracked objects on the CPU demo -- out of the garbage collector's sight (`gc.freeze`). A collection of the
-    oldest generation walks every tracked object, and a step that met one took up to twice its time: on the 8B
-    QLoRA run at one row (host-bound), steps of 0.42-0.66 s had outliers of 1.0 s, and with the collector off the
-    median step was 9% faster (BENCHMARKS.md). What the loop creates is still collected. Setup's garbage is
-    collected first (0.3 s on the CPU demo), so no cycle holding a GPU tensor stays frozen; the loop calls this
-    while the device runs the first step, where the host would only wait."""
-    gc.collect()
-    gc.freeze()
+        run = setup(loaded, options, console, clock)
+        if not isinstance(run, Run):
+            return run  # the dry-run report, or a run that had already completed
+        run.setup_peak = _start_loop_peak(run.device)
+        run.t_loop = time.time()
+        run.step_clock = StepClock(run.device)
+        run.collector = collector
+        batches = StepBatches(run.data, run.schedule, run.world, pin=run.device.type == "cuda")
+        try:
+            with graceful_stop() as stop, batches:
+                if run.metrics is not None:
+                    run.metrics.on_output_closed = stop.output_closed  # a broken pipe stops like a signal, exit 1
+                run_steps(run, batches, stop)
+        except TrainingStopped as e:
+            _record_end(run, "stopped", e.exit_code)
+            raise
+        except KeyboardInterrupt:
+            _record_end(run, "aborted", 130)
+            raise
+        except torch.OutOfMemoryError as e:
+            _record_end(run, "failed", EXIT_OOM, error="out of GPU memory")
+            raise _out_of_memory(run.recipe, max(run.state.step + 1, run.step_launched), run.checkpointing) from e
+        except BaseException as e:
+            _record_end(run, "failed", getattr(e, "exit_code", 1), error=f"{type(e).__name__}: {e}"[:500])
+            raise
+        collector.thaw()  # the end may drop the model, whose cycles need the collector
+        return finish(run)
 
 
 def setup(loaded, options: TrainOptions, console=None, clock=None):
@@ -430,7 +409,6 @@ def run_steps(run: Run, batches, stop) -> None:
     measured on the device's clock (train/timings.StepClock), so no step's time includes another's work.
     Elsewhere (GradScaler, FSDP, optimisers without `found_inf`) the update waits for the host: step by step."""
     pending = None  # launched and queued up to its update; its loss not read yet
-    frozen = False
     while True:
         launched = None
         if run.state.step + (pending is not None) < run.total_steps:
@@ -446,9 +424,8 @@ def run_steps(run: Run, batches, stop) -> None:
         if launched is None:
             break
         clip_and_update(run, launched, stop)
-        if not frozen:
-            freeze_setup_objects()
-            frozen = True
+        if run.collector is not None:
+            run.collector.freeze_setup()  # once: while the device runs the first step, where the host only waits
         pending = launched if launched.queued and _light_boundary(run) else None
         if pending is None:
             step = settle(run, launched)
