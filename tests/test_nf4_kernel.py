@@ -7,7 +7,6 @@ runs compiled, against bitsandbytes' own CUDA dequantisation (tests/test_gpu.py 
 
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest
@@ -115,9 +114,17 @@ def test_only_layouts_read_as_bitsandbytes_reads_them_apply(monkeypatch):
     assert not nf4_kernel.applies(param, torch.bfloat16)
     param.quant_state.state2.absmax = param.quant_state.state2.absmax.float()
     assert nf4_kernel.applies(param, torch.bfloat16)
-    param.quant_state.quant_type = "fp4"  # a change the kept verdict does not see: the cache is by identity
-    param.quant_state = copy.copy(param.quant_state)  # ...until the state itself is another object
+    param.quant_state.quant_type = "fp4"  # a field of the same state object
     assert not nf4_kernel.applies(param, torch.bfloat16)
+    param.quant_state.quant_type = "nf4"
+    assert nf4_kernel.applies(param, torch.bfloat16)
+    param.data = param.data.view(torch.int8)  # the same storage, another dtype
+    assert not nf4_kernel.applies(param, torch.bfloat16)
+    param.data = param.data.view(torch.uint8)
+    assert nf4_kernel.applies(param, torch.bfloat16)
+    pointer, half = param.data_ptr(), param.data.shape[0] // 2
+    param.data = param.data.as_strided((half, 1), (2, 1))  # the same storage and pointer, every other byte
+    assert param.data_ptr() == pointer and not nf4_kernel.applies(param, torch.bfloat16)
     assert not nf4_kernel.applies(torch.nn.Parameter(torch.zeros(4, 4), requires_grad=False), torch.bfloat16)
     monkeypatch.setattr(fast_path, "NF4_KERNEL_DEVICES", set())
     assert not nf4_kernel.applies(_quantized(16, 64), torch.bfloat16)

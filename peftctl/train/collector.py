@@ -12,14 +12,16 @@ tokenizer, the dataset (460k on the CPU demo). Two costs followed from that, bot
 So, for one run (`SetupCollector`, entered before torch's import):
 
 1. during setup, no full collection (the young generations are still collected, which is where most cyclic
-   garbage dies);
-2. at the first step, while the device runs it and the host would only wait, one full collection and then
-   `gc.freeze()`: what setup left alive is out of the collector's sight, and the loop's own objects are collected
-   as usual, full collections included. The collection comes first so that no cycle holding a tensor stays frozen
-   (at that point there were 30-80 garbage objects on the CPU demo, none of them a tensor);
-3. after the loop, `thaw`: the frozen objects are visible again (the end of a run may drop the model, and a
-   model's cycles -- a layer's forward bound to the layer -- need the collector). The thresholds are the caller's
-   again on the way out, however the run ends.
+   garbage dies). Python 3.14's incremental collector ignores the threshold this sets: there, nothing changes;
+2. at the first step, while the device runs it (where the update is queued) and the host would only wait, one
+   full collection and then `gc.freeze()`: what setup left alive is out of the collector's sight, and the loop's
+   own objects are collected as usual, full collections included. The collection comes first so that no cycle
+   holding a tensor stays frozen (at that point there were 30-80 garbage objects on the CPU demo, none of them a
+   tensor);
+3. after the loop, whether or not it reached a step, `thaw`: the frozen objects are visible again and the
+   thresholds are the caller's (the end of a run saves, merges, evaluates, and may drop the model, whose cycles --
+   a layer's forward bound to the layer -- need the collector). The same again on the way out, however the run
+   ends.
 """
 
 from __future__ import annotations
@@ -31,35 +33,42 @@ NO_FULL_COLLECTION = 1 << 30  # the oldest generation's threshold while setup ru
 
 class SetupCollector:
     """One run's handling of the collector: a context for the whole run (setup and loop), `freeze_setup` at the
-    first step, `thaw` after the loop. A caller's own frozen objects (frozen before the run) stay frozen: `gc.unfreeze`
-    cannot tell whose they are, so it is not called then."""
+    first step, `thaw` after the loop. Where the caller had frozen objects of its own before the run, nothing is
+    frozen (`gc.unfreeze` could not tell theirs from the run's, and the run's model would stay frozen, never
+    collected, after the run); setup still runs without full collections."""
 
     def __init__(self):
         self._thresholds = gc.get_threshold()
-        self._frozen_before = 0
-        self._frozen = False
+        self._caller_froze = False
+        self._set_up = False  # freeze_setup has run
+        self._frozen = False  # this run's objects are frozen now
 
     def __enter__(self) -> SetupCollector:
         self._thresholds = gc.get_threshold()
-        self._frozen_before = gc.get_freeze_count()
+        self._caller_froze = gc.get_freeze_count() > 0
         young, middle, _ = self._thresholds
         gc.set_threshold(young, middle, NO_FULL_COLLECTION)
         return self
 
     def freeze_setup(self) -> None:
-        """Once a run (later calls do nothing): collect, freeze, and the caller's thresholds back for the loop."""
-        if self._frozen:
+        """Once a run (later calls do nothing): collect, freeze, and the caller's thresholds back for the loop.
+        Where the update is queued on the device this overlaps the first step's device work; elsewhere (the CPU,
+        FSDP, GradScaler) the collection is part of the first step's time."""
+        if self._set_up:
             return
+        self._set_up = True
         gc.collect()
-        gc.freeze()
+        if not self._caller_froze:
+            self._frozen = True  # before the freeze: an interrupt right after it must still find it undone
+            gc.freeze()
         gc.set_threshold(*self._thresholds)
-        self._frozen = True
 
     def thaw(self) -> None:
-        if self._frozen and not self._frozen_before:
+        """After the loop, whether or not it reached a step: nothing of the run's frozen, the caller's thresholds."""
+        if self._frozen:
             gc.unfreeze()
-        self._frozen = False
+            self._frozen = False
+        gc.set_threshold(*self._thresholds)
 
     def __exit__(self, *exc) -> None:
         self.thaw()
-        gc.set_threshold(*self._thresholds)

@@ -69,8 +69,9 @@ def _dequantize_nf4(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, 
 
 # A frozen weight's verdict on its layout, asked twice a step per 4-bit layer (three times under checkpointing):
 # the checks cost 20-30 us of host time a call, and a one-row QLoRA step is bound by the host (672 calls a step on
-# the 8B shape). Kept while the weight's storage and every object the checks read are the same objects (compared by
-# identity: QuantState.to and an assignment replace them; a tensor's == compares elements).
+# the 8B shape). Kept while everything the checks read is unchanged: the objects (compared by identity, as a
+# tensor's == compares elements; QuantState.to and an assignment replace them) and the values (the weight's
+# storage, dtype, shape and strides; the state's type, dtype, block size, shape and nesting).
 _LAYOUTS = WeakIdKeyDictionary()
 
 
@@ -85,14 +86,16 @@ def applies(weight, dtype) -> bool:
         return False
     state = getattr(weight, "quant_state", None)
     inner = getattr(state, "state2", None)
-    read = (state, dtype, getattr(state, "absmax", None), inner, getattr(inner, "absmax", None),
-            getattr(inner, "code", None), getattr(state, "offset", None))
+    objects = (state, getattr(state, "absmax", None), inner, getattr(inner, "absmax", None),
+               getattr(inner, "code", None), getattr(state, "offset", None))
+    values = (dtype, weight.data_ptr(), weight.dtype, weight.shape, weight.stride(),
+              *(getattr(state, name, None) for name in ("quant_type", "dtype", "blocksize", "shape", "nested")))
     known = _LAYOUTS.get(weight)
-    if (known is not None and known[1] == weight.data_ptr()
-            and all(now is then for now, then in zip(read, known[0], strict=True))):
+    if (known is not None and known[1] == values
+            and all(now is then for now, then in zip(objects, known[0], strict=True))):
         return known[2]
     verdict = _layout_applies(weight, dtype, state)
-    _LAYOUTS[weight] = (read, weight.data_ptr(), verdict)
+    _LAYOUTS[weight] = (objects, values, verdict)
     return verdict
 
 
