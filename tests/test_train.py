@@ -293,7 +293,7 @@ def _collectable_after(run_model_refs: list) -> bool:
 @pytest.fixture
 def collector_probe(monkeypatch):
     """Records the collector's state in setup, at every settle and at the start of `finish`, and a weak reference
-    to each run's model; drops a garbage cycle just before the first step's freeze."""
+    to each run's model; drops a garbage cycle just before the freeze at the second step."""
     import gc
     import weakref
 
@@ -312,7 +312,8 @@ def collector_probe(monkeypatch):
 
     def updating(run, launched, stop):
         update(run, launched, stop)
-        if not probe["cycle"]:  # a cycle dropped just before the freeze, which only a collection frees
+        if run.first_step_s is not None and not probe["cycle"]:  # a cycle dropped just before the freeze (the
+            # second step's), which only a collection frees
             garbage = _Cycle()
             garbage.me = garbage
             probe["cycle"].append(weakref.ref(garbage))
@@ -328,13 +329,14 @@ def collector_probe(monkeypatch):
     return probe
 
 
-def test_the_collector_skips_full_collections_in_setup_freezes_at_the_first_step_and_is_restored(
+def test_the_collector_skips_full_collections_in_setup_freezes_at_the_second_step_and_is_restored(
         tiny_model, write_recipe, collector_probe):
-    """Setup runs without full collections; from the first step's update on, what setup left alive is out of the
-    collector's sight (a full collection then walks only what the loop made) and the thresholds are the caller's
-    again; garbage cycles alive at the freeze are collected, not frozen with them; the end of the run (`finish`)
-    and after it see the collector as it was, and the run's model can be collected. A caller that had frozen
-    objects of its own keeps them frozen, and the run freezes nothing of its own then."""
+    """Setup and the first step run without full collections (the first step's line is not delayed by one); from
+    the second step's update on, what setup left alive is out of the collector's sight (a full collection then
+    walks only what the loop made) and the thresholds are the caller's again; garbage cycles alive at the freeze
+    are collected, not frozen with them; the end of the run (`finish`) and after it see the collector as it was,
+    and the run's model can be collected. A caller that had frozen objects of its own keeps them frozen, and the
+    run freezes nothing of its own then."""
     import gc
     import sys
     import weakref
@@ -355,7 +357,9 @@ def test_the_collector_skips_full_collections_in_setup_freezes_at_the_first_step
     probe = collector_probe
     if sys.version_info < (3, 14):  # 3.14's incremental collector ignores the oldest generation's threshold
         assert probe["setup"] == [(*thresholds[:2], NO_FULL_COLLECTION)]
-    assert len(probe["settle"]) == 3 and all(count > 1000 and now == thresholds for count, now in probe["settle"])
+    assert len(probe["settle"]) == 3
+    assert probe["settle"][0][0] == 0 and probe["settle"][0][1][2] == NO_FULL_COLLECTION  # the first: not yet
+    assert all(count > 1000 and now == thresholds for count, now in probe["settle"][1:])
     assert probe["cycle"][0]() is None  # collected, not frozen
     assert probe["finish"] == [(0, thresholds)] and gc.get_threshold() == thresholds
     assert _collectable_after(probe["models"])
@@ -367,7 +371,7 @@ def test_the_collector_skips_full_collections_in_setup_freezes_at_the_first_step
     gc.freeze()
     try:
         frozen = gc.get_freeze_count()
-        run_train(write_recipe(tiny_model("llama"), "again.yaml", training={"max_steps": 1, "micro_batch_size": 2},
+        run_train(write_recipe(tiny_model("llama"), "again.yaml", training={"max_steps": 2, "micro_batch_size": 2},
                                out="again"))
         assert probe["settle"][-1][0] <= frozen  # the run froze nothing of its own (objects freed by count drop)
         gc.collect()
@@ -404,7 +408,7 @@ def test_the_collector_is_restored_by_a_run_with_no_step_and_by_a_failure(tiny_m
     after_step = loop.after_step
 
     def failing_later(run, step, stop):
-        if run.state.step >= 1:
+        if run.state.step >= 2:  # the freeze is at the second step's update, before this
             raise RuntimeError("failed after the freeze")
         return after_step(run, step, stop)
 

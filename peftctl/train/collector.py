@@ -13,11 +13,14 @@ So, for one run (`SetupCollector`, entered before torch's import):
 
 1. during setup, no full collection (the young generations are still collected, which is where most cyclic
    garbage dies). Python 3.14's incremental collector ignores the threshold this sets: there, nothing changes;
-2. at the first step, while the device runs it (where the update is queued) and the host would only wait, one
-   full collection and then `gc.freeze()`: what setup left alive is out of the collector's sight, and the loop's
-   own objects are collected as usual, full collections included. The collection comes first so that no cycle
-   holding a tensor stays frozen (at that point there were 30-80 garbage objects on the CPU demo, none of them a
-   tensor);
+2. at the second step, once its update is queued and while the device runs it (the host would only wait), one
+   full collection and then `gc.freeze()`: what setup and the first step left alive (the optimiser's moments are
+   made at the first update) is out of the collector's sight, and the loop's own objects are collected as usual,
+   full collections included. The collection comes first so that no cycle holding a tensor stays frozen (at that
+   point there were 30-80 garbage objects on the CPU demo, none of them a tensor). Not at the first step: that
+   step is settled before the next one is launched (its line is the first sign of life), and its host side is
+   slow (first calls, kernel compiles), so the device has little or nothing left to run by then and the
+   collection (0.3-0.4 s on the GPU machine) would only delay the first step's line;
 3. after the loop, whether or not it reached a step, `thaw`: the frozen objects are visible again and the
    thresholds are the caller's (the end of a run saves, merges, evaluates, and may drop the model, whose cycles --
    a layer's forward bound to the layer -- need the collector). The same again on the way out, however the run
@@ -33,7 +36,7 @@ NO_FULL_COLLECTION = 1 << 30  # the oldest generation's threshold while setup ru
 
 class SetupCollector:
     """One run's handling of the collector: a context for the whole run (setup and loop), `freeze_setup` at the
-    first step, `thaw` after the loop. Where the caller had frozen objects of its own before the run, nothing is
+    second step, `thaw` after the loop. Where the caller had frozen objects of its own before the run, nothing is
     frozen (`gc.unfreeze` could not tell theirs from the run's, and the run's model would stay frozen, never
     collected, after the run); setup still runs without full collections."""
 
@@ -52,8 +55,8 @@ class SetupCollector:
 
     def freeze_setup(self) -> None:
         """Once a run (later calls do nothing): collect, freeze, and the caller's thresholds back for the loop.
-        Where the update is queued on the device this overlaps the first step's device work; elsewhere (the CPU,
-        FSDP, GradScaler) the collection is part of the first step's time."""
+        Where the update is queued on the device this overlaps the step's device work; elsewhere (the CPU, FSDP,
+        GradScaler) the collection is part of that step's time."""
         if self._set_up:
             return
         self._set_up = True

@@ -128,7 +128,7 @@ class Run:
     setup_peak: int | None = None
     t_loop: float = 0.0
     step_clock: object = None  # train/timings.StepClock: the time of a step whose update is queued on the device
-    collector: object = None  # train/collector.SetupCollector: freezes setup's objects at the first step
+    collector: object = None  # train/collector.SetupCollector: freezes setup's objects at the second step
     rng_ahead: tuple | None = None  # the random streams as the step being settled left them (run_steps)
     step_launched: int = 0  # the number of the step launched last (one past the settled steps when launched ahead)
     setup_clock: object = None  # train/timings.SetupClock: seconds per phase of setup
@@ -152,7 +152,7 @@ def _train(loaded, options: TrainOptions, console=None):
     from peftctl.train.timings import SetupClock, StepClock
 
     clock = SetupClock()  # before torch's import, which is part of the time to the first step
-    with SetupCollector() as collector:  # no full collection until the first step (train/collector.py)
+    with SetupCollector() as collector:  # no full collection until the second step (train/collector.py)
         import torch
 
         from peftctl.train.signals import graceful_stop
@@ -424,8 +424,8 @@ def run_steps(run: Run, batches, stop) -> None:
         if launched is None:
             break
         clip_and_update(run, launched, stop)
-        if run.collector is not None:
-            run.collector.freeze_setup()  # once: while the device runs the first step, where the host only waits
+        if run.collector is not None and run.first_step_s is not None:
+            run.collector.freeze_setup()  # once, at the second step: while the device runs it (train/collector.py)
         pending = launched if launched.queued and _light_boundary(run) else None
         if pending is None:
             step = settle(run, launched)
