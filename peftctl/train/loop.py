@@ -200,6 +200,7 @@ def setup(loaded, options: TrainOptions, console=None, clock=None):
     from peftctl.methods.peft_common import AttachContext
     from peftctl.model import load_model, load_tokenizer, pick_device
     from peftctl.params import check_targets, count_parameters
+    from peftctl.train import triton_key
     from peftctl.train.fused_lora import dropout_kernel_layers, fuse_lora_layers
     from peftctl.train.kernels import apply_fast_kernels, skip_adapter_input_casts
     from peftctl.train.loss import build_loss
@@ -256,6 +257,7 @@ def setup(loaded, options: TrainOptions, console=None, clock=None):
         return reports.dry_run_report(recipe, data, schedule.steps_in(0), total_steps, say)
 
     device = device or pick_device()
+    key_thread = triton_key.start(device.type)  # Triton's cache key while the model loads (train/triton_key.py)
     checkpointing, dropout_kernel = _memory_mode(recipe, device)
     clock.mark("memory_plan")  # gradient_checkpointing: auto asks the plan (a meta model) on a GPU
     _seed_everything(training.seed)  # before the adapter exists: its initial weights come from this seed
@@ -326,6 +328,8 @@ def setup(loaded, options: TrainOptions, console=None, clock=None):
         trackers = Trackers(recipe.output.trackers, folder.path, recipe, resume_step=state.step)
         metrics = Metrics(folder.metrics, total_steps=total_steps, log_format=options.log_format,
                           quiet=options.quiet, trackers=trackers, resume_step=state.step)
+    if key_thread is not None:
+        key_thread.join()  # done long before, as a rule; never computed twice at once
     clock.mark("run_files")
     return Run(loaded, options, console, say, folder, recipe_yaml, world, device, tokenizer, data, schedule,
                total_steps, checkpointing, model, step_module, eval_loss, engine, counts, optimizer, scheduler,
