@@ -36,6 +36,11 @@ def one_test_is_not_one_command(monkeypatch):
     monkeypatch.setattr(startup, "_ONE_COMMAND", False)
     hidden_before = "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None
     yield
+    deferring = [f for f in sys.meta_path if isinstance(f, startup._DeferCompileFinder)]
+    if deferring:
+        for finder in deferring:
+            sys.meta_path.remove(finder)  # undone for the tests after it; this one is told
+        pytest.fail("the test left bitsandbytes' compile deferral in place: stub startup.defer_bitsandbytes_compile")
     if not hidden_before and "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
         del sys.modules["bitsandbytes"]  # undone for the tests after it; this one is told
         pytest.fail("the test hid bitsandbytes for the rest of the session: stub startup.hide_bitsandbytes")

@@ -173,13 +173,78 @@ def test_help_names_values_without_type_placeholders(args):
     (["generate", "run", "hi"], False),
 ])
 def test_only_count_params_runs_without_bitsandbytes(argv, hidden, monkeypatch):
-    """main() hides bitsandbytes for count-params alone: every other command may load a quantised model."""
+    """main() hides bitsandbytes for count-params alone: every other command may load a quantised model, and
+    there bitsandbytes' import defers its torch.compile wrappers."""
     from peftctl import startup
 
     calls = []
-    monkeypatch.setattr(startup, "hide_bitsandbytes", lambda: calls.append(True))
+    monkeypatch.setattr(startup, "hide_bitsandbytes", lambda: calls.append("hide"))
+    monkeypatch.setattr(startup, "defer_bitsandbytes_compile", lambda: calls.append("defer"))
     startup.prepare(argv)
-    assert calls == ([True] if hidden else [])
+    assert calls == (["hide"] if hidden else ["defer"])
+
+
+def test_bitsandbytes_import_defers_torch_compile_to_the_first_call(tmp_path, monkeypatch):
+    """With the deferral in place, importing bitsandbytes (a stand-in package here, first on sys.path) wraps
+    functions without calling torch.compile; each wrapper calls it once, with the same arguments, at its first call
+    and then calls what it returned; a module is compiled at once; torch.compile is the caller's again after the
+    import, and the module names its own loader. An availability check imports nothing."""
+    import importlib
+    import importlib.util
+
+    import torch
+
+    from peftctl import startup
+
+    package = tmp_path / "bitsandbytes"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "import torch\n"
+        "def double(x):\n    return 2 * x\n"
+        "direct = torch.compile(double, dynamic=False)\n"
+        "@torch.compile(fullgraph=True)\n"
+        "def triple(x):\n    return 3 * x\n"
+        "class Box:\n    pass\n"
+        "box = Box()\n"
+        "boxed = torch.compile(box)\n"
+        "compile_in_import = torch.compile\n")
+    calls = []
+
+    def compile_now(model=None, **options):
+        calls.append((getattr(model, "__name__", model), options))
+        return lambda *args: ("compiled", getattr(model, "__name__", None), args)
+
+    with monkeypatch.context() as patched:  # all undone, the finder and the stand-in too, before the checks
+        patched.setattr(torch, "compile", compile_now)
+        patched.setattr(sys, "meta_path", list(sys.meta_path))
+        patched.delitem(sys.modules, "bitsandbytes", raising=False)
+        patched.syspath_prepend(str(tmp_path))
+        assert startup.defer_bitsandbytes_compile() and not startup.defer_bitsandbytes_compile()  # once
+        spec = importlib.util.find_spec("bitsandbytes")
+        assert spec.origin == str(package / "__init__.py") and "bitsandbytes" not in sys.modules
+        module = importlib.import_module("bitsandbytes")
+        assert importlib.util.find_spec("bitsandbytes") is module.__spec__  # imported: the finder not asked
+        assert torch.compile is compile_now and module.compile_in_import is not compile_now
+        del sys.modules["bitsandbytes"]  # the stand-in; the real one (if imported before) comes back
+    assert calls == [(module.box, {})]  # only the module (no function) compiled during the import
+    assert type(module.__loader__).__name__ == "SourceFileLoader" and module.__spec__.loader is module.__loader__
+
+    assert module.direct(5) == ("compiled", "double", (5,)) and module.direct(6) == ("compiled", "double", (6,))
+    assert module.triple(2) == ("compiled", "triple", (2,))
+    assert calls == [(module.box, {}), ("double", {"dynamic": False}), ("triple", {"fullgraph": True})]
+    assert module.direct.__name__ == "double"
+
+
+def test_a_qlora_run_trains_without_importing_the_torch_compiler(tiny_model, write_recipe, tmp_path):
+    """`peftctl train` of a QLoRA recipe as a real process: bitsandbytes is imported (the 4-bit base needs it) but
+    the torch compiler its import used to pull in is not (its torch.compile wrappers wait for a first call, which
+    the run never makes), and the run trains and saves its adapter."""
+    pytest.importorskip("bitsandbytes")
+    recipe = write_recipe(tiny_model("llama"), quantization={"bits": 4}, training={"max_steps": 2})
+    proc = subprocess.run([sys.executable, "-c", REAL_PROCESS, "train", str(recipe), "--quiet"], capture_output=True,
+                          text=True, cwd=str(REPO), timeout=600)
+    assert proc.stderr.endswith("EXIT=0 HEAVY=bitsandbytes"), proc.stderr[-2000:]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.parametrize("sections, may_need", [
