@@ -494,6 +494,18 @@ def step_record(line: str) -> dict | None:
     return record if "tokens_per_s" in record and "step" in record else None
 
 
+def triton_cache_entries() -> int:
+    """How many entries Triton's on-disk cache holds (TRITON_CACHE_DIR, else ~/.triton/cache): one a compiled
+    kernel or launcher. A peftctl launch that adds some compiled them inside its first step (seconds on the H200:
+    the first run on a machine, or after an upgrade); later launches find them there. The reference runs no Triton
+    kernel."""
+    folder = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    try:
+        return sum(1 for _ in folder.iterdir())
+    except OSError:
+        return 0
+
+
 def run_peftctl(ctx: Context, case: Case, data: Path, max_steps: int, tag: str = "") -> dict:
     """One `peftctl train` process; `tag` names a further launch of the same case (its own recipe and run folder)."""
     name = f"case{case.number}{tag}"
@@ -511,6 +523,7 @@ def run_peftctl(ctx: Context, case: Case, data: Path, max_steps: int, tag: str =
                 f"{record['tokens_per_s']:,.0f} tok/s, loss {record.get('loss', float('nan')):.4f}")
 
     log(f"case {case.number} peftctl: python -m peftctl train {recipe_path.name} ({max_steps} steps)")
+    cached = triton_cache_entries()
     outcome = run_process(f"{name}-peftctl", [sys.executable, "-m", "peftctl", "train", str(recipe_path),
                                               "--log-format", "json", "--quiet"],
                           work=ctx.work, logs=ctx.logs, timeout=ctx.timeout(ctx.args.run_timeout), on_line=on_line)
@@ -537,6 +550,7 @@ def run_peftctl(ctx: Context, case: Case, data: Path, max_steps: int, tag: str =
             "first_step_s": timings.get("first_step_s"),
             "first_step_from_launch_s": (records[0]["arrived"] - outcome.launched) if records else None,
             "setup_phases": timings.get("setup_phases"),  # run.json: seconds per phase before the loop
+            "triton_compiled": triton_cache_entries() - cached,  # new entries in Triton's cache: a cold start
             "peak_memory_bytes": manifest.get("peak_memory_bytes"),
             "first_loss": steps[0]["loss"] if steps else None,
             "first_grad_norm": steps[0]["grad_norm"] if steps else None,
@@ -795,8 +809,10 @@ def setup_lines(report: dict) -> list[str]:
                 phases["first step"] = side["first_step_s"]
             total = sum(phases.values())
             parts = ", ".join(f"{phase} {seconds:.1f}" for phase, seconds in phases.items())
+            compiled = side.get("triton_compiled")
             lines.append(f"case {number} {name} setup (s): {parts}; sum {total:.1f}, launch to first step "
-                         f"{_num(side.get('first_step_from_launch_s'), '.1f')}")
+                         f"{_num(side.get('first_step_from_launch_s'), '.1f')}"
+                         + (f" (a cold Triton cache: {compiled} entries compiled in this launch)" if compiled else ""))
     for number, entry in report["cases"].items():
         startup = entry.get("startup")
         if startup:

@@ -140,13 +140,22 @@ def test_startup_medians_and_verdict():
 def test_setup_lines_give_each_sides_phases_and_first_step():
     report = {"cases": {"3": {"sides": {
         "peftctl": {"setup_phases": {"imports": 3.6, "tokenizer": 10.2}, "first_step_s": 2.7,
-                    "first_step_from_launch_s": 16.5},
+                    "first_step_from_launch_s": 16.5, "triton_compiled": 8},
         "reference": {"setup_phases": {"launch": 0.5, "imports": 9.0, "model_load": 6.0}, "first_step_s": 2.1,
                       "first_step_from_launch_s": 17.6}}}}}
     assert bench.setup_lines(report) == [
-        "case 3 peftctl setup (s): imports 3.6, tokenizer 10.2, first step 2.7; sum 16.5, launch to first step 16.5",
+        "case 3 peftctl setup (s): imports 3.6, tokenizer 10.2, first step 2.7; sum 16.5, launch to first step 16.5 "
+        "(a cold Triton cache: 8 entries compiled in this launch)",
         "case 3 reference setup (s): launch 0.5, imports 9.0, model_load 6.0, first step 2.1; sum 17.6, launch to "
         "first step 17.6"]
+
+
+def test_triton_cache_entries_count_the_cache_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    assert bench.triton_cache_entries() == 0  # no cache yet
+    for name in ("KERNELHASH1", "KERNELHASH2"):
+        (tmp_path / "cache" / name).mkdir(parents=True)
+    assert bench.triton_cache_entries() == 2
 
 
 def test_gate_verdicts():
