@@ -184,6 +184,11 @@ def test_only_frozen_plain_base_layers_are_computed_inside():
     hooked = _frozen_linear(16, 8, torch.float32)
     hooked.register_forward_hook(lambda *a: None)
     assert not _owns_base(hooked, x)
+    offloaded = _frozen_linear(16, 8, torch.float32)
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    add_hook_to_module(offloaded, ModelHook())  # accelerate's offload hook: weights moved in around the forward
+    assert not _owns_base(offloaded, x)
 
     class Subclass(torch.nn.Linear):
         pass
