@@ -28,6 +28,7 @@ import inspect
 import logging
 import os
 import sys
+import threading
 
 # Third-party loggers that report, at import, optional kernels this machine lacks: advice for their developers,
 # not for a user training a model (bitsandbytes on a CPU with AVX512-BF16: "Failed to load CPU gemm_4bit_forward
@@ -115,20 +116,31 @@ def defer_bitsandbytes_compile() -> bool:
 class _DeferCompileFinder(importlib.abc.MetaPathFinder):
     """Finds bitsandbytes through the other finders and has its module executed with torch.compile deferred. It
     stays in place for availability checks (`importlib.util.find_spec`), which get the same spec and import
-    nothing; once bitsandbytes is imported the import system no longer asks."""
+    nothing; once bitsandbytes is imported the import system no longer asks. A finder that itself asks
+    `importlib.util.find_spec` while this one searches gets an answer without this one (no recursion), and a spec
+    is wrapped once however often it is found."""
+
+    def __init__(self):
+        self._searching = threading.local()
 
     def find_spec(self, name, path=None, target=None):
-        if name != "bitsandbytes" or name in sys.modules:
+        if name != "bitsandbytes" or name in sys.modules or getattr(self._searching, "active", False):
             return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(name, path, target)
-            if spec is not None:
-                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _DeferCompileLoader(spec.loader)
-                return spec
-        return None
+        self._searching.active = True
+        try:
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(name, path, target)
+                if spec is not None:
+                    loader = spec.loader
+                    if (loader is not None and hasattr(loader, "exec_module")
+                            and not isinstance(loader, _DeferCompileLoader)):
+                        spec.loader = _DeferCompileLoader(loader)
+                    return spec
+            return None
+        finally:
+            self._searching.active = False
 
 
 class _DeferCompileLoader(importlib.abc.Loader):
@@ -139,6 +151,8 @@ class _DeferCompileLoader(importlib.abc.Loader):
         self.loader = loader
 
     def __getattr__(self, name):  # get_source, is_package, resource readers: the loader's own
+        if name == "loader":  # not set yet (a copy being made): no lookup through this method again
+            raise AttributeError(name)
         return getattr(self.loader, name)
 
     def create_module(self, spec):
@@ -165,13 +179,19 @@ def _compile_on_first_call(compile_now):
             return lambda fn: compile_later(fn, **options)
         if not inspect.isfunction(model):
             return compile_now(model, **options)
-        compiled = None
+        compiled, failed = None, None
 
         @functools.wraps(model)
         def first_call_compiles(*args, **kwargs):
-            nonlocal compiled
+            nonlocal compiled, failed
+            if failed is not None:  # as torch.compile at the import would have: it failed once, for good
+                raise failed.with_traceback(None)  # (no traceback growing call after call)
             if compiled is None:
-                compiled = compile_now(model, **options)
+                try:
+                    compiled = compile_now(model, **options)
+                except Exception as e:
+                    failed = e
+                    raise
             return compiled(*args, **kwargs)
 
         return first_call_compiles

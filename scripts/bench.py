@@ -499,7 +499,8 @@ def triton_cache_entries() -> int:
     kernel or launcher. A peftctl launch that adds some compiled them inside its first step (seconds on the H200:
     the first run on a machine, or after an upgrade); later launches find them there. The reference runs no Triton
     kernel."""
-    folder = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    folder = Path(os.environ.get("TRITON_CACHE_DIR")
+                  or Path(os.environ.get("TRITON_HOME") or Path.home()) / ".triton" / "cache")
     try:
         return sum(1 for _ in folder.iterdir())
     except OSError:
@@ -550,7 +551,7 @@ def run_peftctl(ctx: Context, case: Case, data: Path, max_steps: int, tag: str =
             "first_step_s": timings.get("first_step_s"),
             "first_step_from_launch_s": (records[0]["arrived"] - outcome.launched) if records else None,
             "setup_phases": timings.get("setup_phases"),  # run.json: seconds per phase before the loop
-            "triton_compiled": triton_cache_entries() - cached,  # new entries in Triton's cache: a cold start
+            "triton_compiled": max(0, triton_cache_entries() - cached),  # new entries in its cache: a cold start
             "peak_memory_bytes": manifest.get("peak_memory_bytes"),
             "first_loss": steps[0]["loss"] if steps else None,
             "first_grad_norm": steps[0]["grad_norm"] if steps else None,

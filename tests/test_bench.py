@@ -156,6 +156,10 @@ def test_triton_cache_entries_count_the_cache_folder(tmp_path, monkeypatch):
     for name in ("KERNELHASH1", "KERNELHASH2"):
         (tmp_path / "cache" / name).mkdir(parents=True)
     assert bench.triton_cache_entries() == 2
+    monkeypatch.delenv("TRITON_CACHE_DIR")
+    monkeypatch.setenv("TRITON_HOME", str(tmp_path / "home"))  # Triton's cache then under $TRITON_HOME/.triton
+    (tmp_path / "home" / ".triton" / "cache" / "KERNELHASH3").mkdir(parents=True)
+    assert bench.triton_cache_entries() == 1
 
 
 def test_gate_verdicts():

@@ -235,6 +235,62 @@ def test_bitsandbytes_import_defers_torch_compile_to_the_first_call(tmp_path, mo
     assert module.direct.__name__ == "double"
 
 
+def test_the_deferral_survives_a_failing_compile_a_copy_and_a_finder_that_asks_again(tmp_path, monkeypatch):
+    """A compile that fails is tried once (bitsandbytes' fallback then runs without another attempt); the wrapped
+    loader can be copied; a finder that asks importlib.util.find_spec for bitsandbytes while the deferral searches
+    gets an answer, and the loader is wrapped once."""
+    import copy
+    import importlib
+    import importlib.util
+
+    from peftctl import startup
+
+    attempts = []
+
+    def failing(model=None, **options):
+        attempts.append(model)
+        raise RuntimeError("torch.compile is not supported here")
+
+    later = startup._compile_on_first_call(failing)(lambda x: x)
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="not supported"):
+            later(1)
+    assert len(attempts) == 1
+
+    package = tmp_path / "bitsandbytes"
+    package.mkdir()
+    (package / "__init__.py").write_text("VALUE = 7\n")
+    asked = []
+
+    class Asking:  # as a post-import hook library does (wrapt): looks the name up again through the import
+        busy = False  # system, once, and answers with what it found
+
+        def find_spec(self, name, path=None, target=None):
+            if name != "bitsandbytes" or self.busy:
+                return None
+            self.busy = True
+            try:
+                asked.append(importlib.util.find_spec(name))
+                return asked[-1]
+            finally:
+                self.busy = False
+
+    with monkeypatch.context() as patched:
+        patched.setattr(sys, "meta_path", list(sys.meta_path))
+        patched.delitem(sys.modules, "bitsandbytes", raising=False)
+        patched.syspath_prepend(str(tmp_path))
+        assert startup.defer_bitsandbytes_compile()
+        sys.meta_path.insert(1, Asking())  # asked by the deferral's search
+        spec = importlib.util.find_spec("bitsandbytes")
+        assert asked and spec.origin == str(package / "__init__.py")
+        assert isinstance(spec.loader, startup._DeferCompileLoader)
+        assert not isinstance(spec.loader.loader, startup._DeferCompileLoader)  # wrapped once
+        assert copy.copy(spec.loader).loader is spec.loader.loader
+        module = importlib.import_module("bitsandbytes")
+        assert module.VALUE == 7 and type(module.__loader__).__name__ == "SourceFileLoader"
+        del sys.modules["bitsandbytes"]
+
+
 def test_a_qlora_run_trains_without_importing_the_torch_compiler(tiny_model, write_recipe, tmp_path):
     """`peftctl train` of a QLoRA recipe as a real process: bitsandbytes is imported (the 4-bit base needs it) but
     the torch compiler its import used to pull in is not (its torch.compile wrappers wait for a first call, which

@@ -409,6 +409,7 @@ def test_the_collector_is_restored_by_a_run_with_no_step_and_by_a_failure(tiny_m
 
     def failing_later(run, step, stop):
         if run.state.step >= 2:  # the freeze is at the second step's update, before this
+            assert gc.get_freeze_count() > 0
             raise RuntimeError("failed after the freeze")
         return after_step(run, step, stop)
 

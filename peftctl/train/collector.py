@@ -20,7 +20,8 @@ So, for one run (`SetupCollector`, entered before torch's import):
    point there were 30-80 garbage objects on the CPU demo, none of them a tensor). Not at the first step: that
    step is settled before the next one is launched (its line is the first sign of life), and its host side is
    slow (first calls, kernel compiles), so the device has little or nothing left to run by then and the
-   collection (0.3-0.4 s on the GPU machine) would only delay the first step's line;
+   collection (0.3-0.4 s on the GPU machine) would only delay the first step's line. ("Second" counts steps that
+   counted: after a skipped non-finite step the freeze waits one more);
 3. after the loop, whether or not it reached a step, `thaw`: the frozen objects are visible again and the
    thresholds are the caller's (the end of a run saves, merges, evaluates, and may drop the model, whose cycles --
    a layer's forward bound to the layer -- need the collector). The same again on the way out, however the run

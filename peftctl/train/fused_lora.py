@@ -179,9 +179,8 @@ def _plain_reads():
     `__torch_function__`. bitsandbytes' Params4bit has one in Python, so each such read of a 4-bit weight costs
     3-5 us where a plain tensor's costs 0.3 (measured here: 12 us against 1.4 for four reads), and the fused
     branch read its base's weight about 20 times a call: some 7,000 reads, 30 ms, of the host's time in a step of an
-    8B QLoRA run with checkpointing, which the host bounds. The reads see the same values; a torch function
-    computed here (the product, the dequantisation) runs as on a plain tensor, which is what the branch wants of
-    its frozen base."""
+    8B QLoRA run with checkpointing, which the host bounds. The reads see the same values. Only the weight's reads
+    and the dequantisation run in it: no import, and not the product with x (x keeps its own torch function)."""
     return torch._C.DisableTorchFunctionSubclass()
 
 
@@ -209,14 +208,18 @@ BNB_DEQUANT_MIN_ROWS = 1537
 
 def _nf4_kernel(weight, dtype):
     """peftctl's NF4 kernel module where it reads this weight the way bitsandbytes does, else None. The device rule
-    is asked first: triton (imported by the kernel's module) is only there on some platforms."""
+    is asked first: triton (imported by the kernel's module) is only there on some platforms. The imports run
+    before the weight is read past its torch function, so no import runs in that context."""
     from peftctl import fast_path
 
-    if not fast_path.nf4_kernel_applies(weight.device.type):
+    with _plain_reads():
+        device_type = weight.device.type
+    if not fast_path.nf4_kernel_applies(device_type):
         return None
     from peftctl.train import nf4_kernel
 
-    return nf4_kernel if nf4_kernel.applies(weight, dtype) else None
+    with _plain_reads():
+        return nf4_kernel if nf4_kernel.applies(weight, dtype) else None
 
 
 def _base_forward(base, x2, dtype):
@@ -224,11 +227,12 @@ def _base_forward(base, x2, dtype):
     launch, against bitsandbytes' three) and multiplied by F.linear, what bitsandbytes' own forward does there;
     everything else runs the layer's own forward."""
     if type(base) is not nn.Linear and x2.shape[0] >= BNB_DEQUANT_MIN_ROWS:
-        with _plain_reads():
-            kernel = _nf4_kernel(base.weight, dtype)
-            if kernel is not None:
-                bias = None if base.bias is None else base.bias.to(dtype)
-                return torch.nn.functional.linear(x2, kernel.dequantize_nf4(base.weight, dtype), bias)
+        kernel = _nf4_kernel(base.weight, dtype)
+        if kernel is not None:
+            with _plain_reads():
+                weight = kernel.dequantize_nf4(base.weight, dtype)
+            bias = None if base.bias is None else base.bias.to(dtype)
+            return torch.nn.functional.linear(x2, weight, bias)
     return base(x2)
 
 
@@ -237,9 +241,9 @@ def _base_matrix(base, dtype):
     bitsandbytes' own backward does (by peftctl's kernel where it gives the same values)."""
     if type(base) is nn.Linear:
         return base.weight.to(dtype)
-    with _plain_reads():
-        kernel = _nf4_kernel(base.weight, dtype)
-        if kernel is not None:
+    kernel = _nf4_kernel(base.weight, dtype)
+    if kernel is not None:
+        with _plain_reads():
             return kernel.dequantize_nf4(base.weight, dtype)
     import bitsandbytes.functional as bnb_functional
 

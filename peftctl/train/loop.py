@@ -317,7 +317,8 @@ def setup(loaded, options: TrainOptions, console=None, clock=None):
     manifest = reports.manifest(recipe, spec, data, counts, device, total_steps, checkpointing, world, engine)
     manifest["fast_path"] = {"kernels": kernels, "loss": loss_name, "autocast": str(autocast_dtype),
                              "attention": attention,
-                             "input_embeddings": "cpu" if embeddings_on_host or device.type == "cpu" else "gpu"}
+                             "input_embeddings": "cpu" if embeddings_on_host or device.type == "cpu" else "gpu",
+                             "triton_key_in_background": key_thread is not None}
     if resume_from is not None and world.main:
         manifest["resume"] = resume.resume_record(folder, resume_from, state.step)
     metrics = None

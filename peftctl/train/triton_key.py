@@ -18,6 +18,7 @@ twice at once.
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import threading
@@ -34,7 +35,10 @@ def start(device_type: str) -> threading.Thread | None:
     if not _walked_packages_imported(sys.modules.get("triton")):
         return None
     thread = threading.Thread(target=_compute, args=(key,), name="peftctl-triton-key", daemon=True)
-    thread.start()
+    try:
+        thread.start()
+    except RuntimeError:  # no thread to be had (a process at its limit): the first launch computes the key
+        return None
     return thread
 
 
@@ -47,16 +51,17 @@ def _compute(key) -> None:
 
 def _walked_packages_imported(triton) -> bool:
     """Whether every package `triton_key` imports (pkgutil.walk_packages imports each package below the folders
-    it walks, to list its modules) is imported already."""
+    it walks, to list its modules) is imported already. A package as pkgutil sees one: a folder, linked or not,
+    with an `__init__` module of any suffix."""
     root = os.path.dirname(getattr(triton, "__file__", None) or "")
     if not root:
         return False
     for folder in ("compiler", "backends", "language"):
         base = os.path.join(root, folder)
-        for path, subfolders, files in os.walk(base):
+        for path, subfolders, files in os.walk(base, followlinks=True):
             if path == base:
                 continue
-            if "__init__.py" not in files:
+            if not any(inspect.getmodulename(file) == "__init__" for file in files):
                 subfolders[:] = []  # not a package: walk_packages does not look inside
                 continue
             name = f"triton.{folder}." + os.path.relpath(path, base).replace(os.sep, ".")
