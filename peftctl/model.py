@@ -107,8 +107,10 @@ def quantization_config(quant):
                               bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype))
 
 
-def load_model(recipe, device, *, gradient_checkpointing: bool = False):
-    """The frozen base model on `device`, quantised as the recipe says, ready for an adapter."""
+def load_model(recipe, device, *, gradient_checkpointing: bool = False, reentrant: bool = False):
+    """The frozen base model on `device`, quantised as the recipe says, ready for an adapter. `reentrant`: the
+    checkpointed layers recompute through torch's reentrant checkpoint where a call allows it (one process only:
+    peftctl/activation_checkpointing.py)."""
     from transformers import AutoModelForCausalLM
 
     section = recipe.model
@@ -120,11 +122,12 @@ def load_model(recipe, device, *, gradient_checkpointing: bool = False):
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
     model = from_pretrained(AutoModelForCausalLM.from_pretrained, section.name, "model", **kwargs)
-    prepare_frozen_base(model, recipe.quantization, device, gradient_checkpointing=gradient_checkpointing)
+    prepare_frozen_base(model, recipe.quantization, device, gradient_checkpointing=gradient_checkpointing,
+                        reentrant=reentrant)
     return model
 
 
-def prepare_frozen_base(model, quant, device, *, gradient_checkpointing: bool) -> None:
+def prepare_frozen_base(model, quant, device, *, gradient_checkpointing: bool, reentrant: bool = False) -> None:
     """Our k-bit preparation: peft's upcasts embeddings, lm_head and norms to float32 (~2 GiB on 8B); we upcast
     only when asked."""
     import torch
@@ -139,16 +142,14 @@ def prepare_frozen_base(model, quant, device, *, gradient_checkpointing: bool) -
     if quant is not None and device.type == "cpu":
         disable_cpu_repacking(model)
     if gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, reentrant=reentrant)
 
 
-def enable_gradient_checkpointing(model) -> None:
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.enable_input_require_grads()
+def enable_gradient_checkpointing(model, *, reentrant: bool = False) -> str:
+    """Checkpoint the decoder layers (peftctl/activation_checkpointing.py); returns the form taken."""
+    from peftctl import activation_checkpointing
+
+    return activation_checkpointing.enable(model, reentrant=reentrant)
 
 
 def disable_cpu_repacking(model) -> None:

@@ -36,14 +36,15 @@ def torchrun(recipe, *args: str, program: tuple[str, ...] = ("-m", "peftctl"), *
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def two_ranks_against_one(tiny_model, write_recipe, tmp_path, max_steps: int, **torchrun_options) -> None:
+def two_ranks_against_one(tiny_model, write_recipe, tmp_path, max_steps: int, training: dict | None = None,
+                          **torchrun_options) -> None:
     """One process with gradient accumulation 2, then two ranks with 1 under torchrun: the same training."""
     model = tiny_model("llama")
     single = write_recipe(model, name="single.yaml", out=tmp_path / "single",
-                          training={**STEPS, "max_steps": max_steps, "gradient_accumulation": 2})
+                          training={**STEPS, "max_steps": max_steps, "gradient_accumulation": 2, **(training or {})})
     train(load_recipe(str(single)), TrainOptions(quiet=True))
     double = write_recipe(model, name="double.yaml", out=tmp_path / "double",
-                          training={**STEPS, "max_steps": max_steps, "gradient_accumulation": 1})
+                          training={**STEPS, "max_steps": max_steps, "gradient_accumulation": 1, **(training or {})})
     torchrun(double, **torchrun_options)
     one, two = (load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
                 for name in ("single", "double"))
@@ -58,6 +59,17 @@ def test_two_ranks_equal_one_process_with_twice_the_accumulation(tiny_model, wri
     manifest = json.loads((tmp_path / "double" / "run.json").read_text())
     assert manifest["world_size"] == 2 and manifest["distributed"] == "ddp"
     assert [r["rank"] for r in manifest["memory_per_rank"]] == [0, 1]  # every rank's peak, gathered at the end
+
+
+@pytest.mark.slow  # two processes of torch each, minutes on a 2-core machine
+def test_checkpointed_ranks_recompute_non_reentrant_and_train_what_one_process_trains(tiny_model, write_recipe,
+                                                                                      tmp_path):
+    """One process recomputes through the reentrant checkpoint; DDP's per-parameter hooks need the non-reentrant
+    form, which the ranks take. Both train the same adapter."""
+    two_ranks_against_one(tiny_model, write_recipe, tmp_path, 3, training={"gradient_checkpointing": True})
+    forms = [json.loads((tmp_path / name / "run.json").read_text())["fast_path"]["activation_checkpointing"]
+             for name in ("single", "double")]
+    assert forms == ["reentrant", "non_reentrant"]
 
 
 @pytest.mark.slow  # two processes of torch each, minutes on a 2-core machine

@@ -86,6 +86,45 @@ def test_train_on_gpu(medium_llama, write_recipe, tmp_path, method, quant):
           f"peak {manifest['peak_memory_bytes'] / 2**30:.2f} GiB, {manifest['tokens_per_s']} tok/s")
 
 
+def test_reentrant_checkpointing_trains_what_the_non_reentrant_form_trains(medium_llama, write_recipe, tmp_path,
+                                                                          monkeypatch):
+    """QLoRA with checkpointing on CUDA (the fused branch, the NF4 kernel, dropout on): the reentrant form, which one
+    process takes, and the non-reentrant one give the same losses and adapter."""
+    from safetensors.torch import load_file
+
+    from peftctl import activation_checkpointing
+    from peftctl.recipe.loader import load_recipe
+    from peftctl.train.loop import TrainOptions, train
+
+    def run(name):
+        path = write_recipe(medium_llama, name=f"{name}.yaml", out=tmp_path / name, model={"dtype": "bfloat16"},
+                            quantization={"bits": 4},
+                            method={"name": "qlora", "r": 16, "alpha": 32, "dropout": 0.1, "targets": "all-linear",
+                                    "_replace": True},
+                            dataset={"max_length": 1024},
+                            training={"max_steps": 4, "micro_batch_size": 2, "gradient_checkpointing": True})
+        train(load_recipe(str(path)), TrainOptions(quiet=True))
+        manifest = json.loads((tmp_path / name / "run.json").read_text())
+        losses = [r["loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "loss" in r]
+        return manifest, losses, load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
+
+    reentrant = run("reentrant")
+    monkeypatch.setattr(activation_checkpointing, "reentrant_allowed", lambda *a: False)
+    other = run("non_reentrant")
+    assert reentrant[0]["fast_path"]["activation_checkpointing"] == "reentrant"
+    assert "fused_lora_branch" in reentrant[0]["fast_path"]["kernels"]
+    assert reentrant[1] == pytest.approx(other[1], rel=2e-3) and len(reentrant[1]) == 4
+    assert reentrant[2].keys() == other[2].keys()
+    # every layer learned: B starts at zero and stays there where a layer gets no gradient
+    assert all(t.abs().max() > 0 for k, t in reentrant[2].items() if "lora_B" in k)
+    # Adam moves a weight by about the learning rate (1e-3) a step; the runs differ only where bf16 kernels sum in
+    # another order (a gradient near zero can flip an update's sign), so nearly every weight agrees within a tenth
+    differing = sum(((reentrant[2][k].float() - other[2][k].float()).abs() > 1e-4).sum().item() for k in other[2])
+    assert differing <= 0.01 * sum(t.numel() for t in other[2].values())
+    print(f"losses {reentrant[1]} / {other[1]}; peaks {reentrant[0]['peak_memory_bytes'] / 2**30:.3f} / "
+          f"{other[0]['peak_memory_bytes'] / 2**30:.3f} GiB")
+
+
 @pytest.mark.parametrize("quant", ["none", "4bit"])
 def test_fused_lora_branch_matches_peft_under_autocast(medium_llama, quant):
     from peft import LoraConfig, get_peft_model

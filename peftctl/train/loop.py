@@ -194,6 +194,7 @@ def setup(loaded, options: TrainOptions, console=None, clock=None):
     clock = clock or SetupClock()
     import torch
 
+    from peftctl import activation_checkpointing
     from peftctl.data.prepare import largest_micro_batch_rows, prepare
     from peftctl.host_embedding import place_input_embeddings
     from peftctl.methods import runtime
@@ -261,7 +262,9 @@ def setup(loaded, options: TrainOptions, console=None, clock=None):
     checkpointing, dropout_kernel = _memory_mode(recipe, device)
     clock.mark("memory_plan")  # gradient_checkpointing: auto asks the plan (a meta model) on a GPU
     _seed_everything(training.seed)  # before the adapter exists: its initial weights come from this seed
-    model = load_model(recipe, device, gradient_checkpointing=checkpointing)
+    # One process recomputes through the reentrant checkpoint where a layer's call allows it (less host time a
+    # step); DDP and FSDP need the non-reentrant form (peftctl/activation_checkpointing.py).
+    model = load_model(recipe, device, gradient_checkpointing=checkpointing, reentrant=not world.distributed)
     clock.mark("model_load")
     packed_before = data.packed
     data, attention = _settle_packing(model, recipe, data, tokenizer, world, device, say)
@@ -318,7 +321,8 @@ def setup(loaded, options: TrainOptions, console=None, clock=None):
     manifest["fast_path"] = {"kernels": kernels, "loss": loss_name, "autocast": str(autocast_dtype),
                              "attention": attention,
                              "input_embeddings": "cpu" if embeddings_on_host or device.type == "cpu" else "gpu",
-                             "triton_key_in_background": key_thread is not None}
+                             "triton_key_in_background": key_thread is not None,
+                             "activation_checkpointing": activation_checkpointing.form(model)}
     if resume_from is not None and world.main:
         manifest["resume"] = resume.resume_record(folder, resume_from, state.step)
     metrics = None
