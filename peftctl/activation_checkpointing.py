@@ -16,11 +16,16 @@ Its known limits decide where it is used, per call (`reentrant_allowed`):
   would get none, and a call whose positional tensors need none would leave the layer's own trainable weights
   without gradients. Such calls take the non-reentrant form;
 - DDP and FSDP hook into the backward pass per parameter; the nested backward of the reentrant form breaks their
-  bookkeeping, so several processes keep the non-reentrant form throughout (`enable`'s `reentrant=False`).
+  bookkeeping, so several processes keep the non-reentrant form throughout (`reentrant_for`);
+- tensors that a forward hook records inside a layer carry no graph in the reentrant form. peftctl's losses read
+  none, but a model configured to return its router logits (`output_router_logits`, for a load-balancing loss)
+  keeps the non-reentrant form;
+- only transformers' plain non-reentrant function is wrapped: one set up otherwise (activations offloaded to the
+  host, other checkpoint options) stays as it is.
 
 Both forms restore the random generators before recomputing (dropout draws the same mask) and the autocast state.
-Tensors that a forward hook records inside the layer (a router's logits) carry no graph in the reentrant form;
-peftctl's losses read none.
+run.json records the form set up (`fast_path.activation_checkpointing`) and how many layer calls took each
+(`fast_path.activation_checkpointing_calls`).
 """
 
 from __future__ import annotations
@@ -32,18 +37,21 @@ NON_REENTRANT = "non_reentrant"
 
 
 def _needs_grad(value, depth: int = 0) -> bool:
-    """Whether `value` is, or (a few levels of lists, tuples and dicts down) holds, a tensor that needs a gradient."""
+    """Whether `value` is, or holds a few levels down (lists, tuples, dicts, and the attributes of other objects, a
+    transformers Cache's layers for one), a tensor that needs a gradient. A module's own weights do not count: the
+    reentrant form's inner backward reaches them."""
     import torch
 
     if isinstance(value, torch.Tensor):
         return value.requires_grad
-    if depth > 3:
+    if depth > 4 or value is None or isinstance(value, (bool, int, float, str, torch.nn.Module)):
         return False
     if isinstance(value, (list, tuple)):
         return any(_needs_grad(v, depth + 1) for v in value)
     if isinstance(value, dict):
         return any(_needs_grad(v, depth + 1) for v in value.values())
-    return False
+    attributes = getattr(value, "__dict__", None)
+    return attributes is not None and any(_needs_grad(v, depth + 1) for v in attributes.values())
 
 
 def reentrant_allowed(function, args, kwargs) -> bool:
@@ -83,6 +91,20 @@ class ReentrantWhereAllowed:
         return self.fallback(function, *args, **kwargs)
 
 
+def reentrant_for(world) -> bool:
+    """Whether a run of these processes may take the reentrant form: one process only (DDP and FSDP need the
+    non-reentrant one)."""
+    return not world.distributed
+
+
+def _plain_non_reentrant(func) -> bool:
+    """Whether `func` is transformers' checkpoint function with no option but the non-reentrant form."""
+    import torch.utils.checkpoint
+
+    return (isinstance(func, functools.partial) and func.func is torch.utils.checkpoint.checkpoint and not func.args
+            and func.keywords == {"use_reentrant": False})
+
+
 def enable(model, *, reentrant: bool) -> str:
     """Checkpoint every decoder layer of `model` (a transformers model); with `reentrant`, through
     `ReentrantWhereAllowed`. Returns the form asked for (REENTRANT or NON_REENTRANT), as run.json records it."""
@@ -94,15 +116,13 @@ def enable(model, *, reentrant: bool) -> str:
     # The embedding's output needs a gradient, so that the first layer's input does (a frozen base has no weight
     # before it that would give it one).
     model.enable_input_require_grads()
-    if not reentrant:
-        return NON_REENTRANT
-    wrapped = 0
+    if not reentrant or getattr(model.config, "output_router_logits", False):
+        return form(model) or NON_REENTRANT
     for module in model.modules():
         fallback = vars(module).get("_gradient_checkpointing_func")
-        if fallback is not None and not isinstance(fallback, ReentrantWhereAllowed):
+        if _plain_non_reentrant(fallback):
             module._gradient_checkpointing_func = ReentrantWhereAllowed(fallback)
-            wrapped += 1
-    return REENTRANT if wrapped else NON_REENTRANT
+    return form(model) or NON_REENTRANT
 
 
 def form(model) -> str | None:

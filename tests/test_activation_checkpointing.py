@@ -70,17 +70,19 @@ def scaled(x, *, weight):
     return torch.tanh(x * weight).sum(dim=-1, keepdim=True) * x
 
 
-@pytest.mark.parametrize("call", ["plain", "keyword", "no_input_grad", "nested"])
+@pytest.mark.parametrize("call", ["plain", "keyword", "no_input_grad", "closure", "nested"])
 def test_each_call_takes_the_form_that_gets_its_gradients(call):
     """A keyword tensor that needs a gradient, a positional input that needs none (the layer's own weights would
-    get none) or one inside a container: the non-reentrant form. Otherwise the reentrant one. The gradients are
-    always those of the uncheckpointed function."""
-    x = torch.randn(3, 5, requires_grad=call != "no_input_grad")
-    weight = torch.randn(5, requires_grad=call in ("keyword", "no_input_grad"))
+    get none: "closure" holds its weight as a layer holds its own) or one inside a container: the non-reentrant
+    form. Otherwise the reentrant one. The gradients are always those of the uncheckpointed function."""
+    x = torch.randn(3, 5, requires_grad=call not in ("no_input_grad", "closure"))
+    weight = torch.randn(5, requires_grad=call in ("keyword", "no_input_grad", "closure"))
     wrapper = ReentrantWhereAllowed(functools.partial(checkpoint, use_reentrant=False))
     y = torch.randn(3, 5, requires_grad=True)  # "nested": a positional tensor, and x inside a tuple
     if call == "nested":
         function, args = (lambda first, pair: scaled(pair[0], weight=weight) * first), (y, (x, torch.ones(3, 5)))
+    elif call == "closure":
+        function, args = (lambda inputs: scaled(inputs, weight=weight)), (x,)
     else:
         function, args = functools.partial(scaled, weight=weight), (x,)
     want_out = function(*args)
@@ -107,8 +109,48 @@ def test_reentrant_allowed_reads_the_bound_keywords_and_the_grad_mode():
     nested = functools.partial(functools.partial(scaled, weight=plain), extra={"k": [needs]})
     assert not ac.reentrant_allowed(nested, (x,), {})
     assert not ac.reentrant_allowed(scaled, (x,), {"use_reentrant": True})  # a keyword for the checkpoint itself
+
+    class Layer:  # an object holding tensors, as a transformers Cache holds its layers' keys and values
+        def __init__(self, keys):
+            self.keys = keys
+
+    class Cache:
+        def __init__(self, keys):
+            self.layers = [Layer(keys)]
+
+    assert not ac.reentrant_allowed(functools.partial(scaled, weight=plain, cache=Cache(needs)), (x,), {})
+    assert ac.reentrant_allowed(functools.partial(scaled, weight=plain, cache=Cache(plain)), (x,), {})
+    # the layer itself, bound as transformers 5.2x binds it: its own trainable weights are the inner backward's
+    module = torch.nn.Linear(2, 2)
+    assert module.weight.requires_grad
+    assert ac.reentrant_allowed(functools.partial(lambda self, h, weight: h, module, weight=plain), (x,), {})
     with torch.no_grad():
         assert not ac.reentrant_allowed(functools.partial(scaled, weight=plain), (x,), {})
+
+
+def test_only_transformers_plain_function_is_wrapped_and_only_in_one_process():
+    from peftctl.train.distributed import World
+
+    assert ac._plain_non_reentrant(functools.partial(checkpoint, use_reentrant=False))
+    # other options (activations offloaded to the host, another check) would be lost by the reentrant call
+    assert not ac._plain_non_reentrant(functools.partial(checkpoint, use_reentrant=False, determinism_check="none"))
+    assert not ac._plain_non_reentrant(lambda function, *args: checkpoint(function, *args, use_reentrant=False))
+    assert ac.reentrant_for(World(rank=0, size=1)) and not ac.reentrant_for(World(rank=1, size=2))
+
+
+def test_a_model_returning_its_router_logits_keeps_the_non_reentrant_form(tiny_model):
+    """Router logits recorded inside a layer carry no graph in the reentrant form: a load-balancing loss on them
+    would lose its gradient."""
+    from transformers import AutoModelForCausalLM
+
+    from peftctl.model import enable_gradient_checkpointing
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model("llama")), dtype=torch.float32)
+    model.config.output_router_logits = True
+    assert enable_gradient_checkpointing(model, reentrant=True) == NON_REENTRANT
+    assert ac.form(model) == NON_REENTRANT
+    model.config.output_router_logits = False
+    assert enable_gradient_checkpointing(model, reentrant=True) == REENTRANT
 
 
 def test_one_wrapper_per_layer_and_none_when_not_asked(tiny_model):

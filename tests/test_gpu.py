@@ -112,6 +112,9 @@ def test_reentrant_checkpointing_trains_what_the_non_reentrant_form_trains(mediu
     monkeypatch.setattr(activation_checkpointing, "reentrant_allowed", lambda *a: False)
     other = run("non_reentrant")
     assert reentrant[0]["fast_path"]["activation_checkpointing"] == "reentrant"
+    calls = [r[0]["fast_path"]["activation_checkpointing_calls"] for r in (reentrant, other)]
+    assert calls[0]["reentrant"] > 0 and calls[0]["non_reentrant"] == 0
+    assert calls[1]["reentrant"] == 0 and calls[1]["non_reentrant"] == calls[0]["reentrant"]
     assert "fused_lora_branch" in reentrant[0]["fast_path"]["kernels"]
     assert reentrant[1] == pytest.approx(other[1], rel=2e-3) and len(reentrant[1]) == 4
     assert reentrant[2].keys() == other[2].keys()

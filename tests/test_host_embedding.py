@@ -185,6 +185,9 @@ def test_a_run_trained_this_way_saves_the_same_adapter_and_merges(tiny_model, tm
     # one process: the layers recompute through the reentrant checkpoint, whose first forward builds no graph; the
     # host module's output must still carry the gradient into the first layer
     assert manifest["fast_path"]["activation_checkpointing"] == "reentrant"
+    layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
+    assert manifest["fast_path"]["activation_checkpointing_calls"] == {  # every layer call of every step took it
+        "reentrant": manifest["steps_done"] * layers, "non_reentrant": 0}
     losses = [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert losses == [r["loss"] for r in read_jsonl(reference / "metrics.jsonl") if "loss" in r]
     names = sorted(p.name for p in (run / "adapter").iterdir())

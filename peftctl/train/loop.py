@@ -264,7 +264,8 @@ def setup(loaded, options: TrainOptions, console=None, clock=None):
     _seed_everything(training.seed)  # before the adapter exists: its initial weights come from this seed
     # One process recomputes through the reentrant checkpoint where a layer's call allows it (less host time a
     # step); DDP and FSDP need the non-reentrant form (peftctl/activation_checkpointing.py).
-    model = load_model(recipe, device, gradient_checkpointing=checkpointing, reentrant=not world.distributed)
+    model = load_model(recipe, device, gradient_checkpointing=checkpointing,
+                       reentrant=activation_checkpointing.reentrant_for(world))
     clock.mark("model_load")
     packed_before = data.packed
     data, attention = _settle_packing(model, recipe, data, tokenizer, world, device, say)
@@ -668,6 +669,12 @@ def _record_end(run: Run, status: str, exit_code: int, **extra) -> None:
                "first_step_s": round(run.first_step_s, 2) if run.first_step_s else None,
                "train_s_all_attempts": round(run.train_s + manifest.get("resume", {}).get("earlier_train_s", 0), 2),
                "setup_phases": run.setup_clock.as_dict()}
+    fast_path = manifest.get("fast_path") or {}
+    if fast_path.get("activation_checkpointing"):
+        from peftctl import activation_checkpointing
+
+        manifest = {**manifest, "fast_path": {
+            **fast_path, "activation_checkpointing_calls": activation_checkpointing.forms_taken(run.model)}}
     run.folder.write_manifest({**manifest, **extra, "status": status, "exit_code": exit_code,
                                "steps_done": state.step, "tokens_seen": state.tokens_seen, "timings": timings,
                                "peak_memory_bytes": _peak_since(run.device, run.setup_peak),
