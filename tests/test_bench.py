@@ -334,3 +334,24 @@ def test_step_profile_measures_base_fused_and_peft_ways(monkeypatch, capsys):
     for way in ("base", "fused", "peft"):
         assert f"  {way} " in out
     assert "the LoRA branch: fused" in out
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the kernels run on the CPU in Triton's "
+                    "interpreter only")
+def test_dropout_kernel_tuning_tries_every_configuration_and_checks_it(monkeypatch, capsys):
+    """scripts/tune_lora_dropout_kernel.py on the CPU, tiny: every configuration of the grid is timed for each
+    kernel and gives the shipped tiles' results."""
+    import tune_lora_dropout_kernel
+
+    monkeypatch.setattr(sys, "argv", ["tune_lora_dropout_kernel.py", "--device", "cpu", "--tokens", "40",
+                                      "--widths", "48", "--block-m", "16,32", "--block-k", "16", "--warps", "4",
+                                      "--stages", "2", "--targets", "4,8", "--repeats", "1", "--top", "9"])
+    tune_lora_dropout_kernel.main()
+    out = capsys.readouterr().out
+    assert "2 tile configurations x 2 split targets" in out
+    for name, count in (("forward", 4), ("grad_x", 2), ("grad_a", 4)):  # grad_x splits nothing: one target
+        assert f"{name}: best of {count}" in out
+    rows = [line for line in out.splitlines() if "rel. diff" in line]
+    assert len(rows) == 10 and all(float(r.rsplit(" ", 1)[1]) < 1e-2 for r in rows)
+    assert sum("'BLOCK_M': 16" in r for r in rows) == sum("'BLOCK_M': 32" in r for r in rows) == 5
+    assert "best of each:" in out

@@ -315,3 +315,44 @@ def test_a_model_fused_without_the_kernel_keeps_torch_s_dropout(tiny_model, kern
     model.train()
     model(input_ids=ids, labels=ids).loss.backward()
     assert kernel_calls == []
+
+
+def test_other_tiles_and_splits_give_the_shipped_tiles_results(monkeypatch):
+    """scripts/tune_lora_dropout_kernel.py tries other tiles and split targets: they are launched as asked, and give
+    the shipped tiles' results (the mask depends on the seed and each element's position, not on the tiles)."""
+    from peftctl.train import lora_dropout_kernel as kernel
+
+    launched = []
+    for name in ("_forward_kernel", "_grad_input_kernel", "_grad_weight_kernel"):
+        real = getattr(kernel, name)
+
+        class Spy:
+            def __getitem__(self, grid, real=real, name=name):
+                def launch(*args, **kwargs):
+                    launched.append((name, tuple(grid), kwargs["BLOCK_M"], kwargs["BLOCK_K"]))
+                    return real[grid](*args, **kwargs)
+                return launch
+
+        monkeypatch.setattr(kernel, name, Spy())
+    tokens, width, r, p = 300, 200, 4, 0.2
+    torch.manual_seed(0)
+    x = torch.randn(tokens, width, device=DEVICE)
+    a, grad_h = torch.randn(r, width, device=DEVICE), torch.randn(tokens, r, device=DEVICE)
+    seed = kernel.draw_seed(x.device)
+
+    def all_three(**options):
+        grad_x_options = {k: v for k, v in options.items() if k == "tiles"}
+        return (kernel.dropout_a_forward(x, a, seed, p, **options),
+                kernel.dropout_a_grad_input(grad_h, a, seed, p, torch.float32, **grad_x_options),
+                kernel.dropout_a_grad_weight(grad_h, x, seed, p, **options))
+
+    shipped = all_three()
+    default_launches = launched[:]
+    launched.clear()
+    other = all_three(tiles={"BLOCK_M": 16, "BLOCK_K": 16}, target_programs=64)
+    assert [(n, m, k) for n, _, m, k in launched] == [(n, 16, 16) for n, *_ in default_launches]
+    assert [(n, m, k) for n, _, m, k in default_launches] == [
+        ("_forward_kernel", 64, 32), ("_grad_input_kernel", 64, 32), ("_grad_weight_kernel", 64, 32)]
+    assert all(g != d for (_, g, *_), (_, d, *_) in zip(launched, default_launches, strict=True))  # other grids
+    for got, want in zip(other, shipped, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # only the fp32 sums' order differs

@@ -126,16 +126,20 @@ def _grad_weight_kernel(gh_ptr, x_ptr, ga_ptr, seed_ptr, tokens, in_features, r,
              mask=(ranks[:, None] < r) & (cols[None, :] < in_features))
 
 
-def _blocks(r: int, dtype: torch.dtype) -> dict:
+def _blocks(r: int, dtype: torch.dtype, tiles: dict | None = None) -> dict:
     """Tile sizes and pipeline depth: tl.dot needs every side a power of two of at least 16; a wider r gets fewer
     rows per program so that its fp32 accumulator stays in registers. float32 tiles take twice the shared memory:
     narrower and two stages keep every kernel under 64 KiB (compiled for sm_90: at most 48 KiB), which any card
-    since Turing has; 16-bit tiles stay under 48 KiB with Triton's default three stages."""
+    since Turing has; 16-bit tiles stay under 48 KiB with Triton's default three stages. `tiles` (BLOCK_M,
+    BLOCK_K, num_warps, num_stages) replaces any of them: scripts/tune_lora_dropout_kernel.py tries others."""
     block_r = max(16, triton.next_power_of_2(r))
     if dtype == torch.float32:
-        return {"BLOCK_M": 64 if block_r <= 32 else 32 if block_r <= 128 else 16, "BLOCK_K": 32, "BLOCK_R": block_r,
-                "num_stages": 2}
-    return {"BLOCK_M": 128 if block_r <= 32 else 64 if block_r <= 128 else 32, "BLOCK_K": 64, "BLOCK_R": block_r}
+        blocks = {"BLOCK_M": 64 if block_r <= 32 else 32 if block_r <= 128 else 16, "BLOCK_K": 32,
+                  "BLOCK_R": block_r, "num_stages": 2}
+    else:
+        blocks = {"BLOCK_M": 128 if block_r <= 32 else 64 if block_r <= 128 else 32, "BLOCK_K": 64,
+                  "BLOCK_R": block_r}
+    return {**blocks, **(tiles or {})}
 
 
 def _precision(t: torch.Tensor) -> dict:
@@ -148,7 +152,8 @@ def draw_seed(device: torch.device) -> torch.Tensor:
     return torch.randint(0, 2 ** 31 - 1, (1,), device=device, dtype=torch.int64)
 
 
-def dropout_a_forward(x2: torch.Tensor, weight_a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+def dropout_a_forward(x2: torch.Tensor, weight_a: torch.Tensor, seed: torch.Tensor, p: float, *,
+                      tiles: dict | None = None, target_programs: int = _TARGET_PROGRAMS) -> torch.Tensor:
     """h = (x2 * mask / (1-p)) @ weight_a^T for 2-D x2 (tokens x in) and weight_a (r x in) of x2's dtype.
 
     A few thousand tokens make few row blocks (8,192 / 128 = 64 programs for 132 SMs), so the input columns are
@@ -157,9 +162,9 @@ def dropout_a_forward(x2: torch.Tensor, weight_a: torch.Tensor, seed: torch.Tens
     tokens, in_features = x2.shape
     r = weight_a.shape[0]
     a = weight_a.contiguous()
-    blocks = _blocks(r, x2.dtype)
+    blocks = _blocks(r, x2.dtype, tiles)
     row_blocks = triton.cdiv(tokens, blocks["BLOCK_M"])
-    splits, cols_per_split = _split(in_features, blocks["BLOCK_K"], row_blocks)
+    splits, cols_per_split = _split(in_features, blocks["BLOCK_K"], row_blocks, target_programs)
     partial = torch.empty(splits, tokens, r, device=x2.device, dtype=torch.float32)
     _forward_kernel[(row_blocks, splits)](
         x2, a, partial, seed, tokens, in_features, r, x2.stride(0), x2.stride(1), cols_per_split, p,
@@ -167,30 +172,31 @@ def dropout_a_forward(x2: torch.Tensor, weight_a: torch.Tensor, seed: torch.Tens
     return (partial[0] if splits == 1 else partial.sum(0)).to(x2.dtype)
 
 
-def _split(length: int, block: int, programs: int) -> tuple[int, int]:
+def _split(length: int, block: int, programs: int, target: int = _TARGET_PROGRAMS) -> tuple[int, int]:
     """(splits, length per split): enough splits of `length` (in whole blocks, at least 4 blocks each) for about
-    _TARGET_PROGRAMS programs in all, when `programs` others run beside each split."""
+    `target` programs in all, when `programs` others run beside each split."""
     blocks = triton.cdiv(length, block)
-    splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, programs), blocks // 4))
+    splits = max(1, min(triton.cdiv(target, programs), blocks // 4))
     per_split = block * triton.cdiv(blocks, splits)
     return triton.cdiv(length, per_split), per_split
 
 
 def dropout_a_grad_input(grad_h: torch.Tensor, weight_a: torch.Tensor, seed: torch.Tensor, p: float,
-                         dtype: torch.dtype) -> torch.Tensor:
+                         dtype: torch.dtype, *, tiles: dict | None = None) -> torch.Tensor:
     """grad_x = (grad_h @ weight_a) * mask / (1-p), the mask drawn again from the seed (x is not read)."""
     tokens, r = grad_h.shape
     in_features = weight_a.shape[1]
     gh, a = grad_h.contiguous(), weight_a.contiguous()
     grad_x = torch.empty(tokens, in_features, device=gh.device, dtype=dtype)
-    blocks = _blocks(r, gh.dtype)
+    blocks = _blocks(r, gh.dtype, tiles)
     grid = (triton.cdiv(tokens, blocks["BLOCK_M"]), triton.cdiv(in_features, blocks["BLOCK_K"]))
     _grad_input_kernel[grid](gh, a, grad_x, seed, tokens, in_features, r, p, 1.0 / (1.0 - p), **blocks,
                              **_precision(gh))
     return grad_x
 
 
-def dropout_a_grad_weight(grad_h: torch.Tensor, x2: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+def dropout_a_grad_weight(grad_h: torch.Tensor, x2: torch.Tensor, seed: torch.Tensor, p: float, *,
+                          tiles: dict | None = None, target_programs: int = _TARGET_PROGRAMS) -> torch.Tensor:
     """grad_A = grad_h^T @ (x2 * mask / (1-p)) in float32 (r x in), reading x2 once.
 
     Few column blocks (in_features / 64) would leave most of the GPU idle, so the tokens are split as well; each
@@ -198,10 +204,10 @@ def dropout_a_grad_weight(grad_h: torch.Tensor, x2: torch.Tensor, seed: torch.Te
     tokens, in_features = x2.shape
     r = grad_h.shape[1]
     gh = grad_h.contiguous()
-    blocks = _blocks(r, x2.dtype)
+    blocks = _blocks(r, x2.dtype, tiles)
     block_m = blocks["BLOCK_M"]
     col_blocks = triton.cdiv(in_features, blocks["BLOCK_K"])
-    splits, rows_per_split = _split(tokens, block_m, col_blocks)
+    splits, rows_per_split = _split(tokens, block_m, col_blocks, target_programs)
     partial = torch.empty(splits, r, in_features, device=x2.device, dtype=torch.float32)
     _grad_weight_kernel[(col_blocks, splits)](
         gh, x2, partial, seed, tokens, in_features, r, x2.stride(0), x2.stride(1), rows_per_split, p,
