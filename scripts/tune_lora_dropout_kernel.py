@@ -20,34 +20,16 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
-import time
 
 import torch
 
+import bench_lora_branch  # scripts/: the timer and the relative difference
+from bench_lora_branch import _rel
+
 
 def _time(fn, repeats: int, device: str) -> float:
-    """Median microseconds of `fn` after two warm-up calls; CUDA events on the GPU."""
-    times = []
-    for i in range(repeats + 2):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            elapsed = start.elapsed_time(end) * 1e3
-        else:
-            t = time.perf_counter()
-            fn()
-            elapsed = (time.perf_counter() - t) * 1e6
-        if i >= 2:
-            times.append(elapsed)
-    return statistics.median(times)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+    """Median microseconds of `fn` (bench_lora_branch's timer: warm-up calls first, CUDA events on the GPU)."""
+    return bench_lora_branch._time(fn, repeats, device) * 1e3
 
 
 def _ints(text: str) -> list[int]:
