@@ -32,6 +32,9 @@ from __future__ import annotations
 
 import functools
 
+import torch
+from torch.utils.checkpoint import checkpoint
+
 REENTRANT = "reentrant"
 NON_REENTRANT = "non_reentrant"
 
@@ -40,8 +43,6 @@ def _needs_grad(value, depth: int = 0) -> bool:
     """Whether `value` is, or holds a few levels down (lists, tuples, dicts, and the attributes of other objects, a
     transformers Cache's layers for one), a tensor that needs a gradient. A module's own weights do not count: the
     reentrant form's inner backward reaches them."""
-    import torch
-
     if isinstance(value, torch.Tensor):
         return value.requires_grad
     if depth > 4 or value is None or isinstance(value, (bool, int, float, str, torch.nn.Module)):
@@ -58,8 +59,6 @@ def reentrant_allowed(function, args, kwargs) -> bool:
     """Whether the reentrant form computes the same gradients for `function(*args)`: a positional tensor needs a
     gradient, none does inside a container or among the keywords bound to `function` (a functools.partial, as
     transformers passes them), and no keyword goes to the checkpoint itself."""
-    import torch
-
     if kwargs or not torch.is_grad_enabled():
         return False
     if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
@@ -83,8 +82,6 @@ class ReentrantWhereAllowed:
 
     def __call__(self, function, *args, **kwargs):
         if reentrant_allowed(function, args, kwargs):
-            from torch.utils.checkpoint import checkpoint
-
             self.calls[REENTRANT] += 1
             return checkpoint(function, *args, use_reentrant=True)
         self.calls[NON_REENTRANT] += 1
@@ -99,9 +96,7 @@ def reentrant_for(world) -> bool:
 
 def _plain_non_reentrant(func) -> bool:
     """Whether `func` is transformers' checkpoint function with no option but the non-reentrant form."""
-    import torch.utils.checkpoint
-
-    return (isinstance(func, functools.partial) and func.func is torch.utils.checkpoint.checkpoint and not func.args
+    return (isinstance(func, functools.partial) and func.func is checkpoint and not func.args
             and func.keywords == {"use_reentrant": False})
 
 
@@ -118,27 +113,30 @@ def enable(model, *, reentrant: bool) -> str:
     model.enable_input_require_grads()
     if not reentrant or getattr(model.config, "output_router_logits", False):
         return form(model) or NON_REENTRANT
-    for module in model.modules():
-        fallback = vars(module).get("_gradient_checkpointing_func")
+    for module, fallback in _checkpoint_functions(model):
         if _plain_non_reentrant(fallback):
             module._gradient_checkpointing_func = ReentrantWhereAllowed(fallback)
     return form(model) or NON_REENTRANT
 
 
+def _checkpoint_functions(model) -> list[tuple]:
+    """(module, its checkpoint function) for every module transformers set one on."""
+    return [(m, f) for m in model.modules() if (f := vars(m).get("_gradient_checkpointing_func")) is not None]
+
+
 def form(model) -> str | None:
     """The form `enable` set on `model` (None: not checkpointed)."""
-    funcs = [vars(m).get("_gradient_checkpointing_func") for m in model.modules()]
+    funcs = [f for _, f in _checkpoint_functions(model)]
     if any(isinstance(f, ReentrantWhereAllowed) for f in funcs):
         return REENTRANT
-    return NON_REENTRANT if any(f is not None for f in funcs) else None
+    return NON_REENTRANT if funcs else None
 
 
 def forms_taken(model) -> dict[str, int]:
     """How many layer calls took each form so far (summed over the layers)."""
     total = {REENTRANT: 0, NON_REENTRANT: 0}
-    for module in model.modules():
-        func = vars(module).get("_gradient_checkpointing_func")
+    for _, func in _checkpoint_functions(model):
         if isinstance(func, ReentrantWhereAllowed):
-            for form, n in func.calls.items():
-                total[form] += n
+            for taken, n in func.calls.items():
+                total[taken] += n
     return total
