@@ -1,13 +1,14 @@
 """Tile sizes for LoRA's dropout kernels (peftctl/train/lora_dropout_kernel.py), tried one by one on the GPU.
 
-The kernels draw the dropout mask inside the LoRA-A product; with the tiles they ship with they are slower than
-torch's dropout plus two GEMMs on most of an 8B layer's shapes (BENCHMARKS.md), so the fused branch takes them only
-where a run needs their memory. Their floor is a single pass over x (forward, grad_A) or over x's gradient (grad_x):
-by memory traffic alone about 20 us each at 8,192 x 4,096 in bf16 on an H200, against about 140 us for torch's way
-(an estimate, not a measurement: what this script is for). It times each
-kernel alone, for each configuration of a grid (BLOCK_M, BLOCK_K, warps, stages, and how many programs the split
-reductions aim at), beside torch's way of computing the same three results, and checks that every configuration
-gives the shipped tiles' results (the same mask: it depends on the seed and each element's position only).
+The kernels draw the dropout mask inside the LoRA-A product. Even with their best tiles they are slower than
+torch's dropout plus two GEMMs on an 8B layer's shapes (run V on an H200, BENCHMARKS.md: 315 against 197 us at
+8,192 x 4,096; 704 against 569 us at 8,192 x 14,336), so the fused branch takes them only where a run needs their
+memory. Their floor by memory traffic alone is about 20 us a kernel at 8,192 x 4,096 in bf16; Philox's rounds, not
+memory, bound them. The script times each kernel alone, for each configuration of a grid (BLOCK_M, BLOCK_K, warps,
+stages, and how many programs the split reductions aim at), beside torch's way of computing the same three results
+and the tiles a run launches by default on this GPU (on a Hopper GPU the measured HOPPER_TILES), and checks that
+every configuration gives those tiles' results (the same mask: it depends on the seed and each element's position
+only).
 
     python scripts/tune_lora_dropout_kernel.py --widths 4096,14336 --tokens 8192
 
@@ -89,17 +90,16 @@ def _tune_width(kernel, width: int, args, grid: list[dict], targets: list[int]) 
         "grad_x": lambda tiles, target: kernel.dropout_a_grad_input(grad_h, a, seed, p, torch.bfloat16, tiles=tiles),
         "grad_a": lambda tiles, target: kernel.dropout_a_grad_weight(grad_h, x, seed, p, tiles=tiles,
                                                                      target_programs=target)}
-    shipped = {name: run(None, kernel._TARGET_PROGRAMS) for name, run in runs.items()}
-    shipped_us = {name: _time(lambda run=run: run(None, kernel._TARGET_PROGRAMS), args.repeats, device)
-                  for name, run in runs.items()}
-    print(f"\nin_features {width}: torch's dropout + GEMMs (forward and backward) {torch_us:.1f} us; the shipped "
-          "tiles: " + ", ".join(f"{n} {us:.1f}" for n, us in shipped_us.items())
+    shipped = {name: run(None, None) for name, run in runs.items()}  # what a run launches here by default
+    shipped_us = {name: _time(lambda run=run: run(None, None), args.repeats, device) for name, run in runs.items()}
+    print(f"\nin_features {width}: torch's dropout + GEMMs (forward and backward) {torch_us:.1f} us; the default "
+          "tiles here (shipped): " + ", ".join(f"{n} {us:.1f}" for n, us in shipped_us.items())
           + f" = {sum(shipped_us.values()):.1f} us")
     best = {}
     for name, run in runs.items():
         results = []
         for tiles in grid:
-            for target in targets if name != "grad_x" else targets[:1]:  # grad_x splits nothing: one target
+            for target in targets if name != "grad_x" else [None]:  # grad_x splits nothing: one target
                 try:
                     got = run(tiles, target)
                 except Exception as e:  # noqa: BLE001 - out of shared memory or registers: not a candidate

@@ -256,29 +256,35 @@ from triton.compiler import ASTSource
 from peftctl.train import lora_dropout_kernel as k
 
 out = []
-for dtype, r in ((torch.bfloat16, 16), (torch.float32, 256)):
+names = {"forward": k._forward_kernel, "grad_x": k._grad_input_kernel, "grad_a": k._grad_weight_kernel}
+configs = [(torch.bfloat16, 16, None, None), (torch.float32, 256, None, None)]
+configs += [(torch.bfloat16, 16, name, dict(zip(("BLOCK_M", "BLOCK_K", "num_warps", "num_stages"), tiles)))
+            for (name, _), tiles in k.HOPPER_TILES.items()]
+for dtype, r, only, tiles in configs:
     t = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-    blocks = k._blocks(r, dtype)
-    options = {"num_stages": blocks.pop("num_stages")} if "num_stages" in blocks else {}
+    blocks = k._blocks(r, dtype, tiles)
+    options = {key: blocks.pop(key) for key in ("num_stages", "num_warps") if key in blocks}
     consts = dict(blocks, IEEE=dtype == torch.float32, UPCAST=False)
     kernels = {k._forward_kernel: [f"*{t}", f"*{t}", "*fp32", "*i64"] + ["i32"] * 6 + ["fp32"] * 2,
                k._grad_input_kernel: [f"*{t}"] * 3 + ["*i64"] + ["i32"] * 3 + ["fp32"] * 2,
                k._grad_weight_kernel: [f"*{t}", f"*{t}", "*fp32", "*i64"] + ["i32"] * 6 + ["fp32"] * 2}
     for fn, types in kernels.items():
+        if only and fn is not names[only]:
+            continue
         signature = dict(zip(fn.arg_names, types)) | {n: "constexpr" for n in consts}
         source = ASTSource(fn=fn, signature=signature,
                            constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()})
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-        out.append([fn.fn.__name__, t, r, len(compiled.asm["cubin"]), compiled.metadata.shared])
+        out.append([fn.fn.__name__, t, r, tiles is not None, len(compiled.asm["cubin"]), compiled.metadata.shared])
 print(json.dumps(out))
 """
 
 
-@pytest.mark.slow  # about 15 s: a fresh process and six compilations
+@pytest.mark.slow  # about 25 s: a fresh process and twelve compilations
 def test_the_kernels_compile_for_a_gpu(tmp_path):
     """Triton compiles the kernels for an H100/H200 (sm_90) here, without a GPU, down to the cubin (the interpreter
     tests check what they compute; this that they compile): bf16 at r 16, float32 at r 256, and every kernel's
-    shared memory within the 64 KiB any card since Turing has."""
+    shared memory within the 64 KiB any card since Turing has, the H200's tiles (HOPPER_TILES) too."""
     import json
     import subprocess
     import sys
@@ -292,9 +298,9 @@ def test_the_kernels_compile_for_a_gpu(tmp_path):
         pytest.skip("this triton has no ptxas to compile with")
     assert done.returncode == 0, done.stderr[-2000:]
     compiled = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(compiled) == 6
-    for name, dtype, r, cubin_bytes, shared in compiled:
-        assert cubin_bytes > 0 and shared <= 64 * 1024, (name, dtype, r, shared)
+    assert len(compiled) == 12
+    for name, dtype, r, hopper_tiles, cubin_bytes, shared in compiled:
+        assert cubin_bytes > 0 and shared <= 64 * 1024, (name, dtype, r, hopper_tiles, shared)
 
 
 def test_a_model_fused_without_the_kernel_keeps_torch_s_dropout(tiny_model, kernel_calls):
@@ -356,3 +362,62 @@ def test_other_tiles_and_splits_give_the_shipped_tiles_results(monkeypatch):
     assert all(g != d for (_, g, *_), (_, d, *_) in zip(launched, default_launches, strict=True))  # other grids
     for got, want in zip(other, shipped, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # only the fp32 sums' order differs
+
+
+def test_hopper_tiles_only_where_they_were_measured(monkeypatch):
+    """The tiles tuned on an H200 go to 16-bit inputs at r <= 16 on a Hopper GPU, per kernel and by the input's width;
+    a caller's own tiles, float32, a wider r and any other GPU keep _blocks' tiles."""
+    from peftctl.train import lora_dropout_kernel as kernel
+
+    bf16 = torch.empty(4, 4, dtype=torch.bfloat16)
+    assert not kernel.hopper(bf16.device)  # the CPU
+    shipped = kernel._config("forward", bf16, 16, 4096, None, None)
+    assert shipped == (kernel._blocks(16, torch.bfloat16), kernel._TARGET_PROGRAMS)
+    monkeypatch.setattr(kernel, "hopper", lambda device: True)
+    for name in ("forward", "grad_x", "grad_a"):
+        for width, wide in ((4096, False), (14336, True)):
+            m, k, warps, stages, target = kernel.HOPPER_TILES[name, wide]
+            blocks, got_target = kernel._config(name, bf16, 16, width, None, None)
+            assert (blocks["BLOCK_M"], blocks["BLOCK_K"], blocks["num_warps"], blocks["num_stages"]) == (
+                m, k, warps, stages)
+            assert got_target == (target or kernel._TARGET_PROGRAMS)
+            assert kernel._config(name, bf16, 16, width, None, 64)[1] == 64  # a caller's target wins
+    assert kernel.HOPPER_TILES["forward", False] != kernel.HOPPER_TILES["forward", True]
+    assert kernel._config("forward", bf16, 16, 4096, {"BLOCK_M": 16}, None)[0] == kernel._blocks(
+        16, torch.bfloat16, {"BLOCK_M": 16})
+    assert kernel._config("forward", bf16.float(), 16, 4096, None, None)[0] == kernel._blocks(16, torch.float32)
+    assert kernel._config("forward", bf16, 32, 4096, None, None)[0] == kernel._blocks(32, torch.bfloat16)
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["narrow", "wide"])
+def test_hopper_tiles_give_the_shipped_tiles_results(monkeypatch, wide):
+    """Launched with the H200's tiles (narrow and wide), the three kernels give what _blocks' tiles give: the same
+    mask (x's gradient is zero in the same places) and the same sums up to their order. The wide tiles are tried
+    on the same small input, with the width they start from lowered (the interpreter runs each program in
+    Python)."""
+    from peftctl.train import lora_dropout_kernel as kernel
+
+    tokens, width, r, p = 96, 200, 16, 0.2
+    if wide:
+        monkeypatch.setattr(kernel, "WIDE", 128)
+    torch.manual_seed(0)
+    x = torch.randn(tokens, width, device=DEVICE).to(torch.bfloat16)
+    a = (torch.randn(r, width, device=DEVICE) / width ** 0.5).to(torch.bfloat16)
+    grad_h = torch.randn(tokens, r, device=DEVICE).to(torch.bfloat16)
+    seed = kernel.draw_seed(x.device)
+
+    def all_three():
+        return (kernel.dropout_a_forward(x, a, seed, p).float(),
+                kernel.dropout_a_grad_input(grad_h, a, seed, p, torch.bfloat16).float(),
+                kernel.dropout_a_grad_weight(grad_h, x, seed, p))
+
+    shipped = all_three()
+    launched = []
+    real = kernel._config
+    monkeypatch.setattr(kernel, "hopper", lambda device: True)
+    monkeypatch.setattr(kernel, "_config", lambda *a: (launched.append(real(*a)[0]["BLOCK_K"]), real(*a))[1])
+    tuned = all_three()
+    assert launched == [kernel.HOPPER_TILES[name, wide][1] for name in ("forward", "grad_x", "grad_a")]
+    assert torch.equal(tuned[1] != 0, shipped[1] != 0)
+    for got, want in zip(tuned, shipped, strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())

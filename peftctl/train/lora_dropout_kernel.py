@@ -20,6 +20,8 @@ tensors; the tests use it.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -142,6 +144,43 @@ def _blocks(r: int, dtype: torch.dtype, tiles: dict | None = None) -> dict:
     return {**blocks, **(tiles or {})}
 
 
+# Tiles measured fastest on an H200 (scripts/tune_lora_dropout_kernel.py: 8,192 tokens, r 16, bf16; BENCHMARKS.md,
+# run V), against the shipped ones: 17-25% less time a kernel at 4,096 input columns, 6-16% at 14,336. Per kernel,
+# for inputs narrower than WIDE columns (an 8B model's 4,096) and wider (its MLP's 14,336): (BLOCK_M, BLOCK_K,
+# num_warps, num_stages, programs the split reduction aims at). Other GPUs, ranks and dtypes keep _blocks' tiles: the
+# best tiles depend on the card, and these were measured on one (all compile within 20 KiB of shared memory).
+HOPPER_TILES = {
+    ("forward", False): (64, 128, 8, 4, 264), ("forward", True): (64, 64, 4, 3, 528),
+    ("grad_x", False): (64, 64, 4, 3, None), ("grad_x", True): (128, 64, 4, 4, None),
+    ("grad_a", False): (64, 64, 4, 3, 528), ("grad_a", True): (128, 32, 4, 3, 528),
+}
+WIDE = 8192
+
+
+def _config(kernel: str, x: torch.Tensor, r: int, in_features: int, tiles: dict | None,
+            target_programs: int | None) -> tuple[dict, int]:
+    """(the launch's blocks, the split reduction's target): the measured tiles where they were measured (16-bit,
+    r <= 16, a Hopper GPU) unless the caller names its own, else _blocks'."""
+    blocks = _blocks(r, x.dtype, tiles)
+    target = target_programs or _TARGET_PROGRAMS
+    if tiles is None and x.dtype in (torch.bfloat16, torch.float16) and r <= 16 and hopper(x.device):
+        m, k, warps, stages, tuned_target = HOPPER_TILES[kernel, in_features >= WIDE]
+        blocks.update(BLOCK_M=m, BLOCK_K=k, num_warps=warps, num_stages=stages)
+        target = target_programs or tuned_target or target
+    return blocks, target
+
+
+def hopper(device: torch.device) -> bool:
+    """Whether `device` is a CUDA GPU of compute capability 9 (H100, H200), where HOPPER_TILES were measured."""
+    return device.type == "cuda" and _capability(device.index if device.index is not None else
+                                                 torch.cuda.current_device())[0] == 9
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def _precision(t: torch.Tensor) -> dict:
     """float32 in full precision, as torch's own float32 matmul (not TF32); the interpreter's bf16 workaround."""
     return {"IEEE": t.dtype == torch.float32, "UPCAST": t.device.type == "cpu"}
@@ -153,7 +192,7 @@ def draw_seed(device: torch.device) -> torch.Tensor:
 
 
 def dropout_a_forward(x2: torch.Tensor, weight_a: torch.Tensor, seed: torch.Tensor, p: float, *,
-                      tiles: dict | None = None, target_programs: int = _TARGET_PROGRAMS) -> torch.Tensor:
+                      tiles: dict | None = None, target_programs: int | None = None) -> torch.Tensor:
     """h = (x2 * mask / (1-p)) @ weight_a^T for 2-D x2 (tokens x in) and weight_a (r x in) of x2's dtype.
 
     A few thousand tokens make few row blocks (8,192 / 128 = 64 programs for 132 SMs), so the input columns are
@@ -162,9 +201,9 @@ def dropout_a_forward(x2: torch.Tensor, weight_a: torch.Tensor, seed: torch.Tens
     tokens, in_features = x2.shape
     r = weight_a.shape[0]
     a = weight_a.contiguous()
-    blocks = _blocks(r, x2.dtype, tiles)
+    blocks, target = _config("forward", x2, r, in_features, tiles, target_programs)
     row_blocks = triton.cdiv(tokens, blocks["BLOCK_M"])
-    splits, cols_per_split = _split(in_features, blocks["BLOCK_K"], row_blocks, target_programs)
+    splits, cols_per_split = _split(in_features, blocks["BLOCK_K"], row_blocks, target)
     partial = torch.empty(splits, tokens, r, device=x2.device, dtype=torch.float32)
     _forward_kernel[(row_blocks, splits)](
         x2, a, partial, seed, tokens, in_features, r, x2.stride(0), x2.stride(1), cols_per_split, p,
@@ -188,7 +227,7 @@ def dropout_a_grad_input(grad_h: torch.Tensor, weight_a: torch.Tensor, seed: tor
     in_features = weight_a.shape[1]
     gh, a = grad_h.contiguous(), weight_a.contiguous()
     grad_x = torch.empty(tokens, in_features, device=gh.device, dtype=dtype)
-    blocks = _blocks(r, gh.dtype, tiles)
+    blocks, _ = _config("grad_x", gh, r, in_features, tiles, None)
     grid = (triton.cdiv(tokens, blocks["BLOCK_M"]), triton.cdiv(in_features, blocks["BLOCK_K"]))
     _grad_input_kernel[grid](gh, a, grad_x, seed, tokens, in_features, r, p, 1.0 / (1.0 - p), **blocks,
                              **_precision(gh))
@@ -196,7 +235,7 @@ def dropout_a_grad_input(grad_h: torch.Tensor, weight_a: torch.Tensor, seed: tor
 
 
 def dropout_a_grad_weight(grad_h: torch.Tensor, x2: torch.Tensor, seed: torch.Tensor, p: float, *,
-                          tiles: dict | None = None, target_programs: int = _TARGET_PROGRAMS) -> torch.Tensor:
+                          tiles: dict | None = None, target_programs: int | None = None) -> torch.Tensor:
     """grad_A = grad_h^T @ (x2 * mask / (1-p)) in float32 (r x in), reading x2 once.
 
     Few column blocks (in_features / 64) would leave most of the GPU idle, so the tokens are split as well; each
@@ -204,10 +243,10 @@ def dropout_a_grad_weight(grad_h: torch.Tensor, x2: torch.Tensor, seed: torch.Te
     tokens, in_features = x2.shape
     r = grad_h.shape[1]
     gh = grad_h.contiguous()
-    blocks = _blocks(r, x2.dtype, tiles)
+    blocks, target = _config("grad_a", x2, r, in_features, tiles, target_programs)
     block_m = blocks["BLOCK_M"]
     col_blocks = triton.cdiv(in_features, blocks["BLOCK_K"])
-    splits, rows_per_split = _split(tokens, block_m, col_blocks, target_programs)
+    splits, rows_per_split = _split(tokens, block_m, col_blocks, target)
     partial = torch.empty(splits, r, in_features, device=x2.device, dtype=torch.float32)
     _grad_weight_kernel[(col_blocks, splits)](
         gh, x2, partial, seed, tokens, in_features, r, x2.stride(0), x2.stride(1), rows_per_split, p,
