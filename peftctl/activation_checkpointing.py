@@ -111,11 +111,10 @@ def enable(model, *, reentrant: bool) -> str:
     # The embedding's output needs a gradient, so that the first layer's input does (a frozen base has no weight
     # before it that would give it one).
     model.enable_input_require_grads()
-    if not reentrant or getattr(model.config, "output_router_logits", False):
-        return form(model) or NON_REENTRANT
-    for module, fallback in _checkpoint_functions(model):
-        if _plain_non_reentrant(fallback):
-            module._gradient_checkpointing_func = ReentrantWhereAllowed(fallback)
+    if reentrant and not getattr(model.config, "output_router_logits", False):
+        for module, fallback in _checkpoint_functions(model):
+            if _plain_non_reentrant(fallback):
+                module._gradient_checkpointing_func = ReentrantWhereAllowed(fallback)
     return form(model) or NON_REENTRANT
 
 

@@ -120,5 +120,6 @@ def _tune_width(kernel, width: int, args, grid: list[dict], targets: list[int]) 
     print(f"  best of each: {total:.1f} us against torch's {torch_us:.1f} us ({torch_us / total:.2f}x) and the "
           f"shipped tiles' {sum(shipped_us.values()):.1f} us")
 
+
 if __name__ == "__main__":
     main()
