@@ -292,3 +292,81 @@ def test_training_routes_lora_and_not_other_methods(tiny_model, trained):
     ia3_kernels = json.loads((ia3_run / "run.json").read_text())["fast_path"]["kernels"]
     assert "fused_lora_branch" in lora_kernels and "fused_lora_branch" not in ia3_kernels
     assert "lora_dropout_kernel" not in lora_kernels  # CUDA only: the CPU keeps torch's dropout
+
+
+def test_a_kept_matrix_is_dequantised_once_and_changes_no_sum(monkeypatch):
+    """quantization.keep_dequantized: the layer's matrix is dequantised on the first call only, then read from the
+    layer, forward (a long batch, where the base is F.linear of the matrix) and backward; the sums are those of
+    dequantising on every call, and dropping the kept matrix brings the per-call dequantisation back."""
+    import bitsandbytes.functional as bnb_functional
+
+    torch.manual_seed(0)
+    base = _linear_4bit(64, 32)
+    calls = []
+    dequantize = bnb_functional.dequantize_4bit
+    monkeypatch.setattr(bnb_functional, "dequantize_4bit", lambda *a, **k: (calls.append(1), dequantize(*a, **k))[1])
+    x = torch.randn(fused_lora.BNB_DEQUANT_MIN_ROWS + 3, 64)
+    a, b = torch.randn(3, 64), torch.randn(32, 3)
+
+    def step():
+        leaf = x.clone().requires_grad_()
+        out = lora_branch(leaf, None, a, b, 0.0, 1.7, base=base)
+        out.square().sum().backward()
+        return out.detach(), leaf.grad
+
+    base.peftctl_keep_dequantized = True
+    kept = [step() for _ in range(3)]
+    assert len(calls) == 1
+    matrix = base._peftctl_dequantized[1]
+    torch.testing.assert_close(matrix, dequantize(base.weight.data, base.weight.quant_state), rtol=0, atol=0)
+    assert not any("dequantized" in key for key in base.state_dict())
+    calls.clear()
+    base.peftctl_keep_dequantized = False
+    base.__dict__.pop("_peftctl_dequantized")
+    again = step()
+    assert len(calls) == 1  # x's gradient dequantises again (the forward went through bitsandbytes' own layer)
+    for (out, grad) in kept:
+        torch.testing.assert_close(out, again[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad, again[1], rtol=1e-5, atol=1e-5)
+
+
+def test_keep_dequantized_marks_the_fused_4bit_layers_and_drops_their_matrices(tiny_model):
+    """Every 4-bit layer the fused branch computes keeps its matrix after a step; none is in the state dict; keep
+    False frees them all (the loop does so before the merge and the evaluation)."""
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model(), dtype=torch.float32, quantization_config=quant,
+                                                device_map={"": "cpu"})
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    routed = fuse_lora_layers(model)
+    keys = set(model.state_dict())
+    assert fused_lora.keep_dequantized(model, True) == routed > 0
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    model.get_input_embeddings().weight.requires_grad_(True)  # so that the first layer's x needs a gradient too
+    model(input_ids=ids, labels=ids).loss.backward()  # x's gradient reads each adapted layer's matrix
+    bases = [m.base_layer for m in model.modules() if hasattr(m, "lora_A")]
+    assert all(hasattr(b, "_peftctl_dequantized") for b in bases) and len(bases) == routed
+    assert set(model.state_dict()) == keys
+    fused_lora.keep_dequantized(model, False)
+    assert not any(hasattr(b, "_peftctl_dequantized") or b.peftctl_keep_dequantized for b in bases)
+
+
+def test_a_qlora_run_that_keeps_its_matrices_trains_the_same_adapter(tiny_model, trained):
+    """quantization.keep_dequantized: true on a CPU run: run.json names it, and the adapter is bit for bit the one
+    trained without it (the matrix is the same every step; only when it is made differs)."""
+    from safetensors.torch import load_file
+
+    quant = {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
+    method = {"name": "qlora", "targets": "all-linear", "dropout": 0.1}
+    kept = trained("qlora-kept", tiny_model(), method=method, quantization={**quant, "keep_dequantized": True})
+    plain = trained("qlora-plain", tiny_model(), method=method, quantization={**quant, "keep_dequantized": False})
+    kernels = json.loads((kept / "run.json").read_text())["fast_path"]["kernels"]
+    assert "dequantized_4bit_weights_kept" in kernels
+    assert "dequantized_4bit_weights_kept" not in json.loads((plain / "run.json").read_text())["fast_path"]["kernels"]
+    kept_weights = load_file(kept / "adapter" / "adapter_model.safetensors")
+    plain_weights = load_file(plain / "adapter" / "adapter_model.safetensors")
+    assert kept_weights.keys() == plain_weights.keys()
+    assert all(torch.equal(kept_weights[k], plain_weights[k]) for k in kept_weights)

@@ -615,21 +615,59 @@ def test_the_loop_s_memory_mode_follows_the_plan(monkeypatch):
     monkeypatch.setattr(fast_path, "triton_available", lambda: True)
     monkeypatch.setattr(fast_path, "liger_available", lambda: True)
 
-    def recipe(checkpointing):
+    def recipe(checkpointing, keep="auto"):
         return make_recipe(str(LLAMA3_8B), {"name": "qlora", "r": 16, "dropout": 0.05, "targets": "all-linear"},
-                           quantization={"bits": 4}, micro_batch_size=4, max_length=2048,
+                           quantization={"bits": 4, "keep_dequantized": keep}, micro_batch_size=4, max_length=2048,
                            checkpointing=checkpointing)
 
     cuda = torch.device("cuda")
     monkeypatch.setattr(verdict, "plan_memory", lambda *a, **k: (_ for _ in ()).throw(AssertionError("planned")))
-    assert _memory_mode(recipe(True), cuda) == (True, False)
-    assert _memory_mode(recipe("auto"), torch.device("cpu")) == (False, False)
+    assert _memory_mode(recipe(True), cuda) == (True, False, False)
+    assert _memory_mode(recipe(True, keep=True), cuda) == (True, False, True)
+    assert _memory_mode(recipe("auto"), torch.device("cpu")) == (False, False, False)
+    assert _memory_mode(recipe("auto", keep=True), torch.device("cpu")) == (False, False, True)
     monkeypatch.undo()
     monkeypatch.setattr(fast_path, "triton_available", lambda: True)
     monkeypatch.setattr(fast_path, "liger_available", lambda: True)
-    for gib, expected in ((139, (False, False)), (56, (False, True)), (24, (True, False))):
+    # (checkpointing, dropout kernel, kept matrices): the 8B's 13 GiB of matrices are kept on an H200 (the plan
+    # then needs about 83 GiB of 139), not on an 80 GiB card (the run fits, but with them it would need more than
+    # 90% of the card), nor where the dropout kernel or checkpointing is what makes the run fit
+    for gib, expected in ((139, (False, False, True)), (80, (False, False, False)), (56, (False, True, False)),
+                         (24, (True, False, False))):
         monkeypatch.setattr(cards, "local_card", lambda device=None, gib=gib: card(gib))
         assert _memory_mode(recipe("auto"), cuda) == expected, gib
+    monkeypatch.setattr(cards, "local_card", lambda device=None: card(139))
+    assert _memory_mode(recipe("auto", keep=False), cuda) == (False, False, False)
     monkeypatch.setattr(cards, "local_card", lambda device=None: card(56))
-    assert _memory_mode(recipe(False), cuda) == (False, True)
+    assert _memory_mode(recipe(False), cuda) == (False, True, False)
     assert plan.memory_mode is verdict.memory_mode
+
+
+def test_kept_4bit_matrices_are_planned_and_the_first_remedy(monkeypatch):
+    """quantization.keep_dequantized in the plan: the kept matrices are every LoRA layer's out x in in bf16 (no
+    per-layer dequantisation buffer then); auto gives its reason where it keeps none; where kept matrices make
+    a run not fit, dropping them is the first remedy."""
+    from peftctl import fast_path
+    from peftctl.plan import plan_memory
+
+    monkeypatch.setattr(fast_path, "triton_available", lambda: True)
+    monkeypatch.setattr(fast_path, "liger_available", lambda: True)
+
+    def plan(keep, gib):
+        recipe = make_recipe(str(LLAMA3_8B), {"name": "qlora", "r": 16, "dropout": 0.05, "targets": "all-linear"},
+                             quantization={"bits": 4, "keep_dequantized": keep}, micro_batch_size=4,
+                             max_length=2048)
+        return plan_memory(recipe, card=card(gib))
+
+    per_layer = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336  # q, o; k, v; gate, up, down
+    kept = plan(True, 139)
+    parts = {c.name: c.bytes for c in kept.components}
+    assert parts["kept dequantised weights"] == 2 * 32 * per_layer and "dequantised weight" not in parts
+    plain = plan(False, 139)
+    assert kept.peak - plain.peak == 2 * 32 * per_layer - dict((c.name, c.bytes) for c in plain.components)[
+        "dequantised weight"]
+    assert "matrices kept" in kept.setting.describe() and "matrices kept" not in plain.setting.describe()
+    assert any("not kept: with them (13.0 GiB more)" in n for n in plan("auto", 80).notes)
+    forced = plan(True, 72)
+    assert forced.fits is False and forced.remedies[0][0] == "quantization.keep_dequantized: false"
+    assert forced.remedies[0][1].fits is True and len(forced.remedies) == 1

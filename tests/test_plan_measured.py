@@ -30,6 +30,8 @@ def plan_for(case: dict):
               "training": {"micro_batch_size": case["micro_batch_size"],
                            "gradient_checkpointing": case["gradient_checkpointing"]},
               "output": {"dir": "/tmp/plan"}}
+    if m["name"] == "qlora":  # measured before quantization.keep_dequantized existed: the matrices not kept
+        recipe["quantization"] = {"bits": 4, "keep_dequantized": case.get("keep_dequantized", False)}
     loaded = parse_recipe(yaml.safe_dump(recipe), "measured.yaml", Path.cwd(), check_paths=False)
     # planned for the fast path each row ran with (the LoRA dropout kernel came later: rows without it say so)
     return plan_memory(loaded.recipe, card=Card(139 * GiB, "NVIDIA H200"), fast_path=True,

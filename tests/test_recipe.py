@@ -136,7 +136,7 @@ def test_qlora_with_8_bits_is_an_error():
     assert p.key == "quantization.bits" and "4-bit" in p.message
 
 
-@pytest.mark.parametrize("key", ["quant_type: nf4", "double_quant: true"])
+@pytest.mark.parametrize("key", ["quant_type: nf4", "double_quant: true", "keep_dequantized: true"])
 def test_4bit_keys_with_8_bits(key):
     p = one_problem(GOOD + f"quantization:\n  bits: 8\n  {key}\n")
     assert "4-bit quantisation only" in p.message and p.location.line == 14

@@ -46,6 +46,9 @@ LOSS_BACKWARD_BYTES = 4 + 4 + 4
 WORKSPACE = 64 * MiB  # cuBLAS/cuBLASLt workspaces, taken from PyTorch's caching allocator (32 MiB each on Hopper)
 CUDA_CONTEXT = int(0.6 * GiB)  # CUDA context and kernel images: outside max_memory_allocated (nvidia-smi sees it)
 ALLOCATOR_SLACK = 0.08  # the caching allocator reserves more than it hands out (block rounding, fragmentation)
+# quantization.keep_dequantized: auto keeps the 4-bit layers' matrices only where the plan with them leaves at
+# least this share of the card free: they buy a few per cent of speed, which is not worth a run at the card's edge
+KEEP_DEQUANTIZED_HEADROOM = 0.10
 # Cross-check with the reference H200 figures of BENCHMARKS.md (HF Trainer, so not the same loop): bf16 LoRA
 # q,k,v,o at 4 x 2048 with checkpointing measured 29.0 GiB; this plan says 29.2 GiB for peftctl's loop.
 

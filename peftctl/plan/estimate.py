@@ -69,12 +69,14 @@ class Setting:
     engine: str | None = None  # None (one process), ddp or fsdp (train/distributed.py)
     input_embeddings: str = "gpu"  # model.input_embeddings: auto | gpu | cpu (peftctl/placement.py decides)
     prompt_learning: bool = False  # prefix/prompt/p-tuning (they keep the input embedding on the GPU)
+    keep_dequantized: bool = False  # quantization.keep_dequantized as decided (plan/verdict.py): 4-bit matrices kept
 
     def describe(self) -> str:
         base = {4: "4-bit nf4", 8: "8-bit"}.get(self.bits, self.weights_dtype)
+        kept = ", its LoRA layers' matrices kept" if self.keep_dequantized else ""
         fast = ", liger fast path" if self.fast_kernels or self.fused_loss else ""
         per_gpu = f", {self.engine.upper()} over {self.world_size} GPUs (per GPU)" if self.engine else ""
-        return (f"{self.micro_batch_size} x {self.max_length} tokens per micro-batch, {base} base, gradient "
+        return (f"{self.micro_batch_size} x {self.max_length} tokens per micro-batch, {base} base{kept}, gradient "
                 f"checkpointing {'on' if self.checkpointing else 'off'}{fast}{per_gpu}")
 
 
@@ -231,17 +233,35 @@ def _adapter_bytes(shape: ModelShape, s: Setting, a: int) -> float:
     return total
 
 
+def _fused_branch(m, s: Setting, a: int) -> bool:
+    """Whether this layer runs through the fused LoRA branch (train/fused_lora.py): a plain LoRA layer whose input
+    is in the dtype it computes in -- under autocast the autocast dtype (a = 2), without it the float32 adapter's
+    own (a = 4); elsewhere peft's forward runs. Settings that keep peft's input casts under autocast describe peft's
+    own layers (tests)."""
+    return (m.kind == "lora" and not m.dora and not (s.adapter_input_casts and s.autocast)
+            and a == (2 if s.autocast else 4))
+
+
 def _dropout_kernel(m, s: Setting, a: int) -> bool:
-    """Whether this LoRA layer's branch runs the dropout kernel (train/fused_lora.py asks the same rule per call).
-    The fused branch runs where the input is in the dtype it computes in: under autocast the autocast dtype (a = 2),
-    without it the float32 adapter's own (a = 4); elsewhere peft's forward keeps its dropped copy. Settings that
-    keep peft's input casts under autocast describe peft's own layers (tests): no kernel there either."""
-    if m.kind != "lora" or m.dora or (s.adapter_input_casts and s.autocast) or a != (2 if s.autocast else 4):
+    """Whether this LoRA layer's branch runs the dropout kernel (train/fused_lora.py asks the same rule per call):
+    only in the fused branch (elsewhere peft's forward keeps its dropped copy)."""
+    if not _fused_branch(m, s, a):
         return False
     elements = s.micro_batch_size * s.max_length * m.in_features
     return fast_path_rules.lora_dropout_kernel_applies(device_type=s.device, dropout=m.dropout,
                                                        dtype=s.autocast or "float32", r=m.r, elements=elements,
                                                        triton=s.triton)
+
+
+def kept_matrices(shape: ModelShape, s: Setting) -> tuple[int, int]:
+    """(layers, bytes) of the dequantised 4-bit matrices the run keeps where quantization.keep_dequantized is on
+    (train/fused_lora.keep_dequantized): the LoRA layers on a 4-bit base that the fused branch computes, each matrix
+    in the dtype the branch computes in. Counted whether or not this setting keeps them (the plan asks first)."""
+    if s.bits != 4:
+        return 0, 0
+    a = 4 if s.weights_dtype == "float32" or s.upcast_embeddings else 2  # as activation_bytes
+    kept = [m for m in shape.adapted if m.quantized_base and _fused_branch(m, s, a)]
+    return len(kept), sum((2 if s.autocast else a) * m.in_features * m.out_features for m in kept)
 
 
 def dropout_kernel_layers(shape: ModelShape, s: Setting) -> int:
@@ -304,7 +324,11 @@ def estimate(shape: ModelShape, s: Setting, method_name: str = "") -> list[Compo
                                     "kept for backward"))
     components.append(Component("activations", int(activations), how))
     components.append(Component("logits and loss", int(loss), loss_detail))
-    if s.bits is not None and shape.linear_weights:
+    kept_layers, kept_bytes = kept_matrices(shape, s) if s.keep_dequantized else (0, 0)
+    if kept_layers:
+        components.append(Component("kept dequantised weights", kept_bytes, f"{kept_layers} LoRA layers' 4-bit "
+                                    "weights as matrices for the whole run (quantization.keep_dequantized)"))
+    if s.bits is not None and shape.linear_weights and kept_layers < len(shape.linear_weights):
         out_f, in_f = max(shape.linear_weights, key=lambda w: w[0] * w[1])
         components.append(Component("dequantised weight", 2 * out_f * in_f, "the largest quantised layer, "
                                     "dequantised for its matmul"))

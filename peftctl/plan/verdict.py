@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from peftctl import fast_path as fast_path_rules  # the parameter `fast_path` means "liger is there"
 from peftctl.plan import card as cards  # cards.local_card: patchable in tests
 from peftctl.plan.card import Card
-from peftctl.plan.constants import ALLOCATOR_SLACK, CUDA_CONTEXT, GiB
-from peftctl.plan.estimate import Component, Setting, dropout_kernel_layers, estimate, setting_for
+from peftctl.plan.constants import ALLOCATOR_SLACK, CUDA_CONTEXT, KEEP_DEQUANTIZED_HEADROOM, GiB
+from peftctl.plan.estimate import Component, Setting, dropout_kernel_layers, estimate, kept_matrices, setting_for
 from peftctl.plan.shape import ModelShape, model_shape
 
 
@@ -84,6 +85,7 @@ def plan_memory(recipe, counted=None, *, card: Card | None = None, checkpointing
     if checkpointing is None:
         checkpointing = setting if isinstance(setting, bool) else (on is not None and off.fits is False)
     chosen, other = (on, off) if checkpointing and on is not None else (off, on)
+    chosen = _keep_matrices(chosen, recipe, shape, make)
     chosen.other = other
     if setting == "auto":
         chosen.notes.append("gradient_checkpointing: auto -> " + ("on: the plan without it does not fit" if
@@ -116,6 +118,34 @@ def plan_memory(recipe, counted=None, *, card: Card | None = None, checkpointing
     return chosen
 
 
+def _keep_matrices(chosen: MemoryPlan, recipe, shape: ModelShape, make) -> MemoryPlan:
+    """quantization.keep_dequantized: true keeps the matrices wherever the fused branch computes a 4-bit layer;
+    auto only with gradient checkpointing off (on, memory is what the run is short of) and where the plan with them
+    leaves KEEP_DEQUANTIZED_HEADROOM of the card free."""
+    choice = recipe.quantization.keep_dequantized if recipe.quantization is not None else False
+    layers, size = kept_matrices(shape, chosen.setting)
+    if choice is False or not layers:
+        return chosen
+    kept = make(replace(chosen.setting, keep_dequantized=True))
+    why_not = None
+    if choice == "auto":
+        card = chosen.card
+        if chosen.setting.checkpointing:
+            why_not = "gradient checkpointing is on"
+        elif not card.known:
+            why_not = "no card to plan for"
+        elif kept.needed > (1 - KEEP_DEQUANTIZED_HEADROOM) * card.bytes:
+            why_not = (f"with them ({size / GiB:.1f} GiB more) the run would need {kept.needed / GiB:.1f} GiB, over "
+                       f"{1 - KEEP_DEQUANTIZED_HEADROOM:.0%} of the card")
+    if why_not is not None:
+        chosen.notes.append(f"quantization.keep_dequantized: auto -> not kept: {why_not}")
+        return chosen
+    kept.notes.append(f"quantization.keep_dequantized: {'auto -> ' if choice == 'auto' else ''}kept: {layers} "
+                      f"4-bit layers' matrices for the whole run, {size / GiB:.1f} GiB (no dequantisation in the "
+                      "steps)")
+    return kept
+
+
 def remedies(shape: ModelShape, s: Setting, card: Card, method: str, spec,
              recipe) -> list[tuple[str, MemoryPlan | None]]:
     """What to change first, in order, each step on top of the previous ones, until the plan fits: gradient
@@ -129,6 +159,11 @@ def remedies(shape: ModelShape, s: Setting, card: Card, method: str, spec,
         return MemoryPlan(x, estimate(shape, x, method), card)
 
     current = s
+    if s.keep_dequantized:
+        current = replace(current, keep_dequantized=False)
+        steps.append(("quantization.keep_dequantized: false", plan(current)))
+        if steps[-1][1].fits:
+            return steps
     if not s.checkpointing and spec.can_checkpoint:
         current = replace(current, checkpointing=True)
         steps.append(("training.gradient_checkpointing: true", plan(current)))
@@ -207,19 +242,25 @@ def needs_checkpointing(recipe, device) -> bool:
     return memory_mode(recipe, device)[0]
 
 
-def memory_mode(recipe, device) -> tuple[bool, bool]:
-    """Gradient checkpointing and LoRA's dropout kernel for a run on `device`, as this plan decides them: with
-    `gradient_checkpointing: auto`, checkpointing only where the plan without it does not fit the card (after
-    the dropout kernel was tried); the kernel only where it makes the run fit without checkpointing."""
+class MemoryMode(NamedTuple):
+    checkpointing: bool
+    dropout_kernel: bool  # LoRA's dropout kernel
+    keep_dequantized: bool  # the 4-bit layers' matrices kept for the whole run
+
+
+def memory_mode(recipe, device) -> MemoryMode:
+    """What this plan decides for a run on `device`: with `gradient_checkpointing: auto`, checkpointing only where
+    the plan without it does not fit the card (after the dropout kernel was tried); the kernel only where it makes
+    the run fit without checkpointing; the kept 4-bit matrices as _keep_matrices says."""
     from peftctl.methods.registry import METHODS
 
     setting = recipe.training.gradient_checkpointing
-    if setting is True:
-        return True, False
+    quant = recipe.quantization
+    keep = quant.keep_dequantized if quant is not None and quant.bits == 4 else False
     has_dropout = (getattr(recipe.method, "dropout", 0) or 0) > 0  # the kernel's layers: the plan counts them
-    if not METHODS[recipe.method.name].can_checkpoint and not has_dropout:
-        return False, False
-    if setting is False and not has_dropout:
-        return False, False
+    asks_plan = (keep == "auto" or has_dropout) and setting is not True
+    asks_plan |= setting == "auto" and METHODS[recipe.method.name].can_checkpoint
+    if not asks_plan:
+        return MemoryMode(setting is True, False, keep is True)
     plan = plan_memory(recipe, card=cards.local_card(device))
-    return plan.setting.checkpointing, bool(plan.setting.triton)
+    return MemoryMode(plan.setting.checkpointing, bool(plan.setting.triton), plan.setting.keep_dequantized)

@@ -48,7 +48,7 @@ def check(raw: dict, marks: Marks, base_dir: Path) -> list[Problem]:
         problem(("quantization", "bits"), "qlora is LoRA on a 4-bit base; use bits: 4, or method.name: lora "
                 "for an 8-bit base")
     if bits == 8:
-        for key in ("quant_type", "double_quant"):
+        for key in ("quant_type", "double_quant", "keep_dequantized"):
             if key in quant:
                 problem(("quantization", key), "applies to 4-bit quantisation only; remove it, or use bits: 4",
                         key_mark=True)

@@ -22,6 +22,8 @@ operand, a full pass over the output), and x's gradient is one buffer -- the bra
 that autograd then sums in another pass. Same sums; the base's part of x's gradient is rounded to the activations'
 dtype once, with the branch's, instead of twice. An NF4 weight is dequantised by peftctl's one-launch kernel
 (train/nf4_kernel.py) wherever it reads the weight as bitsandbytes does: the same values, a third of the launches.
+Where the run keeps them (quantization.keep_dequantized, as the memory plan decides), that matrix is made once and
+kept on the layer: the weight is frozen, so neither pass of any later step dequantises.
 
 With dropout on a CUDA device (and triton there, in a dtype and at an r it supports: peftctl/fast_path.py, which
 the memory plan reads too), the branch may take LoRA's dropout kernel instead of torch's (`_KernelDropout`, not
@@ -223,31 +225,72 @@ def _nf4_kernel(weight, dtype):
 
 
 def _base_forward(base, x2, dtype):
-    """The base layer's output. A long batch through an NF4 layer that peftctl's kernel reads: dequantised by it (one
-    launch, against bitsandbytes' three) and multiplied by F.linear, what bitsandbytes' own forward does there;
-    everything else runs the layer's own forward."""
+    """The base layer's output. A long batch through a 4-bit layer whose matrix is kept, or that peftctl's NF4
+    kernel reads: that matrix (the kernel's: one launch, against bitsandbytes' three) multiplied by F.linear, what
+    bitsandbytes' own forward does there; everything else runs the layer's own forward."""
     if type(base) is not nn.Linear and x2.shape[0] >= BNB_DEQUANT_MIN_ROWS:
-        kernel = _nf4_kernel(base.weight, dtype)
-        if kernel is not None:
-            with _plain_reads():
-                weight = kernel.dequantize_nf4(base.weight, dtype)
+        matrix = _dequantised(base, dtype, kept_or_kernel=True)
+        if matrix is not None:
             bias = None if base.bias is None else base.bias.to(dtype)
-            return torch.nn.functional.linear(x2, weight, bias)
+            return torch.nn.functional.linear(x2, matrix, bias)
     return base(x2)
 
 
 def _base_matrix(base, dtype):
     """The (out x in) matrix x's gradient goes through: the weight, or the 4-bit weight dequantised as
-    bitsandbytes' own backward does (by peftctl's kernel where it gives the same values)."""
+    bitsandbytes' own backward does."""
     if type(base) is nn.Linear:
         return base.weight.to(dtype)
+    return _dequantised(base, dtype)
+
+
+def _dequantised(base, dtype, *, kept_or_kernel: bool = False):
+    """A 4-bit base layer's weight as an (out x in) matrix in `dtype`: by peftctl's kernel where it gives
+    bitsandbytes' values, else by bitsandbytes (kept_or_kernel: None instead, unless the layer keeps its matrix).
+    Where the run keeps them (keep_dequantized), the first call's matrix stays on the layer and later calls return
+    it: the weight is frozen, so every step would dequantise the same matrix again (twice: forward and backward)."""
+    with _plain_reads():
+        key = (dtype, base.weight.data_ptr())
+    kept = getattr(base, "_peftctl_dequantized", None)
+    if kept is not None and kept[0] == key:
+        return kept[1]
     kernel = _nf4_kernel(base.weight, dtype)
     if kernel is not None:
         with _plain_reads():
-            return kernel.dequantize_nf4(base.weight, dtype)
-    import bitsandbytes.functional as bnb_functional
+            matrix = kernel.dequantize_nf4(base.weight, dtype)
+    elif kept_or_kernel and not _kept(base):
+        return None
+    else:
+        import bitsandbytes.functional as bnb_functional
 
-    return bnb_functional.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
+        matrix = bnb_functional.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
+    if _kept(base):
+        base._peftctl_dequantized = (key, matrix)  # a plain attribute: not in the state dict, not moved by .to()
+    return matrix
+
+
+def _kept(base) -> bool:
+    return getattr(base, "peftctl_keep_dequantized", False)
+
+
+def keep_dequantized(model, keep: bool) -> int:
+    """Have the fused branch keep each 4-bit base layer's dequantised matrix (quantization.keep_dequantized, as the
+    memory plan decides it), or drop the kept ones (keep False: at the end of training, before a merge or anything
+    else needs the memory). Returns how many layers keep theirs. Only layers the fused branch computes itself are
+    marked: the others go through bitsandbytes' own forward."""
+    layer_4bit = _bnb_4bit_type()
+    marked = 0
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if layer_4bit is None or type(base) is not layer_4bit:
+            continue
+        if not keep:
+            base.peftctl_keep_dequantized = False
+            base.__dict__.pop("_peftctl_dequantized", None)
+        elif getattr(module.forward, "__func__", None) is _fused_forward:
+            base.peftctl_keep_dequantized = True
+            marked += 1
+    return marked
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor):

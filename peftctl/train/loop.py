@@ -202,7 +202,7 @@ def setup(loaded, options: TrainOptions, console=None, clock=None):
     from peftctl.model import load_model, load_tokenizer, pick_device
     from peftctl.params import check_targets, count_parameters
     from peftctl.train import triton_key
-    from peftctl.train.fused_lora import dropout_kernel_layers, fuse_lora_layers
+    from peftctl.train.fused_lora import dropout_kernel_layers, fuse_lora_layers, keep_dequantized
     from peftctl.train.kernels import apply_fast_kernels, skip_adapter_input_casts
     from peftctl.train.loss import build_loss
     from peftctl.train.metrics import Metrics
@@ -259,7 +259,7 @@ def setup(loaded, options: TrainOptions, console=None, clock=None):
 
     device = device or pick_device()
     key_thread = triton_key.start(device.type)  # Triton's cache key while the model loads (train/triton_key.py)
-    checkpointing, dropout_kernel = _memory_mode(recipe, device)
+    checkpointing, dropout_kernel, keep_matrices = _memory_mode(recipe, device)
     clock.mark("memory_plan")  # gradient_checkpointing: auto asks the plan (a meta model) on a GPU
     _seed_everything(training.seed)  # before the adapter exists: its initial weights come from this seed
     # One process recomputes through the reentrant checkpoint where a layer's call allows it (less host time a
@@ -286,6 +286,8 @@ def setup(loaded, options: TrainOptions, console=None, clock=None):
         say(f"starting from the adapter in {recipe.method.init_from}")
     if fuse_lora_layers(model, dropout_kernel=dropout_kernel):
         kernels = kernels + ["fused_lora_branch"]
+    if keep_matrices and keep_dequantized(model, True):
+        kernels = kernels + ["dequantized_4bit_weights_kept"]
     # After the adapter: peft must see the model's own embedding (to wrap or tie it), and the hooks peft put on it
     # move with it. Before the loss, which reads the head, and before the parameters are counted.
     embeddings_on_host = place_input_embeddings(
@@ -684,7 +686,10 @@ def _record_end(run: Run, status: str, exit_code: int, **extra) -> None:
 def finish(run: Run):
     """The end: the adapter (the best one with keep_best; with its tokenizer and chat template), run.json, then the
     merged model and the evaluation when the recipe asks for them."""
+    from peftctl.train.fused_lora import keep_dequantized
+
     recipe, state, world, folder = run.recipe, run.state, run.world, run.folder
+    keep_dequantized(run.model, False)  # their memory first: the merge and the evaluation load models of their own
     tokens_per_s = state.tokens_seen / run.train_s if run.train_s else 0.0
     adapter_step = state.step
     if recipe.training.keep_best and state.best_step is not None and state.best_step != state.step:
@@ -851,11 +856,13 @@ def _out_of_memory(recipe, step: int, checkpointing: bool) -> OutOfMemory:
                        "shows the plan)")
 
 
-def _memory_mode(recipe, device) -> tuple[bool, bool]:
-    """(gradient checkpointing, LoRA's dropout kernel): the plan decides both on a GPU (plan.memory_mode)."""
+def _memory_mode(recipe, device) -> tuple[bool, bool, bool]:
+    """(gradient checkpointing, LoRA's dropout kernel, kept dequantised 4-bit matrices): the plan decides them on a
+    GPU (plan.memory_mode); elsewhere only what the recipe asks for explicitly."""
     setting = recipe.training.gradient_checkpointing
     if device.type != "cuda":
-        return setting is True, False
+        quant = recipe.quantization
+        return setting is True, False, bool(quant and quant.bits == 4 and quant.keep_dequantized is True)
     from peftctl.plan import memory_mode
 
     return memory_mode(recipe, device)
