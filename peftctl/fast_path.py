@@ -203,6 +203,11 @@ def triton_available() -> bool:
 _TRITON: bool | None = None
 
 
+# bitsandbytes 0.50 multiplies a 4-bit weight by dequantising it and calling F.linear for more rows than this, and
+# through its own 4-bit GEMM kernel below: the fused LoRA branch's forward takes a dequantised matrix (peftctl's
+# kernel's, or a kept one) only where bitsandbytes itself would dequantise.
+BNB_DEQUANT_MIN_ROWS = 1537
+
 NF4_KERNEL_DEVICES = {"cuda"}  # the tests add "cpu" to run the kernel in Triton's interpreter
 
 

@@ -317,7 +317,7 @@ def test_a_kept_matrix_is_dequantised_once_and_changes_no_sum(monkeypatch):
     base.peftctl_keep_dequantized = True
     kept = [step() for _ in range(3)]
     assert len(calls) == 1
-    matrix = base._peftctl_dequantized[1]
+    matrix = base._peftctl_dequantized[-1]
     torch.testing.assert_close(matrix, dequantize(base.weight.data, base.weight.quant_state), rtol=0, atol=0)
     assert not any("dequantized" in key for key in base.state_dict())
     calls.clear()
@@ -325,9 +325,28 @@ def test_a_kept_matrix_is_dequantised_once_and_changes_no_sum(monkeypatch):
     base.__dict__.pop("_peftctl_dequantized")
     again = step()
     assert len(calls) == 1  # x's gradient dequantises again (the forward went through bitsandbytes' own layer)
-    for (out, grad) in kept:
-        torch.testing.assert_close(out, again[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(grad, again[1], rtol=1e-5, atol=1e-5)
+    for (out, grad) in kept:  # the same matrix either way: bit for bit
+        torch.testing.assert_close(out, again[0], rtol=0, atol=0)
+        torch.testing.assert_close(grad, again[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("weights, compute", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float16),
+                                              (torch.float32, torch.bfloat16)])
+def test_a_kept_matrix_leaves_the_forward_as_bitsandbytes_computes_it(weights, compute):
+    """bitsandbytes' forward of a long batch dequantises straight into the compute dtype; the kept matrix is made
+    as its backward makes it (in the dtype the weight was quantised from, then cast). Where those differ, the
+    forward stays bitsandbytes' own: the output is bit for bit what the layer gives, kept matrix or not."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    base = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=compute, quant_type="nf4")
+    base.weight = bnb.nn.Params4bit((torch.randn(32, 64) * 0.1).to(weights), requires_grad=False, quant_type="nf4")
+    base = base.to("cpu")  # quantises
+    base.peftctl_keep_dequantized = True
+    x = torch.randn(fused_lora.BNB_DEQUANT_MIN_ROWS + 3, 64).to(compute)
+    fused_lora._base_matrix(base, compute)  # the backward pass made and kept it first
+    assert base._peftctl_dequantized[-1].dtype == compute
+    with torch.no_grad():
+        assert torch.equal(fused_lora._base_forward(base, x, compute), base(x))
 
 
 def test_keep_dequantized_marks_the_fused_4bit_layers_and_drops_their_matrices(tiny_model):
@@ -343,7 +362,12 @@ def test_keep_dequantized_marks_the_fused_4bit_layers_and_drops_their_matrices(t
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     routed = fuse_lora_layers(model)
     keys = set(model.state_dict())
-    assert fused_lora.keep_dequantized(model, True) == routed > 0
+    other = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    other.compute_dtype = torch.bfloat16  # computes in another dtype than the activations': the fused branch won't
+    assert fused_lora.keep_dequantized(model, True) == routed - 1 > 0
+    assert not getattr(other, "peftctl_keep_dequantized", False)
+    other.compute_dtype = torch.float32
+    assert fused_lora.keep_dequantized(model, True) == routed
     ids = torch.randint(0, model.config.vocab_size, (1, 8))
     model.get_input_embeddings().weight.requires_grad_(True)  # so that the first layer's x needs a gradient too
     model(input_ids=ids, labels=ids).loss.backward()  # x's gradient reads each adapted layer's matrix
@@ -354,19 +378,44 @@ def test_keep_dequantized_marks_the_fused_4bit_layers_and_drops_their_matrices(t
     assert not any(hasattr(b, "_peftctl_dequantized") or b.peftctl_keep_dequantized for b in bases)
 
 
-def test_a_qlora_run_that_keeps_its_matrices_trains_the_same_adapter(tiny_model, trained):
-    """quantization.keep_dequantized: true on a CPU run: run.json names it, and the adapter is bit for bit the one
-    trained without it (the matrix is the same every step; only when it is made differs)."""
+def test_a_qlora_run_that_keeps_its_matrices_trains_the_same_adapter(tiny_model, write_recipe, tmp_path,
+                                                                   monkeypatch):
+    """quantization.keep_dequantized: true on a CPU run: each adapted layer's weight is dequantised once in the whole
+    run (against once a layer and step without), run.json names it, the adapter is bit for bit the one trained
+    without it, and the loop drops the matrices when training ends."""
+    import bitsandbytes.functional as bnb_functional
     from safetensors.torch import load_file
 
-    quant = {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
-    method = {"name": "qlora", "targets": "all-linear", "dropout": 0.1}
-    kept = trained("qlora-kept", tiny_model(), method=method, quantization={**quant, "keep_dequantized": True})
-    plain = trained("qlora-plain", tiny_model(), method=method, quantization={**quant, "keep_dequantized": False})
-    kernels = json.loads((kept / "run.json").read_text())["fast_path"]["kernels"]
-    assert "dequantized_4bit_weights_kept" in kernels
-    assert "dequantized_4bit_weights_kept" not in json.loads((plain / "run.json").read_text())["fast_path"]["kernels"]
-    kept_weights = load_file(kept / "adapter" / "adapter_model.safetensors")
-    plain_weights = load_file(plain / "adapter" / "adapter_model.safetensors")
+    from peftctl.recipe.loader import load_recipe
+    from peftctl.train.loop import TrainOptions, train
+
+    calls, marked = [], []
+    dequantize = bnb_functional.dequantize_4bit
+    monkeypatch.setattr(bnb_functional, "dequantize_4bit", lambda *a, **k: (calls.append(1), dequantize(*a, **k))[1])
+    keep = fused_lora.keep_dequantized
+    monkeypatch.setattr(fused_lora, "keep_dequantized", lambda model, on: (marked.append((model, on)),
+                                                                            keep(model, on))[1])
+
+    def run(kept):
+        calls.clear()
+        name = f"kept-{kept}"
+        path = write_recipe(tiny_model(), name=f"{name}.yaml", out=tmp_path / name,
+                            method={"name": "qlora", "targets": "all-linear", "dropout": 0.1, "_replace": True},
+                            quantization={"bits": 4, "quant_type": "nf4", "compute_dtype": "float32",
+                                          "keep_dequantized": kept},
+                            training={"max_steps": 3})
+        train(load_recipe(str(path)), TrainOptions(quiet=True))
+        kernels = json.loads((tmp_path / name / "run.json").read_text())["fast_path"]["kernels"]
+        return len(calls), kernels, load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
+
+    kept_calls, kept_kernels, kept_weights = run(True)
+    model = marked[-1][0]
+    layers = sum(1 for m in model.modules() if hasattr(m, "lora_A"))
+    # the first decoder layer's q, k and v get no x gradient (the embedding is frozen): never dequantised there
+    assert kept_calls == layers - 3
+    assert marked[-1][1] is False and not any(hasattr(m, "_peftctl_dequantized") for m in model.modules())
+    plain_calls, plain_kernels, plain_weights = run(False)
+    assert plain_calls == 3 * kept_calls  # once a layer and step
+    assert "dequantized_4bit_weights_kept" in kept_kernels and "dequantized_4bit_weights_kept" not in plain_kernels
     assert kept_weights.keys() == plain_weights.keys()
     assert all(torch.equal(kept_weights[k], plain_weights[k]) for k in kept_weights)

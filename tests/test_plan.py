@@ -650,7 +650,7 @@ def test_kept_4bit_matrices_are_planned_and_the_first_remedy(monkeypatch):
     from peftctl import fast_path
     from peftctl.plan import plan_memory
 
-    monkeypatch.setattr(fast_path, "triton_available", lambda: True)
+    monkeypatch.setattr(fast_path, "triton_available", lambda: False)  # no dropout kernel to make a run fit
     monkeypatch.setattr(fast_path, "liger_available", lambda: True)
 
     def plan(keep, gib):
@@ -668,6 +668,30 @@ def test_kept_4bit_matrices_are_planned_and_the_first_remedy(monkeypatch):
         "dequantised weight"]
     assert "matrices kept" in kept.setting.describe() and "matrices kept" not in plain.setting.describe()
     assert any("not kept: with them (13.0 GiB more)" in n for n in plan("auto", 80).notes)
+    # asked for explicitly, the matrices count when gradient_checkpointing: auto decides: on a 72 GiB card the run
+    # fits only with checkpointing on (with the matrices off it would fit without)
     forced = plan(True, 72)
-    assert forced.fits is False and forced.remedies[0][0] == "quantization.keep_dequantized: false"
-    assert forced.remedies[0][1].fits is True and len(forced.remedies) == 1
+    assert forced.fits is True and forced.setting.checkpointing and forced.setting.keep_dequantized
+    assert plan(False, 72).setting.checkpointing is False
+    # where even that does not fit, dropping them is the first remedy
+    tight = plan(True, 20)
+    assert tight.fits is False and tight.setting.checkpointing
+    assert tight.remedies[0][0] == "quantization.keep_dequantized: false"
+    assert tight.remedies[0][1].fits is True and len(tight.remedies) == 1
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"method": {"use_dora": True}}, "no LoRA layer here computes its 4-bit base"),  # DoRA: peft's own forward
+    ({"dtype": "float16"}, "no LoRA layer here computes its 4-bit base"),  # fp16 weights, bf16 compute
+])
+def test_kept_4bit_matrices_say_why_none_is_kept(monkeypatch, change, why):
+    from peftctl import fast_path
+    from peftctl.plan import plan_memory
+
+    monkeypatch.setattr(fast_path, "liger_available", lambda: True)
+    method = {"name": "qlora", "r": 16, "dropout": 0.0, "targets": "all-linear", **change.get("method", {})}
+    for keep in ("auto", True):
+        recipe = make_recipe(str(LLAMA3_8B), method, quantization={"bits": 4, "keep_dequantized": keep},
+                             dtype=change.get("dtype", "bfloat16"), micro_batch_size=4, max_length=2048)
+        plan = plan_memory(recipe, card=card(139))
+        assert not plan.setting.keep_dequantized and any(why in n for n in plan.notes), plan.notes

@@ -87,3 +87,15 @@ def test_attention_only_targets_have_no_expert_deltas():
     shape, setting = shape_and_setting(recipe)
     assert shape.expert_delta == 0 and shape.experts == (EXPERTS, TOP_K)
     assert "expert deltas" not in {c.name for c in plan.estimate(shape, setting, "lora")}
+
+
+def test_kept_4bit_matrices_count_the_attention_layers_not_the_expert_tensors():
+    """quantization.keep_dequantized on Mixtral QLoRA all-linear: the fused branch computes q, k, v and o over
+    their 4-bit linear bases; the expert tensors go through peft's parameter wrapper (and bitsandbytes leaves them
+    unquantised), so none of them is kept."""
+    from peftctl.plan.estimate import kept_matrices
+
+    recipe = make_recipe(str(MIXTRAL), {"name": "qlora", "r": 16, "dropout": 0.0, "targets": "all-linear"},
+                         quantization={"bits": 4, "keep_dequantized": True}, micro_batch_size=1, max_length=2048)
+    shape, setting = shape_and_setting(recipe, checkpointing=False)
+    assert kept_matrices(shape, setting) == (4 * LAYERS, 2 * LAYERS * ATTENTION)

@@ -255,13 +255,15 @@ def _dropout_kernel(m, s: Setting, a: int) -> bool:
 
 def kept_matrices(shape: ModelShape, s: Setting) -> tuple[int, int]:
     """(layers, bytes) of the dequantised 4-bit matrices the run keeps where quantization.keep_dequantized is on
-    (train/fused_lora.keep_dequantized): the LoRA layers on a 4-bit base that the fused branch computes, each matrix
-    in the dtype the branch computes in. Counted whether or not this setting keeps them (the plan asks first)."""
-    if s.bits != 4:
+    (train/fused_lora.keep_dequantized, the same rule): the LoRA layers whose 4-bit linear base the fused branch
+    computes, where the base computes in the activations' dtype (the weights' own: no upcast embeddings), each
+    matrix in that dtype. Counted whether or not this setting keeps them (the plan asks first)."""
+    compute = s.autocast or "float32"  # the quantised layers' compute dtype on CUDA
+    if s.bits != 4 or s.upcast_embeddings or s.weights_dtype != compute:
         return 0, 0
-    a = 4 if s.weights_dtype == "float32" or s.upcast_embeddings else 2  # as activation_bytes
-    kept = [m for m in shape.adapted if m.quantized_base and _fused_branch(m, s, a)]
-    return len(kept), sum((2 if s.autocast else a) * m.in_features * m.out_features for m in kept)
+    a = DTYPE_BYTES[compute]
+    kept = [m for m in shape.adapted if m.quantized_base and m.linear_base and _fused_branch(m, s, a)]
+    return len(kept), sum(a * m.in_features * m.out_features for m in kept)
 
 
 def dropout_kernel_layers(shape: ModelShape, s: Setting) -> int:

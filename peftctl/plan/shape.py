@@ -31,6 +31,7 @@ class Adapted:
     dora: bool = False
     quantized_base: bool = False
     feedforward: bool = False  # ia3: scales the input instead of the output
+    linear_base: bool = False  # its base is a frozen linear layer of the model (not a 3-D expert tensor, not the head)
 
 
 @dataclass
@@ -112,7 +113,7 @@ def model_shape(model, config, recipe) -> ModelShape:
     output_embeddings = base.get_output_embeddings()
     input_embeddings = base.get_input_embeddings()
     embedding_ids = {id(p) for m in (input_embeddings, output_embeddings) if m is not None for p in m.parameters()}
-    linear_weights, linear_ids, linear_inputs, adapted = [], set(), {}, []
+    linear_weights, linear_ids, linear_inputs, adapted, adapted_bases = [], set(), {}, [], []
     for name, module in model.named_modules():
         cls = type(module).__name__
         if (cls in ("Linear", "Conv1D") and module is not output_embeddings and not is_tuner_layer(module)
@@ -126,6 +127,9 @@ def model_shape(model, config, recipe) -> ModelShape:
         info = _adapted(name, module, quant is not None)
         if info is not None:
             adapted.append(info)
+            adapted_bases.append((info, getattr(module, "base_layer", None)))
+    for info, base_layer in adapted_bases:  # the base layers come after their tuner layers in named_modules
+        info.linear_base = id(getattr(base_layer, "weight", None)) in linear_ids
     other = sum(p.numel() for p in model.parameters() if not p.requires_grad and id(p) not in linear_ids)
     embedding = sum(p.numel() for p in model.parameters() if id(p) in embedding_ids)
 

@@ -68,8 +68,12 @@ def plan_memory(recipe, counted=None, *, card: Card | None = None, checkpointing
     setting = recipe.training.gradient_checkpointing
     method = recipe.method.name
 
+    keep = recipe.quantization.keep_dequantized if recipe.quantization is not None else False
+
     def make(s: Setting) -> MemoryPlan:
         s = replace(s, world_size=world_size, engine=engine if world_size > 1 else None)
+        if keep is True and kept_matrices(shape, s)[0]:  # asked for: every setting below keeps them
+            s = replace(s, keep_dequantized=True)
         return MemoryPlan(s, estimate(shape, s, method), card)
 
     # LoRA's dropout kernel keeps no dropped copies (-17 GiB on 8B QLoRA all-linear 4 x 2048) but is slower than
@@ -85,7 +89,7 @@ def plan_memory(recipe, counted=None, *, card: Card | None = None, checkpointing
     if checkpointing is None:
         checkpointing = setting if isinstance(setting, bool) else (on is not None and off.fits is False)
     chosen, other = (on, off) if checkpointing and on is not None else (off, on)
-    chosen = _keep_matrices(chosen, recipe, shape, make)
+    chosen = _keep_matrices(chosen, keep, shape, make)
     chosen.other = other
     if setting == "auto":
         chosen.notes.append("gradient_checkpointing: auto -> " + ("on: the plan without it does not fit" if
@@ -118,31 +122,38 @@ def plan_memory(recipe, counted=None, *, card: Card | None = None, checkpointing
     return chosen
 
 
-def _keep_matrices(chosen: MemoryPlan, recipe, shape: ModelShape, make) -> MemoryPlan:
-    """quantization.keep_dequantized: true keeps the matrices wherever the fused branch computes a 4-bit layer;
-    auto only with gradient checkpointing off (on, memory is what the run is short of) and where the plan with them
-    leaves KEEP_DEQUANTIZED_HEADROOM of the card free."""
-    choice = recipe.quantization.keep_dequantized if recipe.quantization is not None else False
+def _keep_matrices(chosen: MemoryPlan, keep, shape: ModelShape, make) -> MemoryPlan:
+    """quantization.keep_dequantized (`keep`): true has every setting keep the matrices (`make`), wherever the fused
+    branch computes a 4-bit layer; auto keeps them only with gradient checkpointing off (on, memory is what the run
+    is short of) and where the plan with them leaves KEEP_DEQUANTIZED_HEADROOM of the card free. The note says
+    which, and why not."""
+    if keep is False or chosen.setting.bits != 4:
+        return chosen
     layers, size = kept_matrices(shape, chosen.setting)
-    if choice is False or not layers:
+    name = f"quantization.keep_dequantized: {'auto -> ' if keep == 'auto' else ''}"
+    if not layers:
+        chosen.notes.append(name + "none kept: no LoRA layer here computes its 4-bit base in peftctl's fused branch "
+                            "(plain LoRA on a linear layer, model.dtype equal to quantization.compute_dtype)")
+        return chosen
+    what = (f"{layers} 4-bit layers' matrices, {size / GiB:.1f} GiB (x's gradient, and the forward pass of "
+            f"micro-batches of {fast_path_rules.BNB_DEQUANT_MIN_ROWS:,d} tokens or more, read them instead of "
+            "dequantising)")
+    if keep is True:
+        chosen.notes.append(name + "kept: " + what)
         return chosen
     kept = make(replace(chosen.setting, keep_dequantized=True))
-    why_not = None
-    if choice == "auto":
-        card = chosen.card
-        if chosen.setting.checkpointing:
-            why_not = "gradient checkpointing is on"
-        elif not card.known:
-            why_not = "no card to plan for"
-        elif kept.needed > (1 - KEEP_DEQUANTIZED_HEADROOM) * card.bytes:
-            why_not = (f"with them ({size / GiB:.1f} GiB more) the run would need {kept.needed / GiB:.1f} GiB, over "
-                       f"{1 - KEEP_DEQUANTIZED_HEADROOM:.0%} of the card")
+    card, why_not = chosen.card, None
+    if chosen.setting.checkpointing:
+        why_not = "gradient checkpointing is on"
+    elif not card.known:
+        why_not = "no card to plan for"
+    elif kept.needed > (1 - KEEP_DEQUANTIZED_HEADROOM) * card.bytes:
+        why_not = (f"with them ({size / GiB:.1f} GiB more) the run would need {kept.needed / GiB:.1f} GiB, over "
+                   f"{1 - KEEP_DEQUANTIZED_HEADROOM:.0%} of the card")
     if why_not is not None:
-        chosen.notes.append(f"quantization.keep_dequantized: auto -> not kept: {why_not}")
+        chosen.notes.append(name + "not kept: " + why_not)
         return chosen
-    kept.notes.append(f"quantization.keep_dequantized: {'auto -> ' if choice == 'auto' else ''}kept: {layers} "
-                      f"4-bit layers' matrices for the whole run, {size / GiB:.1f} GiB (no dequantisation in the "
-                      "steps)")
+    kept.notes = chosen.notes + [name + "kept: " + what]
     return kept
 
 

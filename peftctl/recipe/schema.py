@@ -45,10 +45,10 @@ class QuantizationSection(Section):
     upcast_embeddings: bool = Field(False, description="Keep the embeddings and output head in float32, as "
                                     "peft's prepare_model_for_kbit_training does (about +2 GiB on an 8B model).")
     keep_dequantized: Literal["auto"] | bool = Field(
-        "auto", description="Keep each LoRA-adapted 4-bit layer's weight dequantised (compute_dtype) for the whole "
-        "run instead of dequantising it twice a step: about 3% faster on Llama 3 8B all-linear, for 2 bytes a weight "
-        "(13 GiB there). auto: only with gradient checkpointing off, where the memory plan with them leaves a "
-        "tenth of the GPU free.")
+        "auto", description="Keep each LoRA-adapted 4-bit layer's weight dequantised (in compute_dtype, which must "
+        "equal model.dtype) for the whole run instead of dequantising it in every step: about 3% faster on Llama 3 "
+        "8B all-linear, for compute_dtype's bytes a weight (13 GiB there in bf16). auto: only with gradient "
+        "checkpointing off, where the memory plan with them leaves a tenth of the GPU free.")
 
 
 # A Union built from the registry: `X | Y` cannot be written over a tuple (and ruff's rewrite would break it).

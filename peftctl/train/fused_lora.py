@@ -47,6 +47,8 @@ import types
 import torch
 from torch import nn
 
+from peftctl.fast_path import BNB_DEQUANT_MIN_ROWS
+
 
 def _add_product(result2, base, x2, h, b, scaling: float, dtype):
     """result + scaling * h @ B^T, `b` being B in the activations' dtype. With `base` (result2 None): the base's
@@ -202,10 +204,6 @@ def _owns_base(base, x) -> bool:
                 and base.compute_dtype in (None, x.dtype) and getattr(weight, "quant_state", None) is not None)
 
 
-# bitsandbytes 0.50 multiplies a 4-bit weight by dequantising it and calling F.linear for more rows than this, and
-# through its own 4-bit GEMM kernel below: the forward takes peftctl's dequantisation only where bitsandbytes
-# itself would dequantise.
-BNB_DEQUANT_MIN_ROWS = 1537
 
 
 def _nf4_kernel(weight, dtype):
@@ -225,11 +223,15 @@ def _nf4_kernel(weight, dtype):
 
 
 def _base_forward(base, x2, dtype):
-    """The base layer's output. A long batch through a 4-bit layer whose matrix is kept, or that peftctl's NF4
-    kernel reads: that matrix (the kernel's: one launch, against bitsandbytes' three) multiplied by F.linear, what
-    bitsandbytes' own forward does there; everything else runs the layer's own forward."""
+    """The base layer's output. A long batch through a 4-bit layer that peftctl's NF4 kernel reads, or whose matrix
+    is kept: that matrix (the kernel's: one launch, against bitsandbytes' three) multiplied by F.linear, what
+    bitsandbytes' own forward does there -- it dequantises straight into the compute dtype, so only where that is
+    the dtype the weight was quantised from is a matrix the same values; everything else runs the layer's own
+    forward."""
     if type(base) is not nn.Linear and x2.shape[0] >= BNB_DEQUANT_MIN_ROWS:
-        matrix = _dequantised(base, dtype, kept_or_kernel=True)
+        with _plain_reads():
+            same_dtype = base.weight.quant_state.dtype == dtype
+        matrix = _dequantised(base, dtype, kept_or_kernel=True) if same_dtype else None
         if matrix is not None:
             bias = None if base.bias is None else base.bias.to(dtype)
             return torch.nn.functional.linear(x2, matrix, bias)
@@ -245,27 +247,31 @@ def _base_matrix(base, dtype):
 
 
 def _dequantised(base, dtype, *, kept_or_kernel: bool = False):
-    """A 4-bit base layer's weight as an (out x in) matrix in `dtype`: by peftctl's kernel where it gives
-    bitsandbytes' values, else by bitsandbytes (kept_or_kernel: None instead, unless the layer keeps its matrix).
-    Where the run keeps them (keep_dequantized), the first call's matrix stays on the layer and later calls return
-    it: the weight is frozen, so every step would dequantise the same matrix again (twice: forward and backward)."""
+    """A 4-bit base layer's weight as an (out x in) matrix in `dtype`, as bitsandbytes' backward makes it: by
+    peftctl's kernel where it gives bitsandbytes' values, else by bitsandbytes (kept_or_kernel: None instead, unless
+    the layer keeps its matrix). Where the run keeps them (keep_dequantized), the first call's matrix stays on the
+    layer and later calls return it: the weight is frozen, so every step would make the same matrix again. It is
+    kept with the very weight and quantisation state it came from, and made again if either was replaced (peft's
+    merge swaps in a new Params4bit, which may reuse the old one's memory)."""
     with _plain_reads():
-        key = (dtype, base.weight.data_ptr())
+        weight = base.weight
+        state, pointer = weight.quant_state, weight.data_ptr()
     kept = getattr(base, "_peftctl_dequantized", None)
-    if kept is not None and kept[0] == key:
-        return kept[1]
-    kernel = _nf4_kernel(base.weight, dtype)
+    if kept is not None and kept[0] == dtype and kept[1] is weight and kept[2] is state and kept[3] == pointer:
+        return kept[4]
+    kernel = _nf4_kernel(weight, dtype)
     if kernel is not None:
         with _plain_reads():
-            matrix = kernel.dequantize_nf4(base.weight, dtype)
+            matrix = kernel.dequantize_nf4(weight, dtype)
     elif kept_or_kernel and not _kept(base):
         return None
     else:
         import bitsandbytes.functional as bnb_functional
 
-        matrix = bnb_functional.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
+        matrix = bnb_functional.dequantize_4bit(weight.data, state).to(dtype)
     if _kept(base):
-        base._peftctl_dequantized = (key, matrix)  # a plain attribute: not in the state dict, not moved by .to()
+        # a plain attribute: not in the state dict, not moved by .to()
+        base._peftctl_dequantized = (dtype, weight, state, pointer, matrix)
     return matrix
 
 
@@ -276,20 +282,28 @@ def _kept(base) -> bool:
 def keep_dequantized(model, keep: bool) -> int:
     """Have the fused branch keep each 4-bit base layer's dequantised matrix (quantization.keep_dequantized, as the
     memory plan decides it), or drop the kept ones (keep False: at the end of training, before a merge or anything
-    else needs the memory). Returns how many layers keep theirs. Only layers the fused branch computes itself are
-    marked: the others go through bitsandbytes' own forward."""
+    else needs the memory). Returns how many layers keep theirs.
+
+    Marked: the layers routed through the fused branch whose base computes in the activations' dtype (the model's
+    input embedding's), where the fused branch computes the base itself (`_owns_base`); the memory plan's rule
+    (plan/estimate.kept_matrices) is the same. The others go through bitsandbytes' own forward, or peft's."""
     layer_4bit = _bnb_4bit_type()
-    marked = 0
+    if layer_4bit is None:
+        return 0
+    activations = model.get_input_embeddings().weight.dtype
+    marked, dropped = 0, False
     for module in model.modules():
         base = getattr(module, "base_layer", None)
-        if layer_4bit is None or type(base) is not layer_4bit:
+        if type(base) is not layer_4bit:
             continue
         if not keep:
             base.peftctl_keep_dequantized = False
-            base.__dict__.pop("_peftctl_dequantized", None)
-        elif getattr(module.forward, "__func__", None) is _fused_forward:
+            dropped |= base.__dict__.pop("_peftctl_dequantized", None) is not None
+        elif getattr(module.forward, "__func__", None) is _fused_forward and base.compute_dtype in (None, activations):
             base.peftctl_keep_dequantized = True
             marked += 1
+    if dropped and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()  # the merge after training sizes its work by the device's free memory
     return marked
 
 

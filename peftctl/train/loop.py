@@ -32,6 +32,8 @@ from peftctl.methods.registry import METHODS
 from peftctl.train import checkpoint as ckpt, distributed, reports, resume
 from peftctl.train.run_folder import RunFolder
 
+KEPT_MATRICES = "dequantized_4bit_weights_kept"  # run.json's fast_path.kernels: quantization.keep_dequantized held
+
 MAX_NONFINITE_IN_A_ROW = 5
 
 
@@ -178,7 +180,8 @@ def _train(loaded, options: TrainOptions, console=None):
             raise
         except torch.OutOfMemoryError as e:
             _record_end(run, "failed", EXIT_OOM, error="out of GPU memory")
-            raise _out_of_memory(run.recipe, max(run.state.step + 1, run.step_launched), run.checkpointing) from e
+            raise _out_of_memory(run.recipe, max(run.state.step + 1, run.step_launched), run.checkpointing,
+                                 kept_matrices=KEPT_MATRICES in run.manifest["fast_path"]["kernels"]) from e
         except BaseException as e:
             _record_end(run, "failed", getattr(e, "exit_code", 1), error=f"{type(e).__name__}: {e}"[:500])
             raise
@@ -287,7 +290,7 @@ def setup(loaded, options: TrainOptions, console=None, clock=None):
     if fuse_lora_layers(model, dropout_kernel=dropout_kernel):
         kernels = kernels + ["fused_lora_branch"]
     if keep_matrices and keep_dequantized(model, True):
-        kernels = kernels + ["dequantized_4bit_weights_kept"]
+        kernels = kernels + [KEPT_MATRICES]
     # After the adapter: peft must see the model's own embedding (to wrap or tie it), and the hooks peft put on it
     # move with it. Before the loss, which reads the head, and before the parameters are counted.
     embeddings_on_host = place_input_embeddings(
@@ -832,8 +835,9 @@ def _input_paths(recipe) -> list[str]:
     return found
 
 
-def _out_of_memory(recipe, step: int, checkpointing: bool) -> OutOfMemory:
-    """The message for an out-of-memory stop: the shapes that caused it, the plan, and the remedies in order."""
+def _out_of_memory(recipe, step: int, checkpointing: bool, *, kept_matrices: bool = False) -> OutOfMemory:
+    """The message for an out-of-memory stop: the shapes that caused it, the plan, and the remedies in order (the
+    kept 4-bit matrices first: they cost memory for speed alone)."""
     training, dataset = recipe.training, recipe.dataset
     message = (f"out of GPU memory at step {step}: micro_batch_size {training.micro_batch_size} x max_length "
                f"{dataset.max_length} tokens, gradient checkpointing {'on' if checkpointing else 'off'}")
@@ -843,7 +847,7 @@ def _out_of_memory(recipe, step: int, checkpointing: bool) -> OutOfMemory:
         message += "\n" + describe_plan(recipe)
     except Exception:  # noqa: BLE001 - the plan is a courtesy here; the stop itself must be reported
         pass
-    remedies = []
+    remedies = ["set quantization.keep_dequantized: false"] if kept_matrices else []
     if not checkpointing and METHODS[recipe.method.name].can_checkpoint:
         remedies.append("set training.gradient_checkpointing: true")
     if training.micro_batch_size > 1:
