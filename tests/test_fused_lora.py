@@ -317,7 +317,7 @@ def test_a_kept_matrix_is_dequantised_once_and_changes_no_sum(monkeypatch):
     base.peftctl_keep_dequantized = True
     kept = [step() for _ in range(3)]
     assert len(calls) == 1
-    matrix = base._peftctl_dequantized[-1]
+    matrix = base._peftctl_dequantized.matrix
     torch.testing.assert_close(matrix, dequantize(base.weight.data, base.weight.quant_state), rtol=0, atol=0)
     assert not any("dequantized" in key for key in base.state_dict())
     calls.clear()
@@ -344,7 +344,7 @@ def test_a_kept_matrix_leaves_the_forward_as_bitsandbytes_computes_it(weights, c
     base.peftctl_keep_dequantized = True
     x = torch.randn(fused_lora.BNB_DEQUANT_MIN_ROWS + 3, 64).to(compute)
     fused_lora._base_matrix(base, compute)  # the backward pass made and kept it first
-    assert base._peftctl_dequantized[-1].dtype == compute
+    assert base._peftctl_dequantized.matrix.dtype == compute
     with torch.no_grad():
         assert torch.equal(fused_lora._base_forward(base, x, compute), base(x))
 

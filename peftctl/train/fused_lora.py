@@ -43,6 +43,7 @@ other call goes to peft's own forward.
 from __future__ import annotations
 
 import types
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -225,9 +226,9 @@ def _nf4_kernel(weight, dtype):
 def _base_forward(base, x2, dtype):
     """The base layer's output. A long batch through a 4-bit layer that peftctl's NF4 kernel reads, or whose matrix
     is kept: that matrix (the kernel's: one launch, against bitsandbytes' three) multiplied by F.linear, what
-    bitsandbytes' own forward does there -- it dequantises straight into the compute dtype, so only where that is
-    the dtype the weight was quantised from is a matrix the same values; everything else runs the layer's own
-    forward."""
+    bitsandbytes' own forward does there. Its forward dequantises straight into the compute dtype, which gives the
+    matrix's values only where the weight was quantised from that dtype; elsewhere, and for anything else, the
+    layer's own forward runs."""
     if type(base) is not nn.Linear and x2.shape[0] >= BNB_DEQUANT_MIN_ROWS:
         with _plain_reads():
             same_dtype = base.weight.quant_state.dtype == dtype
@@ -246,6 +247,16 @@ def _base_matrix(base, dtype):
     return _dequantised(base, dtype)
 
 
+class _Kept(NamedTuple):
+    """A kept matrix and what it was made from."""
+
+    dtype: torch.dtype
+    weight: torch.Tensor
+    state: object  # bitsandbytes' QuantState
+    pointer: int
+    matrix: torch.Tensor
+
+
 def _dequantised(base, dtype, *, kept_or_kernel: bool = False):
     """A 4-bit base layer's weight as an (out x in) matrix in `dtype`, as bitsandbytes' backward makes it: by
     peftctl's kernel where it gives bitsandbytes' values, else by bitsandbytes (kept_or_kernel: None instead, unless
@@ -257,8 +268,9 @@ def _dequantised(base, dtype, *, kept_or_kernel: bool = False):
         weight = base.weight
         state, pointer = weight.quant_state, weight.data_ptr()
     kept = getattr(base, "_peftctl_dequantized", None)
-    if kept is not None and kept[0] == dtype and kept[1] is weight and kept[2] is state and kept[3] == pointer:
-        return kept[4]
+    if (kept is not None and kept.dtype == dtype and kept.weight is weight and kept.state is state
+            and kept.pointer == pointer):
+        return kept.matrix
     kernel = _nf4_kernel(weight, dtype)
     if kernel is not None:
         with _plain_reads():
@@ -271,7 +283,7 @@ def _dequantised(base, dtype, *, kept_or_kernel: bool = False):
         matrix = bnb_functional.dequantize_4bit(weight.data, state).to(dtype)
     if _kept(base):
         # a plain attribute: not in the state dict, not moved by .to()
-        base._peftctl_dequantized = (dtype, weight, state, pointer, matrix)
+        base._peftctl_dequantized = _Kept(dtype, weight, state, pointer, matrix)
     return matrix
 
 
