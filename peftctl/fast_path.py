@@ -203,6 +203,13 @@ def triton_available() -> bool:
 _TRITON: bool | None = None
 
 
+def keep_dequantized_setting(recipe):
+    """quantization.keep_dequantized as it applies to this recipe: "auto", True or False (False without a 4-bit
+    base). The plan decides "auto"; the loop takes True as it is where no plan runs."""
+    quant = recipe.quantization
+    return quant.keep_dequantized if quant is not None and quant.bits == 4 else False
+
+
 # bitsandbytes 0.50 multiplies a 4-bit weight by dequantising it and calling F.linear for more rows than this, and
 # through its own 4-bit GEMM kernel below: the fused LoRA branch's forward takes a dequantised matrix (peftctl's
 # kernel's, or a kept one) only where bitsandbytes itself would dequantise.

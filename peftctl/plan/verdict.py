@@ -68,7 +68,7 @@ def plan_memory(recipe, counted=None, *, card: Card | None = None, checkpointing
     setting = recipe.training.gradient_checkpointing
     method = recipe.method.name
 
-    keep = recipe.quantization.keep_dequantized if recipe.quantization is not None else False
+    keep = fast_path_rules.keep_dequantized_setting(recipe)
 
     def make(s: Setting) -> MemoryPlan:
         s = replace(s, world_size=world_size, engine=engine if world_size > 1 else None)
@@ -266,8 +266,7 @@ def memory_mode(recipe, device) -> MemoryMode:
     from peftctl.methods.registry import METHODS
 
     setting = recipe.training.gradient_checkpointing
-    quant = recipe.quantization
-    keep = quant.keep_dequantized if quant is not None and quant.bits == 4 else False
+    keep = fast_path_rules.keep_dequantized_setting(recipe)
     has_dropout = (getattr(recipe.method, "dropout", 0) or 0) > 0  # the kernel's layers: the plan counts them
     asks_plan = (keep == "auto" or has_dropout) and setting is not True
     asks_plan |= setting == "auto" and METHODS[recipe.method.name].can_checkpoint

@@ -230,9 +230,7 @@ def _base_forward(base, x2, dtype):
     matrix's values only where the weight was quantised from that dtype; elsewhere, and for anything else, the
     layer's own forward runs."""
     if type(base) is not nn.Linear and x2.shape[0] >= BNB_DEQUANT_MIN_ROWS:
-        with _plain_reads():
-            same_dtype = base.weight.quant_state.dtype == dtype
-        matrix = _dequantised(base, dtype, kept_or_kernel=True) if same_dtype else None
+        matrix = _dequantised(base, dtype, forward=True)
         if matrix is not None:
             bias = None if base.bias is None else base.bias.to(dtype)
             return torch.nn.functional.linear(x2, matrix, bias)
@@ -257,16 +255,21 @@ class _Kept(NamedTuple):
     matrix: torch.Tensor
 
 
-def _dequantised(base, dtype, *, kept_or_kernel: bool = False):
+def _dequantised(base, dtype, *, forward: bool = False):
     """A 4-bit base layer's weight as an (out x in) matrix in `dtype`, as bitsandbytes' backward makes it: by
-    peftctl's kernel where it gives bitsandbytes' values, else by bitsandbytes (kept_or_kernel: None instead, unless
-    the layer keeps its matrix). Where the run keeps them (keep_dequantized), the first call's matrix stays on the
-    layer and later calls return it: the weight is frozen, so every step would make the same matrix again. It is
-    kept with the very weight and quantisation state it came from, and made again if either was replaced (peft's
-    merge swaps in a new Params4bit, which may reuse the old one's memory)."""
+    peftctl's kernel where it gives bitsandbytes' values, else by bitsandbytes. `forward`: None instead where
+    bitsandbytes' forward would give other values (the weight not quantised from `dtype`), or where neither the
+    kernel nor a kept matrix saves it a dequantisation.
+
+    Where the run keeps them (keep_dequantized), the first call's matrix stays on the layer and later calls return
+    it: the weight is frozen, so every step would make the same matrix again. It is kept with the very weight and
+    quantisation state it came from, and made again if either was replaced (peft's merge swaps in a new
+    Params4bit, which may reuse the old one's memory)."""
     with _plain_reads():
         weight = base.weight
         state, pointer = weight.quant_state, weight.data_ptr()
+    if forward and state.dtype != dtype:
+        return None
     kept = getattr(base, "_peftctl_dequantized", None)
     if (kept is not None and kept.dtype == dtype and kept.weight is weight and kept.state is state
             and kept.pointer == pointer):
@@ -275,7 +278,7 @@ def _dequantised(base, dtype, *, kept_or_kernel: bool = False):
     if kernel is not None:
         with _plain_reads():
             matrix = kernel.dequantize_nf4(weight, dtype)
-    elif kept_or_kernel and not _kept(base):
+    elif forward and not _kept(base):
         return None
     else:
         import bitsandbytes.functional as bnb_functional

@@ -865,8 +865,9 @@ def _memory_mode(recipe, device) -> tuple[bool, bool, bool]:
     GPU (plan.memory_mode); elsewhere only what the recipe asks for explicitly."""
     setting = recipe.training.gradient_checkpointing
     if device.type != "cuda":
-        quant = recipe.quantization
-        return setting is True, False, bool(quant and quant.bits == 4 and quant.keep_dequantized is True)
+        from peftctl.fast_path import keep_dequantized_setting
+
+        return setting is True, False, keep_dequantized_setting(recipe) is True
     from peftctl.plan import memory_mode
 
     return memory_mode(recipe, device)
