@@ -97,6 +97,26 @@ def fused_loss_applies(model_type: str | None, *, plain_head: bool, prompt_learn
     return liger and not prompt_learning and plain_head and model_type in PLAIN_HEAD_MODEL_TYPES
 
 
+# liger's fused linear cross-entropy computes the logits a chunk of tokens at a time, each chunk taking at most
+# `chunk_mem_const` hidden-state-sized buffers (liger's default 1: 256-token chunks of an 8B's 8,192 tokens). Larger
+# chunks keep the head's two GEMMs busier: the 8B head's forward and backward took 29.4 ms with 1 and 26.5 with 8 at
+# 8,188 tokens, 18.7 and 7.5 ms at 2,047 (benchmarks/2026-12-02/issue21/runAF-flce-chunks.txt), for 0.44 GiB and
+# 0.11 GiB more. Taken where the run does not checkpoint: a checkpointed run has traded speed for memory already.
+FUSED_LOSS_CHUNK_MEM = 8
+
+
+def fused_loss_chunk_mem(checkpointing: bool) -> int:
+    """liger's `chunk_mem_const` for this run (the loss and the memory plan read it here)."""
+    return 1 if checkpointing else FUSED_LOSS_CHUNK_MEM
+
+
+def fused_loss_chunk_rows(tokens: int, vocab: int, hidden: int, chunk_mem: int) -> int:
+    """The tokens of one chunk of liger's logits (ops/fused_linear_cross_entropy.py, 0.8.5: the next power of two
+    of the tokens over ceil(vocab / (chunk_mem x hidden)), at most the tokens)."""
+    per = -(-max(1, tokens) // -(-vocab // (chunk_mem * hidden)))
+    return min(1 << (per - 1).bit_length(), max(1, tokens))
+
+
 # Packed rows (several examples a row, positions restarting at 0): the attention kernel that keeps them apart.
 # Candidates in order of speed; each later one is the fallback of the one before (decided by a probe before the
 # first step, peftctl/packed_attention.py). "varlen" is torch's varlen flash attention fed the documents'

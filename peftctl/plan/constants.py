@@ -31,10 +31,10 @@ ACT_FN_SAVED = {  # elements of the MLP's intermediate width a non-gated activat
 GATED_MLP_SAVED = 3  # act(gate) * up keeps gate (for act's backward), act(gate) and up
 FAST_GATED_MLP_SAVED = 2  # liger's SwiGLU/GeGLU keeps gate and up only (ops/swiglu.py: save_for_backward(a, b))
 FAST_NORM_ROW_BYTES = 4  # liger's RMSNorm keeps its input as it is plus an fp32 inverse RMS per row
-# liger's fused linear cross-entropy (ops/fused_linear_cross_entropy.py, chunk_mem_const 1): the final hidden
-# state, its flattened copy, the input gradient it computes in the forward pass and keeps, and one chunk of
-# logits sized like the hidden states: 4 x hidden elements per token, plus an fp32 loss per token
-FUSED_LOSS_HIDDEN_COPIES = 4
+# liger's fused linear cross-entropy (ops/fused_linear_cross_entropy.py): the final hidden state, its flattened
+# copy and the input gradient it computes in the forward pass and keeps (3 x hidden elements per token), plus one
+# chunk of logits (fast_path.fused_loss_chunk_rows) and an fp32 loss per token
+FUSED_LOSS_HIDDEN_COPIES = 3
 BACKWARD_TRANSIENT = (3, 4)  # one layer's backward: ~3 gradients of the MLP width and ~4 of the hidden width
 #                              (estimate, not measured; it matters only where a layer outweighs the loss)
 ACTIVATION_SCALE = 1.0  # calibration knob on all activations: set from scripts/measure_memory.py's table

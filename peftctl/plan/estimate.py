@@ -280,8 +280,11 @@ def estimate(shape: ModelShape, s: Setting, method_name: str = "") -> list[Compo
     logits = t * shape.vocab
     if s.fused_loss:  # no logits at all: a few hidden-state-sized buffers
         hidden_bytes = 2 if s.autocast else act["layer_input"] // shape.hidden
-        loss = FUSED_LOSS_HIDDEN_COPIES * hidden_bytes * shape.hidden * t + 4 * t
-        loss_detail = "liger's fused linear cross-entropy: no logits, hidden-state-sized buffers"
+        chunk_mem = fast_path_rules.fused_loss_chunk_mem(s.checkpointing)
+        chunk = fast_path_rules.fused_loss_chunk_rows(t, shape.vocab, shape.hidden, chunk_mem)
+        loss = (FUSED_LOSS_HIDDEN_COPIES * shape.hidden * t + chunk * shape.vocab) * hidden_bytes + 4 * t
+        loss_detail = (f"liger's fused linear cross-entropy: hidden-state-sized buffers and logits {chunk:,d} tokens "
+                       "at a time")
     else:
         # soft-capped logits (Gemma 2) keep a tanh output of their own size in the autocast dtype
         loss = (LOSS_BACKWARD_BYTES + (2 if s.autocast else 4) * shape.logit_softcap) * logits

@@ -42,9 +42,10 @@ def fused_loss_sum(model, batch, *, loss_module):
     return loss_module(head.weight, flat, batch.labels[:, 1:].reshape(-1), head.bias)
 
 
-def build_loss(model, method_spec, device) -> tuple[Callable, str]:
-    """The loss function for this model and method, and its name for run.json."""
-    from peftctl.fast_path import fused_loss_applies, liger_available
+def build_loss(model, method_spec, device, *, checkpointing: bool = False) -> tuple[Callable, str]:
+    """The loss function for this model and method, and its name for run.json. `checkpointing`: whether the run
+    checkpoints its layers (the fused loss then computes its logits in liger's smallest chunks)."""
+    from peftctl.fast_path import fused_loss_applies, fused_loss_chunk_mem, liger_available
 
     prompt_learning = method_spec.prompt_learning
     base = base_model(model)
@@ -53,8 +54,40 @@ def build_loss(model, method_spec, device) -> tuple[Callable, str]:
     if (device.type == "cuda" and hasattr(base, "get_decoder")
             and fused_loss_applies(getattr(base.config, "model_type", None), plain_head=plain_head,
                                    prompt_learning=prompt_learning, liger=liger_available())):
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-        module = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")
+        module = fused_loss_module(fused_loss_chunk_mem(checkpointing))
         return (lambda m, batch: fused_loss_sum(m, batch, loss_module=module)), "liger_fused_linear_cross_entropy"
     return (lambda m, batch: loss_sum(m, batch, prompt_learning=prompt_learning)), "logits_cross_entropy"
+
+
+# LigerFusedLinearCrossEntropyFunction.forward's parameters up to the chunk size (liger 0.8.5), which its loss
+# module does not pass on: the function is called with them in this order, and only where it takes them so.
+_LIGER_LOSS_PARAMETERS = ("ctx", "_input", "weight", "target", "bias", "ce_weight", "ignore_index",
+                          "lse_square_scale", "label_smoothing", "reduction", "softcap", "return_z_loss",
+                          "accum_dtype", "use_token_scaling", "return_token_accuracy", "return_predicted_tokens",
+                          "ce_impl", "ce_mode", "chunk_mem_const")
+
+
+def fused_loss_module(chunk_mem: int):
+    """liger's fused linear cross-entropy summed over the trained tokens, `(head weight, hidden, targets, bias)`
+    -> loss, computing its logits `chunk_mem` hidden-state-sizes at a time (fast_path.fused_loss_chunk_mem) where
+    this liger takes that setting, in its own chunks elsewhere. Its `chunk_mem` attribute says which it took."""
+    import inspect
+
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    module = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")
+    module.chunk_mem = 1
+    if chunk_mem == 1:
+        return module
+    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction as function
+
+    names = tuple(inspect.signature(function.forward).parameters)
+    if names[:len(_LIGER_LOSS_PARAMETERS)] != _LIGER_LOSS_PARAMETERS:
+        return module
+
+    def loss(weight, hidden, target, bias=None):
+        return function.apply(hidden, weight, target, bias, None, IGNORE, 0.0, 0.0, "sum", None, False, None, False,
+                              False, False, None, None, chunk_mem)[0]
+
+    loss.chunk_mem = chunk_mem
+    return loss
