@@ -175,56 +175,6 @@ def test_kept_4bit_matrices_train_what_dequantising_every_step_trains(medium_lla
           f"matrices {matrices / 2**30:.3f} GiB")
 
 
-def test_residual_norms_compute_what_the_stock_layers_compute_on_liger(medium_llama, write_recipe, tmp_path):
-    """train/residual_norm.py with liger's kernels: the stock layers' forward bit for bit (the same dropout masks),
-    the adapter's gradients as close as a different rounding of one sum allows; and a run through the loop routes
-    its layers and says so in run.json."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from peftctl.recipe.loader import load_recipe
-    from peftctl.train.fused_lora import fuse_lora_layers
-    from peftctl.train.kernels import apply_fast_kernels
-    from peftctl.train.loop import TrainOptions, train
-    from peftctl.train.residual_norm import fuse_residual_norms
-
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(medium_llama, dtype=torch.bfloat16, device_map={"": 0})
-    assert "rms_norm" in apply_fast_kernels(model, device)
-    layers = model.model.layers
-    stock = type(layers[0])
-    assert fuse_residual_norms(model, device) == MEDIUM["layers"]
-    routed = type(layers[0])
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.1, target_modules="all-linear",
-                                             init_lora_weights=False))
-    fuse_lora_layers(model)
-    model.train()
-    ids = torch.randint(0, 1000, (2, 512), device="cuda")
-    results = []
-    for cls in (stock, routed):
-        for layer in layers:
-            layer.__class__ = cls
-        model.zero_grad()
-        torch.manual_seed(3)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
-        results.append((out.logits.detach(), out.loss.item(), grads))
-    (logits, loss, grads), (routed_logits, routed_loss, routed_grads) = results
-    assert torch.equal(routed_logits, logits) and routed_loss == loss
-    cosine = torch.nn.functional.cosine_similarity(grads, routed_grads, dim=0).item()
-    assert cosine > 0.9999 and (routed_grads.norm() / grads.norm()).item() == pytest.approx(1, rel=1e-3)
-
-    path = write_recipe(medium_llama, model={"dtype": "bfloat16"}, dataset={"max_length": 256},
-                        training={"max_steps": 2, "micro_batch_size": 2})
-    train(load_recipe(str(path)), TrainOptions(quiet=True))
-    manifest = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert "residual_rms_norm" in manifest["fast_path"]["kernels"] and manifest["status"] == "completed"
-    print(f"loss {loss}; gradient cosine {cosine:.7f}; run.json kernels {manifest['fast_path']['kernels']}")
-
-
 @pytest.mark.parametrize("quant", ["none", "4bit"])
 def test_fused_lora_branch_matches_peft_under_autocast(medium_llama, quant):
     from peft import LoraConfig, get_peft_model

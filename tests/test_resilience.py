@@ -178,8 +178,8 @@ def _patched_loss(monkeypatch, bad_steps: set[int]):
     original = loss_module.build_loss
     calls = {"n": 0}
 
-    def build(model, spec, device):
-        fn, name = original(model, spec, device)
+    def build(model, spec, device, **kwargs):
+        fn, name = original(model, spec, device, **kwargs)
 
         def wrapped(m, batch):
             value = fn(m, batch)
@@ -440,7 +440,7 @@ def test_out_of_memory_message_and_exit_code(tiny_model, write_recipe, monkeypat
     from peftctl.cli.errors import run_guarded
     from peftctl.train import loss as loss_module
 
-    def build(model, spec, device):
+    def build(model, spec, device, **kwargs):
         def oom(m, batch):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return oom, "test"

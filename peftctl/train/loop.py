@@ -33,7 +33,6 @@ from peftctl.train import checkpoint as ckpt, distributed, reports, resume
 from peftctl.train.run_folder import RunFolder
 
 KEPT_MATRICES = "dequantized_4bit_weights_kept"  # run.json's fast_path.kernels: quantization.keep_dequantized held
-RESIDUAL_NORMS = "residual_rms_norm"  # run.json's fast_path.kernels: train/residual_norm.py routed the decoder layers
 
 MAX_NONFINITE_IN_A_ROW = 5
 
@@ -211,7 +210,6 @@ def setup(loaded, options: TrainOptions, console=None, clock=None):
     from peftctl.train.loss import build_loss
     from peftctl.train.metrics import Metrics
     from peftctl.train.optim import build_optimizer, build_scheduler
-    from peftctl.train.residual_norm import fuse_residual_norms
     from peftctl.train.trackers import Trackers, check_available as check_trackers
 
     clock.mark("imports")
@@ -279,8 +277,6 @@ def setup(loaded, options: TrainOptions, console=None, clock=None):
         total_steps = training.max_steps or schedule.total(training.epochs)
     clock.mark("packing_check")
     kernels = apply_fast_kernels(model, device)  # before the adapter: peft then wraps the patched layers as usual
-    if "rms_norm" in kernels and fuse_residual_norms(model, device):
-        kernels = kernels + [RESIDUAL_NORMS]
     clock.mark("kernels")
     check_targets(model, recipe.method, loaded.where("method.targets"))  # peft skips a name that matches nothing
     model = runtime.attach(model, recipe.method, AttachContext(tokenizer_path=recipe.model.name,

@@ -1,4 +1,9 @@
-"""The decoder layer's residual sums inside its RMSNorm kernels (liger's fused add-RMSNorm), on the GPU fast path.
+"""A probe, not part of peftctl: measured and dropped in issue 21's eleventh round (BENCHMARKS.md; runs AF-AH: 0.995x
+and 1.008x on case 1's layers, 0.995x on all-linear layers, in steps taking turns). It was
+peftctl/train/residual_norm.py, routed by the loop after train/kernels.apply_fast_kernels, with CPU tests (torch
+kernels standing in for liger's) and a GPU test (the stock layers' forward bit for bit, gradient cosine 0.99995).
+
+The decoder layer's residual sums inside its RMSNorm kernels (liger's fused add-RMSNorm), on the GPU fast path.
 
 A Llama-shaped decoder layer computes `s = x + attn(norm1(x))`, then `out = s + mlp(norm2(s))`. With liger's
 RMSNorm patched in (train/kernels.py), its residual stream still costs three passes of their own, each reading
@@ -28,6 +33,8 @@ RMS a row), so the memory plan is unchanged.
 from __future__ import annotations
 
 import torch
+
+from peftctl.model import decoder_layers
 
 # Decoder layers whose forward is `residual + attn(input_layernorm(x))`, then `residual + mlp(post_attention_
 # layernorm(...))`, calling self_attn with every keyword the layer gets: compared with Llama's in transformers
@@ -149,7 +156,7 @@ def fuse_residual_norms(model, device, kernels=None) -> int:
     if getattr(model.config, "model_type", None) not in RESIDUAL_NORM_MODEL_TYPES:
         return 0
     routed = 0
-    for layer in _decoder_layers(model):
+    for layer in decoder_layers(model):
         if ("forward" in vars(layer) or layer._forward_hooks or layer._forward_pre_hooks
                 or type(layer) in _ROUTED.values()):
             continue  # somebody else's forward or hooks on the layer, or routed already: left as it is
@@ -160,11 +167,6 @@ def fuse_residual_norms(model, device, kernels=None) -> int:
         layer.peftctl_residual_kernels = kernels
         routed += 1
     return routed
-
-
-def _decoder_layers(model):
-    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
-    return list(getattr(base, "layers", []))
 
 
 def _liger_has_fused_add() -> bool:

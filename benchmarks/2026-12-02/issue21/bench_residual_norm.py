@@ -1,11 +1,12 @@
-"""Do the residual sums inside the norms pay? The decoder of the Llama-3-8B shape (cut to `--layers` layers), as
+"""Do the residual sums inside the norms pay? (Measured and dropped, issue 21's eleventh round: runs AF-AH.) The decoder of the Llama-3-8B shape (cut to `--layers` layers), as
 peftctl trains it (scripts/bench_compile.py builds it: liger's kernels, LoRA through the fused branch), one step
 being the decoder's forward and backward under bf16 autocast. The same model takes turns with its decoder layers
-stock and routed through peftctl/train/residual_norm.py, step by step (`--repeats` pairs); prints the median step
+stock and routed through residual_norm_probe.py (beside this script), step by step (`--repeats` pairs); prints the median step
 of each, the ratio and how many pairs the routed step won, and checks the two compute the same: the same dropout
 masks (the same seed), the forward output bit for bit, the adapter's gradients close.
 
-    python scripts/bench_residual_norm.py --layers 4 --targets qkvo     # case 1's layers
+    PYTHONPATH=$PWD/.gpu-site:$PWD:$PWD/scripts:$PWD/benchmarks/2026-12-02/issue21 \
+        python benchmarks/2026-12-02/issue21/bench_residual_norm.py --layers 4 --targets qkvo   # case 1's layers
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     args.tiny = False
     device = torch.device("cuda")
-    from peftctl.train.residual_norm import fuse_residual_norms
+    from residual_norm_probe import fuse_residual_norms
 
     model, kernels, fused = bench_compile.build(args, device)
     layers = model.get_base_model().model.layers
