@@ -4,9 +4,20 @@ one layer at 1,537 rows (the kernel path) with tiny widths and the NF4 kernel's 
 is timed is the host's Python, not arithmetic. Also the number of Params4bit __torch_function__ calls per call.
 
     python benchmarks/2026-12-02/issue21/host_nf4_reads.py
+
+With `--ab`, only the host time of the call as the checkout on PYTHONPATH makes it (its own `_plain_reads`): run it
+against two checkouts in turns to see whether a change added host time to the path case 4 is bound by.
+
+    for wt in /work/main /tmp/wt-old; do PYTHONPATH=$wt python benchmarks/2026-12-02/issue21/host_nf4_reads.py --ab; done
+
+Run on the CPU machine, 2026-12-02 (eleventh round), the head with the residual norms against 95d2c88 (run Z's
+code), alternating three times, medians of ten rounds of 300 calls: 880, 744 / 607, 914, 1103 us against 552,
+633 / 1180, 1096, 1008 us -- this machine's noise, in both directions; cProfile's totals over 300 calls were 0.184
+and 0.190 s in the backward, 0.119 and 0.118 s in the forward's apply.
 """
 import contextlib
 import statistics
+import sys
 import time
 
 import torch
@@ -50,6 +61,20 @@ def one_call():
     assert fused_lora._owns_base(base, x)
     fused_lora.lora_branch(x, None, a, b, 0.0, 2.0, base=base).sum().backward()
 
+
+if "--ab" in sys.argv:
+    # One checkout's host time (the eleventh round's A/B of two commits): run this with each checkout first on
+    # PYTHONPATH, in turns, and compare.
+    for _ in range(50):
+        one_call()
+    rounds = []
+    for _ in range(10):
+        n, start = 300, time.perf_counter()
+        for _ in range(n):
+            one_call()
+        rounds.append((time.perf_counter() - start) / n * 1e6)
+    print(f"host us a call: {statistics.median(rounds):.1f} (rounds {sorted(round(v) for v in rounds)})")
+    sys.exit(0)
 
 times = {"plain reads": [], "through __torch_function__": []}
 calls = {}
