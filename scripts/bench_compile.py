@@ -110,7 +110,9 @@ def main() -> None:
     def outputs():
         model.eval()
         model.zero_grad(set_to_none=True)
-        out = step().float()
+        # a copy of the gradient each time: liger's final RMSNorm (in place) writes its input gradient over the one
+        # it is given, so the timed steps leave `grad` changed
+        out = step_fn(model, hidden, grad.clone(), device)().float()
         grads = [p.grad.float().clone() for p in model.parameters() if p.requires_grad]
         model.train()
         return out, grads
