@@ -278,7 +278,7 @@ def estimate(shape: ModelShape, s: Setting, method_name: str = "") -> list[Compo
     t = s.micro_batch_size * act["sequence"]  # tokens in a micro-batch (virtual tokens included)
     L = shape.layers
     logits = t * shape.vocab
-    if s.fused_loss:  # no logits at all: a few hidden-state-sized buffers
+    if s.fused_loss:  # never all the logits: a few hidden-state-sized buffers and one chunk of logits
         hidden_bytes = 2 if s.autocast else act["layer_input"] // shape.hidden
         chunk_mem = fast_path_rules.fused_loss_chunk_mem(s.checkpointing)
         chunk = fast_path_rules.fused_loss_chunk_rows(t, shape.vocab, shape.hidden, chunk_mem)
