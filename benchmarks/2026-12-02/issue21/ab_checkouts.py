@@ -28,13 +28,15 @@ sys.path.insert(0, str(REPO / "scripts"))
 from bench import subprocess_env  # noqa: E402
 
 
-def launch(work: Path, case: int, side: str, root: Path) -> dict:
+def launch(work: Path, case: int, side: str, *, root: Path | None = None, sets: tuple[str, ...] = ()) -> dict:
+    """One `peftctl train` of the case's recipe, from the peftctl under `root` (None: this repository's), with
+    `--set` overrides: the median step past the warm-up, the loop peak, the fast path and which peftctl ran."""
     run = work / "runs" / f"ab-{side}"
     env = subprocess_env(work)
-    # the checkout first: its `peftctl` is the one imported (the site packages stay on the path after it)
-    env["PYTHONPATH"] = os.pathsep.join([str(root.resolve())] + env["PYTHONPATH"].split(os.pathsep))
+    if root is not None:  # the checkout first: its `peftctl` is the one imported (the site packages stay after it)
+        env["PYTHONPATH"] = os.pathsep.join([str(root.resolve())] + env["PYTHONPATH"].split(os.pathsep))
     cmd = [sys.executable, "-m", "peftctl", "train", str(work / f"case{case}.yaml"), "--quiet", "--force",
-           "--set", f"output.dir={run}"]
+           "--set", f"output.dir={run}", *(arg for item in sets for arg in ("--set", item))]
     subprocess.run(cmd, check=True, env=env, cwd=work)
     where = subprocess.run([sys.executable, "-c", "import peftctl; print(peftctl.__file__)"], env=env, cwd=work,
                            capture_output=True, text=True, check=True).stdout.strip()
@@ -47,21 +49,27 @@ def launch(work: Path, case: int, side: str, root: Path) -> dict:
             "fast_path": manifest["fast_path"]}
 
 
-def main() -> None:
-    work, case, old, rounds = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
-    if not (old / "peftctl" / "__init__.py").is_file():
-        sys.exit(f"{old} holds no peftctl package: make it with git archive (see this script's docstring)")
-    sides = {"head": REPO, "old": old}
+def take_turns(work: Path, case: int, rounds: int, sides: dict[str, dict], out: str | None = None) -> list[dict]:
+    """`rounds` rounds of one launch a side (side name -> `launch`'s keyword arguments), printed as they come, then
+    each side's median of launches; the launches written to `out` as JSON."""
     results = []
     for _ in range(rounds):
-        for side, root in sides.items():
-            results.append(launch(work, case, side, root))
+        for side, how in sides.items():
+            results.append(launch(work, case, side, **how))
             print(json.dumps(results[-1]), flush=True)
     for side in sides:
         rates = [r["median_tokens_per_s"] for r in results if r["side"] == side]
         print(f"{side}: median of launches {statistics.median(rates):,.0f} tok/s ({[round(r) for r in rates]})")
-    if len(sys.argv) > 5:
-        Path(sys.argv[5]).write_text(json.dumps(results, indent=1))
+    if out:
+        Path(out).write_text(json.dumps(results, indent=1))
+    return results
+
+
+def main() -> None:
+    work, case, old, rounds = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+    if not (old / "peftctl" / "__init__.py").is_file():
+        sys.exit(f"{old} holds no peftctl package: make it with git archive (see this script's docstring)")
+    take_turns(work, case, rounds, {"head": {}, "old": {"root": old}}, sys.argv[5] if len(sys.argv) > 5 else None)
 
 
 if __name__ == "__main__":
